@@ -1,0 +1,44 @@
+# `make run` and `make test` are all a newcomer needs; both create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+# CPU build by default; GPU hosts override, e.g. `make run TORCH_SPEC=torch==2.13.0+cu128`.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: run test lint protos bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# Stamps re-run the install only when the project's dependencies change.
+$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-run
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+run: $(VENV)/.installed-run
+	$(BIN)/sluice up
+
+test: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check services tests benchmarks
+
+# Regenerate the committed gRPC stubs after editing protos/.
+protos: $(VENV)/.installed-test
+	$(BIN)/python -m services.mesh.protogen
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python benchmarks/single_stream.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,61 @@
+"""gRPC wiring of the cache service over the in-memory CompletionStore."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+from prometheus_client import Counter, Gauge
+
+from services.cache.store import CompletionStore
+from services.mesh.config import Settings
+from services.mesh.errors import InvalidArgument, grpc_errors
+from services.mesh.grpc_service import GrpcService, serve
+from services.mesh.stubs import cache_pb2, cache_pb2_grpc
+
+LOOKUPS = Counter("sluice_cache_lookups_total", "Cache lookups by result", ["result"])
+STORES = Counter("sluice_cache_stores_total", "Completions stored")
+EVICTIONS = Counter("sluice_cache_evictions_total", "Entries evicted to respect the bounds")
+ENTRIES = Gauge("sluice_cache_entries", "Entries in the store")
+BYTES = Gauge("sluice_cache_bytes", "Bytes held by the store")
+
+
+def _require_key(key: str) -> None:
+    if not key:
+        raise InvalidArgument("cache_key must not be empty", "cache_key")
+
+
+class CacheServicer(cache_pb2_grpc.CacheServicer):
+    def __init__(self, store: CompletionStore) -> None:
+        self._store = store
+        ENTRIES.set_function(lambda: store.stats().entries)
+        BYTES.set_function(lambda: store.stats().bytes)
+
+    @grpc_errors
+    def Lookup(self, request: cache_pb2.LookupRequest, context: grpc.ServicerContext) -> cache_pb2.Completion:
+        _require_key(request.cache_key)
+        value = self._store.get(request.cache_key)
+        LOOKUPS.labels("hit" if value is not None else "miss").inc()
+        if value is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, "no cached completion for this key")
+        return cache_pb2.Completion.FromString(value)
+
+    @grpc_errors
+    def Store(self, request: cache_pb2.StoreRequest, context: grpc.ServicerContext) -> cache_pb2.StoreReply:
+        _require_key(request.cache_key)
+        stored = self._store.put(request.cache_key, request.completion.SerializeToString())
+        if stored:
+            STORES.inc()
+        return cache_pb2.StoreReply(stored=stored)
+
+
+def run(settings: Settings, ready_file: Path | None) -> int:
+    store = CompletionStore(
+        settings.cache_max_entries, settings.cache_max_bytes, settings.cache_ttl_s, on_evict=EVICTIONS.inc
+    )
+    spec = GrpcService(
+        name="cache",
+        service_names=[cache_pb2.DESCRIPTOR.services_by_name["Cache"].full_name],
+        register=lambda server: cache_pb2_grpc.add_CacheServicer_to_server(CacheServicer(store), server),
+    )
+    return serve(settings, spec, settings.cache_port, ready_file)

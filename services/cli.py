@@ -1,0 +1,136 @@
+"""The `sluice` command: parses arguments and dispatches; the work lives in the service packages."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from services.mesh.config import Settings, add_config_flag, add_setting_flags, settings_from_args
+from services.mesh.logs import configure_logging
+
+SERVICE_FLAGS = {
+    "preprocess": ("preprocess_port", "metrics_port", "model", "served_model_name"),
+    "inference": ("inference_port", "metrics_port", "model", "served_model_name", "device"),
+    "cache": ("cache_port", "metrics_port", "cache_max_entries", "cache_max_bytes", "cache_ttl_s"),
+    "edge": (
+        "edge_port",
+        "preprocess_addr",
+        "inference_addr",
+        "cache_addr",
+        "cache_enabled",
+        "upstream_timeout_s",
+        "generate_timeout_s",
+    ),
+}
+MESH_FLAGS = ("host", "certs_dir", "insecure", "drain_grace_s", "log_level")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sluice",
+        description="Serve a Hugging Face LLM to OpenAI-API clients through an mTLS gRPC mesh.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = commands.add_parser(
+        "up",
+        help="run the whole mesh on this machine",
+        description="Start preprocess, cache, inference and the edge as separate processes (creating dev "
+        "certificates and the default model on first start), wait until all are healthy, print the "
+        "base URL, and stop them all on Ctrl-C.",
+    )
+    add_config_flag(up)
+    up.add_argument(
+        "--port", dest="edge_port", type=int, default=None, help="HTTP port of the OpenAI API (default 8000)"
+    )
+    add_setting_flags(up, *MESH_FLAGS, "model", "served_model_name", "device", "cache_enabled")
+    up.add_argument("--state-file", type=Path, help="write the base URL and every service's addresses here (JSON)")
+    up.add_argument(
+        "--log-dir", type=Path, help="write each service's log to DIR/<service>.log instead of the terminal"
+    )
+    up.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for health (default 300)")
+
+    serve = commands.add_parser("serve", help="run one service (what `sluice up` starts)")
+    services = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")
+    for name, flags in SERVICE_FLAGS.items():
+        service = services.add_parser(name, help=f"run the {name} service", description=f"Run the {name} service.")
+        add_config_flag(service)
+        add_setting_flags(service, *MESH_FLAGS, *flags)
+        service.add_argument("--ready-file", type=Path, help="write the bound addresses here (JSON) once serving")
+
+    certs = commands.add_parser("certs", help="manage the mesh's TLS material")
+    certs_cmd = certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
+    init = certs_cmd.add_parser(
+        "init",
+        help="create a dev CA and one certificate per service",
+        description="Create certs/ca.crt and a certificate per service (edge, preprocess, inference, cache) "
+        "with SANs for the given hostnames and spiffe://sluice/<service>. Keys are written 0600. "
+        "Existing files are kept unless --force.",
+    )
+    add_config_flag(init)
+    add_setting_flags(init, "certs_dir")
+    init.add_argument(
+        "--hostname",
+        action="append",
+        dest="hostnames",
+        help="DNS name or IP the services are reached at (repeatable; default localhost and 127.0.0.1)",
+    )
+    init.add_argument("--force", action="store_true", help="replace existing CA and certificates")
+
+    model = commands.add_parser("model", help="manage model directories")
+    model_cmd = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    minit = model_cmd.add_parser(
+        "init",
+        help="build the small default model",
+        description="Build the deterministic default model (Llama architecture, vocab 4096, hidden 256, "
+        "4 layers, byte-level BPE tokenizer trained on Python's stdlib, ChatML template) offline.",
+    )
+    minit.add_argument(
+        "--out",
+        type=Path,
+        default=Settings.model_fields["model"].default,
+        help="target directory (default: %(default)s)",
+    )
+    minit.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
+    minit.add_argument("--force", action="store_true", help="rebuild even if the directory exists")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "model":
+        from services.inference.default_model import build_default_model
+
+        print(build_default_model(args.out, seed=args.seed, force=args.force))
+        return 0
+    settings = settings_from_args(args)
+    configure_logging(settings.log_level, args.command if args.command != "serve" else args.service)
+    if args.command == "certs":
+        from services.mesh.certs import DEFAULT_HOSTNAMES, init_certs
+
+        hostnames = tuple(args.hostnames) if args.hostnames else DEFAULT_HOSTNAMES
+        for path in init_certs(settings.certs_dir, hostnames, force=args.force):
+            print(path)
+        return 0
+    if args.command == "up":
+        from services.up import up
+
+        return up(settings, args.state_file, args.log_dir, args.startup_timeout)
+    return _serve(args.service, settings, args.ready_file)
+
+
+def _serve(service: str, settings: Settings, ready_file: Path | None) -> int:
+    if service == "preprocess":
+        from services.preprocess.server import run
+    elif service == "inference":
+        from services.inference.server import run
+    elif service == "cache":
+        from services.cache.server import run
+    else:
+        from services.edge_http.server import run
+    return run(settings, ready_file)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

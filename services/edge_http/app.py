@@ -1,0 +1,199 @@
+"""The OpenAI-compatible HTTP surface: routes, error handlers and ASGI middleware."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import grpc.aio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.sse import EventSourceResponse
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.edge_http.chat import chat_chunks, chat_completion
+from services.edge_http.completions import completion_chunks, text_completion
+from services.edge_http.errors import (
+    OpenAIError,
+    from_rpc_error,
+    handle_openai_error,
+    handle_validation_error,
+)
+from services.edge_http.openai_schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorBody,
+    Model,
+    ModelList,
+    ResponseMeta,
+)
+from services.edge_http.pipeline import Pipeline, Run
+from services.edge_http.streaming import sse_stream
+from services.edge_http.upstreams import Upstreams
+from services.mesh.config import Settings
+from services.mesh.discovery import StaticDiscovery
+from services.mesh.stubs import inference_pb2
+
+REQUESTS = Counter("sluice_edge_requests_total", "HTTP requests by route and status", ["route", "status"])
+CACHE_RESULTS = Counter("sluice_edge_cache_total", "Completion requests by cache outcome", ["result"])
+
+ERROR_RESPONSES: dict[int | str, dict] = {code: {"model": ErrorBody} for code in (400, 404, 413, 429, 500, 503, 504)}
+
+
+class NormalizeSlashes:
+    """Collapse repeated slashes so a base URL typed as `…/v1/` still reaches `/v1/chat/completions`."""
+
+    _REPEATED = re.compile(r"/{2,}")
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and "//" in scope["path"]:
+            scope = {**scope, "path": self._REPEATED.sub("/", scope["path"])}
+        await self.app(scope, receive, send)
+
+
+class CountRequests:
+    """Count responses by route and status (pure ASGI, so streaming responses are not buffered)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = scope.get("route")
+                REQUESTS.labels(getattr(route, "path", "unmatched"), str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def _wants_no_cache(request: Request) -> bool:
+    directives = request.headers.get("cache-control", "").lower()
+    return "no-cache" in directives or "no-store" in directives
+
+
+def create_app(settings: Settings, on_ready: Callable[[], None] = lambda: None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        upstreams = Upstreams(settings, StaticDiscovery.from_settings(settings))
+        app.state.upstreams = upstreams
+        app.state.pipeline = Pipeline(upstreams, settings)
+        on_ready()
+        yield
+        await upstreams.close()
+
+    app = FastAPI(
+        title="Sluice OpenAI-compatible API",
+        version="1",
+        lifespan=lifespan,
+        exception_handlers={
+            RequestValidationError: handle_validation_error,
+            OpenAIError: handle_openai_error,
+            HTTPException: _http_exception,
+            Exception: _unexpected,
+        },
+    )
+    app.add_middleware(CountRequests)
+    app.add_middleware(NormalizeSlashes)
+
+    async def respond(
+        run: Run,
+        meta: ResponseMeta,
+        stream: bool,
+        chunks: Callable[[], AsyncIterator[BaseModel]],
+        whole: Callable[[], Awaitable[BaseModel]],
+        request_id: str,
+    ) -> Response:
+        CACHE_RESULTS.labels(run.cache_status).inc()
+        headers = {"X-Request-Id": request_id, "X-Sluice-Cache": run.cache_status}
+        if stream:
+            headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            return EventSourceResponse(sse_stream(chunks()), headers=headers)
+        return JSONResponse((await whole()).model_dump(mode="json"), headers=headers)
+
+    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        """OpenAI chat completions; `stream: true` answers with server-sent events."""
+        pipeline: Pipeline = request.app.state.pipeline
+        request_id = uuid.uuid4().hex
+        prepared = await pipeline.prepare_chat(body, request_id)
+        run = await pipeline.open(body.model, prepared, request_id, _wants_no_cache(request))
+        meta = ResponseMeta(f"chatcmpl-{request_id}", int(time.time()), body.model)
+        return await respond(
+            run,
+            meta,
+            bool(body.stream),
+            lambda: chat_chunks(run, meta, body.include_usage),
+            lambda: chat_completion(run, meta),
+            request_id,
+        )
+
+    @app.post("/v1/completions", responses=ERROR_RESPONSES)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        """OpenAI (legacy) text completions; `stream: true` answers with server-sent events."""
+        pipeline: Pipeline = request.app.state.pipeline
+        request_id = uuid.uuid4().hex
+        prepared = await pipeline.prepare_completion(body, request_id)
+        run = await pipeline.open(body.model, prepared, request_id, _wants_no_cache(request))
+        meta = ResponseMeta(f"cmpl-{request_id}", int(time.time()), body.model)
+        return await respond(
+            run,
+            meta,
+            bool(body.stream),
+            lambda: completion_chunks(run, meta, body.include_usage),
+            lambda: text_completion(run, meta),
+            request_id,
+        )
+
+    @app.get("/v1/models", responses=ERROR_RESPONSES)
+    async def list_models(request: Request) -> ModelList:
+        upstreams: Upstreams = request.app.state.upstreams
+        try:
+            reply = await upstreams.inference.ListModels(
+                inference_pb2.ListModelsRequest(), timeout=settings.upstream_timeout_s
+            )
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err, "inference") from err
+        return ModelList(data=[Model(id=m.id, created=m.created, owned_by=m.owned_by) for m in reply.models])
+
+    @app.get("/health")
+    async def health(request: Request) -> JSONResponse:
+        """Ready (200) only when every upstream answers SERVING to grpc.health.v1."""
+        upstreams: Upstreams = request.app.state.upstreams
+        states = await upstreams.health()
+        ready = all(states.values())
+        body = {
+            "status": "ok" if ready else "unavailable",
+            "upstreams": {name: "SERVING" if up else "NOT_SERVING" for name, up in states.items()},
+        }
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def _http_exception(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return OpenAIError(exc.status_code, str(exc.detail), code=code, headers=exc.headers or {}).response()
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    return OpenAIError(500, f"internal error: {type(exc).__name__}", "server_error", code="internal_error").response()

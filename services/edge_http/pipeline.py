@@ -1,0 +1,206 @@
+"""The request pipeline behind every completion endpoint: preprocess → cache → inference → cache.
+
+It yields protocol-neutral events; chat.py and completions.py shape them into OpenAI
+objects. A run is opened (preprocessed, looked up, first chunk received) before any
+response byte is sent, so every failure up to the first token becomes a proper HTTP error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+import grpc.aio
+
+from services.edge_http.errors import OpenAIError, from_rpc_error
+from services.edge_http.openai_schema import ChatCompletionRequest, CompletionRequest, SamplingFields, Usage
+from services.edge_http.upstreams import Upstreams
+from services.mesh.config import Settings
+from services.mesh.stubs import cache_pb2, common_pb2, inference_pb2, preprocess_pb2
+
+log = logging.getLogger(__name__)
+
+FINISH_NAMES = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
+
+
+@dataclass(frozen=True)
+class Event:
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def usage(self) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.prompt_tokens + self.completion_tokens,
+        )
+
+
+@dataclass
+class Run:
+    """An opened generation: cache outcome known, first event already received."""
+
+    cache_status: str  # hit, miss, bypass (not deterministic or no-cache), off
+    first: Event
+    rest: AsyncIterator[Event] = field(repr=False)
+
+    async def events(self) -> AsyncIterator[Event]:
+        yield self.first
+        async for event in self.rest:
+            yield event
+
+    async def collect(self) -> tuple[str, Event]:
+        """The whole text and the finishing event, for non-streaming responses."""
+        text, last = "", self.first
+        async for event in self.events():
+            text += event.text
+            last = event
+        return text, last
+
+
+def sampling_params(body: SamplingFields) -> common_pb2.SamplingParams:
+    params = common_pb2.SamplingParams(
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=max(0, body.top_k or 0),
+        max_tokens=body.max_tokens or 0,  # 0: preprocess fits it to the context
+        stop=body.stop_list,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+    )
+    if body.seed is not None:
+        params.seed = body.seed
+    return params
+
+
+def _chat_messages(body: ChatCompletionRequest) -> list[preprocess_pb2.ChatMessage]:
+    messages = []
+    for message in body.messages:
+        out = preprocess_pb2.ChatMessage(role=message.role, name=message.name or "")
+        if isinstance(message.content, str):
+            out.content.add(type="text", text=message.content)
+        elif message.content is not None:
+            for part in message.content:
+                out.content.add(
+                    type=part.type, text=part.text or "", image_url=part.image_url.url if part.image_url else ""
+                )
+        messages.append(out)
+    return messages
+
+
+class Pipeline:
+    def __init__(self, upstreams: Upstreams, settings: Settings) -> None:
+        self._up = upstreams
+        self._settings = settings
+
+    def _metadata(self, request_id: str) -> tuple[tuple[str, str], ...]:
+        return (("x-request-id", request_id),)
+
+    async def prepare_chat(self, body: ChatCompletionRequest, request_id: str) -> preprocess_pb2.PreprocessReply:
+        request = preprocess_pb2.RenderChatRequest(
+            request_id=request_id, model=body.model, messages=_chat_messages(body), sampling=sampling_params(body)
+        )
+        return await self._unary("preprocess", self._up.preprocess.RenderChat, request, request_id)
+
+    async def prepare_completion(self, body: CompletionRequest, request_id: str) -> preprocess_pb2.PreprocessReply:
+        request = preprocess_pb2.TokenizeRequest(
+            request_id=request_id, model=body.model, prompt=body.prompt_text, sampling=sampling_params(body)
+        )
+        return await self._unary("preprocess", self._up.preprocess.Tokenize, request, request_id)
+
+    async def _unary(self, upstream: str, method, request, request_id: str):
+        try:
+            return await method(request, timeout=self._settings.upstream_timeout_s, metadata=self._metadata(request_id))
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err, upstream) from err
+
+    async def open(self, model: str, prepared: preprocess_pb2.PreprocessReply, request_id: str, no_cache: bool) -> Run:
+        key = prepared.cache_key
+        if not self._settings.cache_enabled:
+            status = "off"
+        elif not key or no_cache:
+            status = "bypass"
+        else:
+            hit = await self._lookup(key, request_id)
+            if hit is not None:
+                return Run("hit", hit, _nothing())
+            status = "miss"
+        rest = self._generate(model, prepared, request_id, store=status == "miss")
+        try:
+            first = await anext(rest)
+        except BaseException:
+            await rest.aclose()
+            raise
+        return Run(status, first, rest)
+
+    async def _lookup(self, key: str, request_id: str) -> Event | None:
+        try:
+            hit = await self._up.cache.Lookup(
+                cache_pb2.LookupRequest(cache_key=key, request_id=request_id),
+                timeout=self._settings.upstream_timeout_s,
+                metadata=self._metadata(request_id),
+            )
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:
+                # The cache is an optimisation: its failure must never fail the request.
+                log.warning("cache lookup failed (%s); generating instead", err.code().name)
+            return None
+        return Event(
+            hit.text, FINISH_NAMES.get(hit.finish_reason, "stop"), hit.usage.prompt_tokens, hit.usage.completion_tokens
+        )
+
+    async def _store(self, key: str, completion: cache_pb2.Completion, request_id: str) -> None:
+        try:
+            await self._up.cache.Store(
+                cache_pb2.StoreRequest(cache_key=key, completion=completion, request_id=request_id),
+                timeout=self._settings.upstream_timeout_s,
+                metadata=self._metadata(request_id),
+            )
+        except grpc.aio.AioRpcError as err:
+            log.warning("cache store failed (%s)", err.code().name)
+
+    async def _generate(
+        self, model: str, prepared: preprocess_pb2.PreprocessReply, request_id: str, store: bool
+    ) -> AsyncIterator[Event]:
+        call = self._up.inference.Generate(
+            inference_pb2.GenerateRequest(
+                request_id=request_id, model=model, token_ids=prepared.token_ids, sampling=prepared.sampling
+            ),
+            timeout=self._settings.generate_timeout_s,
+            metadata=self._metadata(request_id),
+        )
+        completion = cache_pb2.Completion()
+        try:
+            async for chunk in call:
+                completion.text += chunk.text
+                completion.token_ids.extend(chunk.token_ids)
+                if not chunk.finish_reason:
+                    yield Event(chunk.text)
+                    continue
+                completion.finish_reason = chunk.finish_reason
+                completion.usage.CopyFrom(chunk.usage)
+                if store:
+                    await self._store(prepared.cache_key, completion, request_id)
+                yield Event(
+                    chunk.text,
+                    FINISH_NAMES[chunk.finish_reason],
+                    chunk.usage.prompt_tokens,
+                    chunk.usage.completion_tokens,
+                )
+                return
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err, "inference") from err
+        finally:
+            # Client gone or stream abandoned: cancelling the call stops generation upstream.
+            call.cancel()
+        raise OpenAIError(502, "inference ended the stream without a finish reason", "server_error")
+
+
+async def _nothing() -> AsyncIterator[Event]:
+    return
+    yield  # an empty async generator

@@ -1,0 +1,53 @@
+"""Run the edge: bind the HTTP port, serve the ASGI app with uvicorn, report readiness."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import uvicorn
+
+from services.edge_http.app import create_app
+from services.mesh.config import Settings
+from services.mesh.ready import ReadyInfo, write_ready
+from services.mesh.tls import warn_if_insecure
+
+log = logging.getLogger(__name__)
+
+
+class _ReportingServer(uvicorn.Server):
+    """uvicorn server that reports once it really accepts connections."""
+
+    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_started = on_started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self._on_started()
+
+
+def run(settings: Settings, ready_file: Path | None) -> int:
+    warn_if_insecure(settings)
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.host, settings.edge_port))
+    address = f"{settings.host}:{sock.getsockname()[1]}"
+
+    def started() -> None:
+        log.info("edge serving the OpenAI API at http://%s/v1", address)
+        if ready_file is not None:
+            write_ready(ready_file, ReadyInfo("edge", address, address, os.getpid()))
+
+    config = uvicorn.Config(
+        create_app(settings),
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.drain_grace_s),
+        access_log=False,
+    )
+    _ReportingServer(config, started).run(sockets=[sock])
+    return 0

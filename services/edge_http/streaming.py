@@ -1,0 +1,36 @@
+"""Server-sent events exactly as strict clients (Dify) parse them.
+
+Every event is `data: <one-line JSON>\\n\\n` (LF only, no event/id lines); the stream ends
+with `data: [DONE]\\n\\n`. A failure after the stream started becomes one error event
+without `choices`, then [DONE] — the HTTP status is already 200 by then.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi.sse import format_sse_event
+from pydantic import BaseModel
+
+from services.edge_http.errors import OpenAIError
+
+log = logging.getLogger(__name__)
+
+DONE = format_sse_event(data_str="[DONE]")
+
+
+def sse_event(payload: BaseModel) -> bytes:
+    # OpenAI leaves `usage` out of chunks that have none; `finish_reason: null` stays.
+    exclude = {"usage"} if getattr(payload, "usage", True) is None else None
+    return format_sse_event(data_str=payload.model_dump_json(exclude=exclude))
+
+
+async def sse_stream(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in chunks:
+            yield sse_event(chunk)
+    except OpenAIError as err:
+        log.warning("stream failed after it started: %s", err.message)
+        yield sse_event(err.body())
+    yield DONE

@@ -1,0 +1,126 @@
+"""`sluice model init`: build the small default chat model, deterministically and offline.
+
+A Llama-architecture model with random weights under a fixed seed and a byte-level BPE
+tokenizer trained on Python's own standard library sources, saved as an ordinary Hugging
+Face directory (safetensors, tokenizer.json, chat template). Its text is gibberish, but it
+is loaded and served through exactly the path a real model takes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sysconfig
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+BOS, EOS, IM_START, IM_END = "<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = [BOS, EOS, IM_START, IM_END]
+
+# ChatML, the format Qwen and many fine-tunes use. Content arrives as a string: preprocess
+# joins text parts before rendering.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    context_length: int = 2048
+
+
+# Bounded so training takes seconds; the sorted file list keeps the corpus identical per Python version.
+_CORPUS_BYTES = 4 * 1024 * 1024
+
+
+def _corpus() -> Iterator[str]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    total = 0
+    for path in sorted(stdlib.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        total += len(text)
+        yield text
+        if total >= _CORPUS_BYTES:
+            return
+
+
+def _train_tokenizer(vocab_size: int):  # -> PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_corpus(), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS,
+        eos_token=IM_END,
+        pad_token=EOS,
+        additional_special_tokens=[IM_START],
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+        model_max_length=ModelShape.context_length,
+    )
+
+
+def build_default_model(out: Path, seed: int = 0, shape: ModelShape = ModelShape(), force: bool = False) -> Path:
+    """Write the default model to `out` (atomically: a half-built model never appears there)."""
+    if out.exists() and not force:
+        return out
+    # Single-threaded tokenizer training and torch init make the bytes reproducible.
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    steps = tqdm(total=3, desc=f"building default model {out.name}", unit="step")
+    tokenizer = _train_tokenizer(shape.vocab_size)
+    steps.update()
+    config = LlamaConfig(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_attention_heads,
+        max_position_embeddings=shape.context_length,
+        bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
+        eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
+        pad_token_id=tokenizer.convert_tokens_to_ids(EOS),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    steps.update()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    staging.chmod(0o755)
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    steps.update()
+    steps.close()
+    return out

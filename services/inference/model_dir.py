@@ -1,0 +1,28 @@
+"""Facts about a Hugging Face model directory that need no weights (shared with preprocess)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoConfig
+
+# Config keys models use for their context window, most specific first.
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def check_model_dir(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} is not a Hugging Face model directory (no config.json); "
+            "run `sluice model init` for the default model or pass --model PATH"
+        )
+
+
+def context_length(path: Path) -> int:
+    config = AutoConfig.from_pretrained(path)
+    text_config = getattr(config, "text_config", None) or config
+    for key in _CONTEXT_KEYS:
+        value = getattr(text_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    raise ValueError(f"{path}/config.json names no context length (looked for {', '.join(_CONTEXT_KEYS)})")

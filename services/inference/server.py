@@ -1,0 +1,89 @@
+"""gRPC wiring of the inference service: Generate streams engine steps, ListModels describes the model."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+
+from services.inference.engine import Engine, GenerationRequest, Step
+from services.inference.loader import load_model
+from services.inference.sampling import SamplingConfig
+from services.mesh.config import Settings
+from services.mesh.errors import grpc_errors
+from services.mesh.grpc_service import GrpcService, serve
+from services.mesh.stubs import common_pb2, inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
+
+
+def sampling_config(params: common_pb2.SamplingParams) -> SamplingConfig:
+    return SamplingConfig(
+        temperature=params.temperature,
+        top_p=params.top_p or 1.0,
+        top_k=params.top_k,
+        seed=params.seed if params.HasField("seed") else None,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+    )
+
+
+def _chunk(step: Step) -> inference_pb2.GenerateChunk:
+    chunk = inference_pb2.GenerateChunk(token_ids=step.token_ids, text=step.text)
+    if step.finish_reason:
+        chunk.finish_reason = FINISH_REASONS[step.finish_reason]
+        chunk.usage.prompt_tokens = step.prompt_tokens
+        chunk.usage.completion_tokens = step.completion_tokens
+    return chunk
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    @grpc_errors
+    def Generate(
+        self, request: inference_pb2.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[inference_pb2.GenerateChunk]:
+        loaded = self._engine.loaded
+        if request.model and request.model != loaded.model_id:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"this instance serves {loaded.model_id}, not {request.model}")
+        handle = self._engine.submit(
+            GenerationRequest(
+                request_id=request.request_id,
+                prompt_ids=list(request.token_ids),
+                max_tokens=request.sampling.max_tokens,
+                sampling=sampling_config(request.sampling),
+                stop=tuple(request.sampling.stop),
+            )
+        )
+        # Fires on cancellation, deadline and completion alike; cancelling a finished sequence is a no-op.
+        context.add_callback(handle.cancel)
+        try:
+            for step in handle:
+                yield _chunk(step)
+        finally:
+            handle.cancel()
+
+    def ListModels(
+        self, request: inference_pb2.ListModelsRequest, context: grpc.ServicerContext
+    ) -> inference_pb2.ListModelsReply:
+        loaded = self._engine.loaded
+        info = inference_pb2.ModelInfo(
+            id=loaded.model_id, context_length=loaded.context_length, created=loaded.created, owned_by="sluice"
+        )
+        return inference_pb2.ListModelsReply(models=[info])
+
+
+def run(settings: Settings, ready_file: Path | None) -> int:
+    engine = Engine(load_model(settings.model, settings.device, settings.model_name))
+    spec = GrpcService(
+        name="inference",
+        service_names=[inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name],
+        register=lambda server: inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(engine), server),
+    )
+    return serve(settings, spec, settings.inference_port, ready_file)

@@ -1,0 +1,28 @@
+"""Client channels to other services: mTLS unless the mesh runs --insecure."""
+
+from __future__ import annotations
+
+import grpc
+import grpc.aio
+
+from services.mesh.config import Settings
+from services.mesh.tls import channel_credentials
+
+# Generation streams can be long; keepalives notice a dead peer instead of hanging.
+CHANNEL_OPTIONS = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+)
+
+
+def aio_channel(settings: Settings, target: str, identity: str) -> grpc.aio.Channel:
+    if settings.insecure:
+        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(target, channel_credentials(settings, identity), options=CHANNEL_OPTIONS)
+
+
+def sync_channel(settings: Settings, target: str, identity: str) -> grpc.Channel:
+    if settings.insecure:
+        return grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+    return grpc.secure_channel(target, channel_credentials(settings, identity), options=CHANNEL_OPTIONS)

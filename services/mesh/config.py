@@ -1,0 +1,113 @@
+"""Sluice configuration: defaults < TOML file (SLUICE_CONFIG or --config) < SLUICE_* env vars < flags.
+
+One settings model serves every command, so a TOML file or an environment set once
+configures the whole mesh, and `sluice up` hands the same values to its children.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+CONFIG_ENV = "SLUICE_CONFIG"
+ENV_PREFIX = "SLUICE_"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
+
+    host: str = Field("127.0.0.1", description="address every service binds to")
+    certs_dir: Path = Field(Path("certs"), description="folder with ca.crt and <service>.crt/.key")
+    insecure: bool = Field(False, description="plaintext gRPC between services (development only; warns)")
+
+    model: Path = Field(Path("models/sluice-tiny"), description="Hugging Face model directory to serve")
+    served_model_name: str = Field("", description="model id clients send (default: the directory name)")
+    device: str = Field("auto", description="torch device for inference: auto, cpu, cuda, cuda:N")
+
+    edge_port: int = Field(8000, description="HTTP port of the OpenAI API")
+    preprocess_port: int = Field(0, description="gRPC port of preprocess (0: a free port)")
+    inference_port: int = Field(0, description="gRPC port of inference (0: a free port)")
+    cache_port: int = Field(0, description="gRPC port of cache (0: a free port)")
+    metrics_port: int = Field(0, description="Prometheus port of a gRPC service (0: a free port)")
+
+    preprocess_addr: str = Field("", description="host:port of preprocess, for the edge (static discovery)")
+    inference_addr: str = Field("", description="host:port of inference, for the edge (static discovery)")
+    cache_addr: str = Field("", description="host:port of cache, for the edge (static discovery)")
+
+    cache_enabled: bool = Field(True, description="cache deterministic completions")
+    cache_max_entries: int = Field(4096, ge=1, description="cache entry bound")
+    cache_max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="cache size bound in bytes")
+    cache_ttl_s: float = Field(3600.0, gt=0, description="seconds a cached completion stays valid")
+
+    upstream_timeout_s: float = Field(10.0, gt=0, description="deadline for unary calls between services")
+    generate_timeout_s: float = Field(600.0, gt=0, description="deadline for one generation")
+    drain_grace_s: float = Field(10.0, ge=0, description="seconds in-flight work may finish after SIGTERM")
+    log_level: str = Field("info", description="debug, info, warning or error")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        config_file = os.environ.get(CONFIG_ENV)
+        if config_file:
+            if not Path(config_file).is_file():
+                raise FileNotFoundError(f"{CONFIG_ENV}={config_file}: no such config file")
+            sources += (TomlConfigSettingsSource(settings_cls, toml_file=config_file),)
+        return sources
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model.resolve().name
+
+    def to_env(self) -> dict[str, str]:
+        """The settings as SLUICE_* variables, so child processes see exactly these values."""
+        env = {}
+        for name, value in self.model_dump().items():
+            env[ENV_PREFIX + name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+        return env
+
+
+def _flag_type(annotation: Any) -> type:
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, *names: str) -> None:
+    """Expose the named settings as --kebab-case flags whose help comes from the field descriptions."""
+    for name in names:
+        field = Settings.model_fields[name]
+        flag = "--" + name.replace("_", "-")
+        kind = _flag_type(field.annotation)
+        help_text = f"{field.description} (env {ENV_PREFIX}{name.upper()}; default {field.default})"
+        if kind is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
+
+
+def add_config_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None, help=f"TOML config file (env {CONFIG_ENV})")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Build settings from a parsed command line: flags left unset fall back to env, file, defaults."""
+    config = getattr(args, "config", None)
+    if config is not None:
+        # Through the environment, so processes started by this one read the same file.
+        os.environ[CONFIG_ENV] = str(config)
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    return Settings(**overrides)

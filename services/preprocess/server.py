@@ -1,0 +1,78 @@
+"""gRPC wiring of preprocess: render, tokenize, validate and key each request for one model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import grpc
+from prometheus_client import Counter
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from services.inference.model_dir import check_model_dir, context_length
+from services.mesh.config import Settings
+from services.mesh.errors import ModelNotFound, grpc_errors
+from services.mesh.grpc_service import GrpcService, serve
+from services.mesh.stubs import common_pb2, preprocess_pb2, preprocess_pb2_grpc
+from services.preprocess.cache_keys import cache_key
+from services.preprocess.templates import Message, Part, render_chat
+from services.preprocess.validate import resolve_sampling
+
+log = logging.getLogger(__name__)
+
+REQUESTS = Counter("sluice_preprocess_requests_total", "Preprocess calls by kind", ["kind"])
+
+
+class PreprocessServicer(preprocess_pb2_grpc.PreprocessServicer):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, model_id: str, context_length: int) -> None:
+        self._tokenizer = tokenizer
+        self._model_id = model_id
+        self._context_length = context_length
+
+    def _check_model(self, model: str) -> None:
+        if model != self._model_id:
+            raise ModelNotFound(f"The model `{model}` does not exist. This server serves `{self._model_id}`.", "model")
+
+    def _reply(self, token_ids: list[int], sampling: common_pb2.SamplingParams) -> preprocess_pb2.PreprocessReply:
+        resolved = resolve_sampling(sampling, len(token_ids), self._context_length)
+        return preprocess_pb2.PreprocessReply(
+            token_ids=token_ids,
+            prompt_tokens=len(token_ids),
+            cache_key=cache_key(self._model_id, token_ids, resolved),
+            sampling=resolved,
+            context_length=self._context_length,
+        )
+
+    @grpc_errors
+    def RenderChat(
+        self, request: preprocess_pb2.RenderChatRequest, context: grpc.ServicerContext
+    ) -> preprocess_pb2.PreprocessReply:
+        REQUESTS.labels("chat").inc()
+        self._check_model(request.model)
+        messages = [Message(m.role, tuple(Part(p.type, p.text) for p in m.content), m.name) for m in request.messages]
+        prompt = render_chat(self._tokenizer, messages, self._model_id)
+        # The template already placed any BOS/special tokens the model expects.
+        token_ids = self._tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return self._reply(token_ids, request.sampling)
+
+    @grpc_errors
+    def Tokenize(
+        self, request: preprocess_pb2.TokenizeRequest, context: grpc.ServicerContext
+    ) -> preprocess_pb2.PreprocessReply:
+        REQUESTS.labels("completion").inc()
+        self._check_model(request.model)
+        token_ids = self._tokenizer(request.prompt, add_special_tokens=True)["input_ids"] if request.prompt else []
+        return self._reply(token_ids, request.sampling)
+
+
+def run(settings: Settings, ready_file: Path | None) -> int:
+    check_model_dir(settings.model)
+    servicer = PreprocessServicer(
+        AutoTokenizer.from_pretrained(settings.model), settings.model_name, context_length(settings.model)
+    )
+    spec = GrpcService(
+        name="preprocess",
+        service_names=[preprocess_pb2.DESCRIPTOR.services_by_name["Preprocess"].full_name],
+        register=lambda server: preprocess_pb2_grpc.add_PreprocessServicer_to_server(servicer, server),
+    )
+    return serve(settings, spec, settings.preprocess_port, ready_file)

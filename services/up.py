@@ -1,0 +1,117 @@
+"""`sluice up`: the whole mesh on one machine, each service its own process.
+
+Certificates and the default model are created on first start; internal ports are free
+ones unless configured. Prints the base URL once every service is healthy, and stops
+everything cleanly on Ctrl-C or SIGTERM (or when any service dies).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict
+from pathlib import Path
+
+from services.mesh.certs import certs_present, init_certs
+from services.mesh.channels import sync_channel
+from services.mesh.config import Settings
+from services.mesh.health import wait_serving
+from services.mesh.ready import ReadyInfo
+from services.mesh.supervisor import ChildFailed, Supervisor
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = Settings.model_fields["model"].default
+BACKENDS = ("preprocess", "cache", "inference")
+
+
+def _serve_argv(service: str) -> list[str]:
+    return [sys.executable, "-m", "services.cli", "serve", service]
+
+
+def ensure_prerequisites(settings: Settings) -> None:
+    if not settings.insecure and not certs_present(settings.certs_dir):
+        written = init_certs(settings.certs_dir)
+        log.info("created dev certificates in %s (%d files)", settings.certs_dir, len(written))
+    if not settings.model.exists():
+        if settings.model != DEFAULT_MODEL:
+            raise FileNotFoundError(f"model directory {settings.model} does not exist")
+        from services.inference.default_model import build_default_model
+
+        log.info("building the default model in %s (first start only)", settings.model)
+        build_default_model(settings.model)
+
+
+def _wait_http_ready(url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)
+    raise ChildFailed(f"{url} did not report healthy within {timeout:.0f}s")
+
+
+def up(settings: Settings, state_file: Path | None, log_dir: Path | None, startup_timeout: float) -> int:
+    started = time.monotonic()
+    ensure_prerequisites(settings)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    env = {k: v for k, v in settings.to_env().items()}
+    with tempfile.TemporaryDirectory(prefix="sluice-up-") as run_dir:
+        supervisor = Supervisor(Path(run_dir), log_dir)
+        try:
+            ready = _start_mesh(settings, supervisor, env, startup_timeout)
+        except ChildFailed as err:
+            log.error("%s", err)
+            supervisor.stop_all(settings.drain_grace_s)
+            return 1
+        base_url = f"http://{ready['edge'].address}/v1"
+        if state_file is not None:
+            state = {"base_url": base_url, "services": {k: asdict(v) for k, v in ready.items()}}
+            state_file.write_text(json.dumps(state, indent=2))
+        print(
+            f"Sluice is up in {time.monotonic() - started:.1f}s: model {settings.model_name} at {base_url}\n"
+            f'  curl {base_url}/chat/completions -H "Content-Type: application/json" '
+            f'-d \'{{"model": "{settings.model_name}", "messages": [{{"role": "user", "content": "Hello"}}]}}\'\n'
+            "  Ctrl-C stops every service.",
+            flush=True,
+        )
+        code = 0
+        while not stop.wait(0.5):
+            dead = supervisor.exited()
+            if dead is not None:
+                log.error(
+                    "%s exited with code %s; stopping the mesh\n%s", dead.name, dead.process.returncode, dead.log_tail()
+                )
+                code = 1
+                break
+        supervisor.stop_all(settings.drain_grace_s + 5)
+        return code
+
+
+def _start_mesh(
+    settings: Settings, supervisor: Supervisor, env: dict[str, str], timeout: float
+) -> dict[str, ReadyInfo]:
+    # The backends start together (the model load dominates); the edge needs their addresses.
+    children = {name: supervisor.start(name, _serve_argv(name), env) for name in BACKENDS}
+    ready = {name: supervisor.wait_ready(child, timeout) for name, child in children.items()}
+    for name, info in ready.items():
+        with sync_channel(settings, info.address, "edge") as channel:
+            if not wait_serving(channel, timeout):
+                raise ChildFailed(f"{name} at {info.address} is not SERVING")
+    edge_env = env | {f"SLUICE_{name.upper()}_ADDR": info.address for name, info in ready.items()}
+    ready["edge"] = supervisor.wait_ready(supervisor.start("edge", _serve_argv("edge"), edge_env), timeout)
+    _wait_http_ready(f"http://{ready['edge'].address}/health", timeout)
+    return ready

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from meshproc import Mesh, start_mesh  # noqa: E402
+
+from services.inference.default_model import build_default_model  # noqa: E402
+from services.mesh.certs import init_certs  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model, built once per test session the way `sluice model init` builds it."""
+    return build_default_model(tmp_path_factory.mktemp("models") / "sluice-tiny")
+
+
+@pytest.fixture(scope="session")
+def certs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("certs")
+    init_certs(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir: Path):  # noqa: ANN201
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="session")
+def mesh(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path, model_dir: Path) -> Iterator[Mesh]:
+    """The whole mesh as real processes over mTLS, started by the real `sluice up`."""
+    running = start_mesh(tmp_path_factory.mktemp("mesh"), certs_dir, model_dir)
+    try:
+        yield running
+    finally:
+        running.stop()

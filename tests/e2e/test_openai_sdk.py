@@ -1,0 +1,153 @@
+"""The mesh driven by the official openai SDK, as any OpenAI client would drive it."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from meshproc import Mesh
+
+MODEL = "sluice-tiny"
+NO_CACHE = {"Cache-Control": "no-cache"}
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour, please."}]
+
+
+@pytest.fixture(scope="module")
+def client(mesh: Mesh) -> openai.OpenAI:
+    return openai.OpenAI(base_url=mesh.base_url, api_key="unused", max_retries=0, timeout=120)
+
+
+def _prompt_tokens(tokenizer, messages: list[dict]) -> int:  # noqa: ANN001
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_non_streaming_chat_counts_tokens_like_the_tokenizer(client: openai.OpenAI, tokenizer) -> None:  # noqa: ANN001
+    reply = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0, extra_headers=NO_CACHE
+    )
+    assert reply.object == "chat.completion"
+    assert reply.model == MODEL
+    assert reply.id.startswith("chatcmpl-")
+    choice = reply.choices[0]
+    assert choice.index == 0
+    assert choice.message.role == "assistant"
+    assert choice.message.content
+    assert choice.finish_reason == "length"
+    assert reply.usage.prompt_tokens == _prompt_tokens(tokenizer, MESSAGES)
+    assert reply.usage.completion_tokens == 12
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 12
+
+
+def test_streamed_text_equals_non_streamed_text(client: openai.OpenAI) -> None:
+    whole = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=40, temperature=0, extra_headers=NO_CACHE
+    )
+    stream = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=40, temperature=0, stream=True, extra_headers=NO_CACHE
+    )
+    chunks = list(stream)
+    content_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(content_chunks) > 5, "tokens must arrive as many deltas, not one blob"
+    assert "".join(c.choices[0].delta.content for c in content_chunks) == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+
+
+def test_stream_with_include_usage_ends_with_usage_chunk(client: openai.OpenAI, tokenizer) -> None:  # noqa: ANN001
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers=NO_CACHE,
+    )
+    chunks = list(stream)
+    *with_choices, last = chunks
+    assert last.choices == []
+    assert last.usage.prompt_tokens == _prompt_tokens(tokenizer, MESSAGES)
+    assert last.usage.completion_tokens == 8
+    assert last.usage.total_tokens == last.usage.prompt_tokens + 8
+    finish = [c.choices[0].finish_reason for c in with_choices]
+    assert finish[-1] == "length"
+    assert all(reason is None for reason in finish[:-1])
+    assert all(c.usage is None for c in with_choices)
+
+
+def test_completions_endpoint_streams_and_counts(client: openai.OpenAI, tokenizer) -> None:  # noqa: ANN001
+    prompt = "def fibonacci(n):"
+    whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, extra_headers=NO_CACHE)
+    assert whole.object == "text_completion"
+    assert whole.usage.prompt_tokens == len(tokenizer(prompt)["input_ids"])
+    assert whole.usage.completion_tokens == 16
+    assert whole.choices[0].finish_reason == "length"
+    stream = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=16, temperature=0, stream=True, extra_headers=NO_CACHE
+    )
+    assert "".join(c.choices[0].text for c in stream if c.choices) == whole.choices[0].text
+
+
+def test_stop_string_ends_generation_and_is_never_emitted(client: openai.OpenAI) -> None:
+    free = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=40, temperature=0, extra_headers=NO_CACHE
+    ).choices[0].message.content
+    stop = free[10:13]
+    expected = free[: free.index(stop)]
+    stream = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=40, temperature=0, stop=[stop], stream=True, extra_headers=NO_CACHE
+    )
+    chunks = [c for c in stream if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_a_seed_reproduces_sampled_text(client: openai.OpenAI) -> None:
+    def sample(seed: int) -> str:
+        return client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=20, temperature=1.0, top_p=0.9, seed=seed, extra_headers=NO_CACHE
+        ).choices[0].message.content
+
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+
+def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert models.data[0].object == "model"
+
+
+def test_unknown_model_is_a_404_the_sdk_understands(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert "gpt-4o" in caught.value.message
+
+
+def test_identical_greedy_request_is_served_from_cache(client: openai.OpenAI, mesh: Mesh) -> None:
+    messages = [{"role": "user", "content": "cache me if you can"}]
+    first = client.chat.completions.with_raw_response.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+    assert first.headers["x-sluice-cache"] == "miss"
+    started = mesh.metric("inference", "sluice_inference_sequences_started_total")
+    second = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=messages, max_tokens=10, temperature=0
+    )
+    assert second.headers["x-sluice-cache"] == "hit"
+    assert mesh.metric("inference", "sluice_inference_sequences_started_total") == started
+    assert second.parse().choices[0].message.content == first.parse().choices[0].message.content
+    assert second.parse().usage == first.parse().usage
+    # A hit replays in the same streamed shape as a live answer.
+    stream = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == first.parse().choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == 10
+    assert mesh.metric("inference", "sluice_inference_sequences_started_total") == started
+
+
+def test_sampled_requests_are_never_cached(client: openai.OpenAI) -> None:
+    reply = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0.7
+    )
+    assert reply.headers["x-sluice-cache"] == "bypass"

@@ -1,0 +1,82 @@
+"""Run `sluice up` as a real process for tests, and always take it down again."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Mesh:
+    process: subprocess.Popen
+    base_url: str
+    services: dict[str, dict]
+    certs_dir: Path
+    model_dir: Path
+    log_dir: Path
+
+    def address(self, service: str) -> str:
+        return self.services[service]["address"]
+
+    def metric(self, service: str, name: str, **labels: str) -> float:
+        """Current value of one sample scraped from the service's /metrics (0 when absent)."""
+        text = httpx.get(f"http://{self.services[service]['metrics']}/metrics", timeout=5).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        return 0.0
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in self.log_dir.glob("*.log"))
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM the supervisor; kill its whole process group if it does not exit in time."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_mesh(workdir: Path, certs_dir: Path, model_dir: Path, *extra: str, timeout: float = 180.0) -> Mesh:
+    state_file = workdir / "state.json"
+    log_dir = workdir / "logs"
+    argv = [
+        sys.executable, "-m", "services.cli", "up",
+        "--port", "0",
+        "--certs-dir", str(certs_dir),
+        "--model", str(model_dir),
+        "--state-file", str(state_file),
+        "--log-dir", str(log_dir),
+        "--drain-grace-s", "5",
+        *extra,
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        argv, cwd=REPO_ROOT, start_new_session=True, stdout=(workdir / "up.log").open("wb"), stderr=subprocess.STDOUT
+    )
+    mesh = Mesh(process, "", {}, certs_dir, model_dir, log_dir)
+    deadline = time.monotonic() + timeout
+    while not state_file.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            mesh.stop()
+            raise RuntimeError(f"sluice up failed to start:\n{(workdir / 'up.log').read_text()}\n{mesh.logs()}")
+        time.sleep(0.1)
+    state = json.loads(state_file.read_text())
+    mesh.base_url = state["base_url"]
+    mesh.services = state["services"]
+    return mesh
