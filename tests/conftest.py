@@ -8,10 +8,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from meshproc import Mesh, start_mesh  # noqa: E402
+from meshproc import Mesh, start_mesh
 
-from services.inference.default_model import build_default_model  # noqa: E402
-from services.mesh.certs import init_certs  # noqa: E402
+from services.inference.default_model import build_default_model
+from services.mesh.certs import init_certs
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +28,7 @@ def certs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(model_dir: Path):  # noqa: ANN201
+def tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_dir)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import grpc.aio
+from google.protobuf.message import Message
 
 from services.edge_http.errors import OpenAIError, from_rpc_error
 from services.edge_http.openai_schema import ChatCompletionRequest, CompletionRequest, SamplingFields, Usage
@@ -113,7 +114,9 @@ class Pipeline:
         )
         return await self._unary("preprocess", self._up.preprocess.Tokenize, request, request_id)
 
-    async def _unary(self, upstream: str, method, request, request_id: str):
+    async def _unary(
+        self, upstream: str, method: grpc.aio.UnaryUnaryMultiCallable, request: Message, request_id: str
+    ) -> preprocess_pb2.PreprocessReply:
         try:
             return await method(request, timeout=self._settings.upstream_timeout_s, metadata=self._metadata(request_id))
         except grpc.aio.AioRpcError as err:

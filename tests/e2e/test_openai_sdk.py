@@ -16,12 +16,12 @@ def client(mesh: Mesh) -> openai.OpenAI:
     return openai.OpenAI(base_url=mesh.base_url, api_key="unused", max_retries=0, timeout=120)
 
 
-def _prompt_tokens(tokenizer, messages: list[dict]) -> int:  # noqa: ANN001
+def _prompt_tokens(tokenizer, messages: list[dict]) -> int:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def test_non_streaming_chat_counts_tokens_like_the_tokenizer(client: openai.OpenAI, tokenizer) -> None:  # noqa: ANN001
+def test_non_streaming_chat_counts_tokens_like_the_tokenizer(client: openai.OpenAI, tokenizer) -> None:
     reply = client.chat.completions.create(
         model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0, extra_headers=NO_CACHE
     )
@@ -53,7 +53,7 @@ def test_streamed_text_equals_non_streamed_text(client: openai.OpenAI) -> None:
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
 
 
-def test_stream_with_include_usage_ends_with_usage_chunk(client: openai.OpenAI, tokenizer) -> None:  # noqa: ANN001
+def test_stream_with_include_usage_ends_with_usage_chunk(client: openai.OpenAI, tokenizer) -> None:
     stream = client.chat.completions.create(
         model=MODEL,
         messages=MESSAGES,
@@ -75,7 +75,7 @@ def test_stream_with_include_usage_ends_with_usage_chunk(client: openai.OpenAI, 
     assert all(c.usage is None for c in with_choices)
 
 
-def test_completions_endpoint_streams_and_counts(client: openai.OpenAI, tokenizer) -> None:  # noqa: ANN001
+def test_completions_endpoint_streams_and_counts(client: openai.OpenAI, tokenizer) -> None:
     prompt = "def fibonacci(n):"
     whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, extra_headers=NO_CACHE)
     assert whole.object == "text_completion"
@@ -89,9 +89,13 @@ def test_completions_endpoint_streams_and_counts(client: openai.OpenAI, tokenize
 
 
 def test_stop_string_ends_generation_and_is_never_emitted(client: openai.OpenAI) -> None:
-    free = client.chat.completions.create(
-        model=MODEL, messages=MESSAGES, max_tokens=40, temperature=0, extra_headers=NO_CACHE
-    ).choices[0].message.content
+    free = (
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=40, temperature=0, extra_headers=NO_CACHE
+        )
+        .choices[0]
+        .message.content
+    )
     stop = free[10:13]
     expected = free[: free.index(stop)]
     stream = client.chat.completions.create(
@@ -104,9 +108,19 @@ def test_stop_string_ends_generation_and_is_never_emitted(client: openai.OpenAI)
 
 def test_a_seed_reproduces_sampled_text(client: openai.OpenAI) -> None:
     def sample(seed: int) -> str:
-        return client.chat.completions.create(
-            model=MODEL, messages=MESSAGES, max_tokens=20, temperature=1.0, top_p=0.9, seed=seed, extra_headers=NO_CACHE
-        ).choices[0].message.content
+        return (
+            client.chat.completions.create(
+                model=MODEL,
+                messages=MESSAGES,
+                max_tokens=20,
+                temperature=1.0,
+                top_p=0.9,
+                seed=seed,
+                extra_headers=NO_CACHE,
+            )
+            .choices[0]
+            .message.content
+        )
 
     assert sample(7) == sample(7)
     assert sample(7) != sample(8)
@@ -126,7 +140,9 @@ def test_unknown_model_is_a_404_the_sdk_understands(client: openai.OpenAI) -> No
 
 def test_identical_greedy_request_is_served_from_cache(client: openai.OpenAI, mesh: Mesh) -> None:
     messages = [{"role": "user", "content": "cache me if you can"}]
-    first = client.chat.completions.with_raw_response.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+    first = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=messages, max_tokens=10, temperature=0
+    )
     assert first.headers["x-sluice-cache"] == "miss"
     started = mesh.metric("inference", "sluice_inference_sequences_started_total")
     second = client.chat.completions.with_raw_response.create(
@@ -138,10 +154,18 @@ def test_identical_greedy_request_is_served_from_cache(client: openai.OpenAI, me
     assert second.parse().usage == first.parse().usage
     # A hit replays in the same streamed shape as a live answer.
     stream = client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True}
+        model=MODEL,
+        messages=messages,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = list(stream)
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == first.parse().choices[0].message.content
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == first.parse().choices[0].message.content
+    )
     assert chunks[-1].usage.completion_tokens == 10
     assert mesh.metric("inference", "sluice_inference_sequences_started_total") == started
 

@@ -1,0 +1,56 @@
+"""`sluice up` end to end as an operator sees it: plaintext flag, cache off, draining on SIGTERM, no orphans."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import httpx
+import pytest
+from meshproc import start_mesh
+
+from services.mesh.tls import INSECURE_WARNING
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_sigterm_drains_in_flight_stream_and_leaves_nothing_running(
+    tmp_path: Path, certs_dir: Path, model_dir: Path
+) -> None:
+    mesh = start_mesh(tmp_path, certs_dir, model_dir, "--insecure", "--no-cache-enabled")
+    try:
+        assert INSECURE_WARNING in mesh.logs()
+        body = {"model": "sluice-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300}
+        with httpx.Client(timeout=60) as client:
+            assert (
+                client.post(f"{mesh.base_url}/chat/completions", json={**body, "temperature": 0}).headers[
+                    "x-sluice-cache"
+                ]
+                == "off"
+            )
+            with client.stream("POST", f"{mesh.base_url}/chat/completions", json={**body, "stream": True}) as reply:
+                lines = reply.iter_lines()
+                assert next(lines).startswith("data: ")
+                mesh.process.send_signal(signal.SIGTERM)  # Ctrl-C equivalent, mid-stream
+                rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        finishes = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in rest[:-1]]
+        assert finishes[-1] == "length", "the stream was cut instead of drained"
+        assert mesh.process.wait(timeout=60) == 0
+        pids = [info["pid"] for info in mesh.services.values()]
+        assert not [pid for pid in pids if _alive(pid)]
+    finally:
+        mesh.stop()
+
+
+def test_up_refuses_a_missing_model_directory(tmp_path: Path, certs_dir: Path) -> None:
+    with pytest.raises(RuntimeError, match="does not exist"):
+        start_mesh(tmp_path, certs_dir, tmp_path / "no-such-model", timeout=60)

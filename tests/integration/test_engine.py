@@ -1,0 +1,85 @@
+"""The engine on the real default model, in-process: streaming, stopping, cancelling, validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.inference import metrics
+from services.inference.engine import Engine, GenerationRequest
+from services.inference.loader import load_model
+from services.inference.sampling import SamplingConfig
+from services.mesh.errors import ContextLengthExceeded, InvalidArgument
+
+GREEDY = SamplingConfig(temperature=0)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir: Path) -> Engine:
+    return Engine(load_model(model_dir, "cpu"))
+
+
+def _prompt(engine: Engine) -> list[int]:
+    return engine.loaded.tokenizer("import os\nimport sys\n", add_special_tokens=False)["input_ids"]
+
+
+def test_greedy_stream_reproduces_the_full_decode(engine: Engine) -> None:
+    steps = list(engine.submit(GenerationRequest("a", _prompt(engine), 100, GREEDY)))
+    ids = [t for s in steps for t in s.token_ids]
+    assert len(ids) == 100
+    assert "".join(s.text for s in steps) == engine.loaded.tokenizer.decode(ids, skip_special_tokens=True)
+    assert [s.finish_reason for s in steps] == [None] * 99 + ["length"]
+    assert (steps[-1].prompt_tokens, steps[-1].completion_tokens) == (len(_prompt(engine)), 100)
+
+
+def test_engine_output_matches_transformers_generate(engine: Engine) -> None:
+    import torch
+
+    prompt = _prompt(engine)
+    ours = [t for s in engine.submit(GenerationRequest("b", prompt, 30, GREEDY)) for t in s.token_ids]
+    with torch.inference_mode():
+        reference = engine.loaded.model.generate(
+            torch.tensor([prompt]), max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(prompt) :].tolist()
+    assert ours == reference
+
+
+def test_stop_string_finishes_with_stop(engine: Engine) -> None:
+    free = "".join(s.text for s in engine.submit(GenerationRequest("c", _prompt(engine), 60, GREEDY)))
+    stop = free[15:18]
+    steps = list(engine.submit(GenerationRequest("d", _prompt(engine), 60, GREEDY, stop=(stop,))))
+    assert "".join(s.text for s in steps) == free[: free.index(stop)]
+    assert steps[-1].finish_reason == "stop"
+    assert steps[-1].completion_tokens < 60
+
+
+def test_cancelled_sequence_leaves_and_the_next_one_runs(engine: Engine) -> None:
+    cancelled = metrics.SEQUENCES_FINISHED.labels("cancelled")._value.get()
+    handle = engine.submit(GenerationRequest("e", _prompt(engine), 1000, GREEDY))
+    received = []
+    for step in handle:
+        received.append(step)
+        if len(received) == 2:
+            handle.cancel()
+    assert 2 <= len(received) < 1000
+    assert received[-1].finish_reason is None
+    follow_up = list(engine.submit(GenerationRequest("f", _prompt(engine), 3, GREEDY)))
+    assert follow_up[-1].finish_reason == "length"
+    assert metrics.SEQUENCES_FINISHED.labels("cancelled")._value.get() == cancelled + 1
+
+
+@pytest.mark.parametrize(
+    ("prompt", "max_tokens", "error"),
+    [
+        ([], 5, InvalidArgument),
+        ([1, 99999], 5, InvalidArgument),
+        ([1, 2], 0, InvalidArgument),
+        ([1] * 2000, 100, ContextLengthExceeded),
+    ],
+)
+def test_invalid_requests_are_refused_before_queueing(
+    engine: Engine, prompt: list[int], max_tokens: int, error: type
+) -> None:
+    with pytest.raises(error):
+        engine.submit(GenerationRequest("g", prompt, max_tokens, GREEDY))

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.cli import _parser
+from services.mesh.config import CONFIG_ENV, Settings, settings_from_args
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("SLUICE_"):
+            monkeypatch.delenv(name)
+
+
+def test_precedence_is_defaults_then_file_then_env_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "sluice.toml"
+    config.write_text('edge_port = 9001\ncache_ttl_s = 5.0\nmodel = "/models/qwen"\n')
+    monkeypatch.setenv(CONFIG_ENV, str(config))
+    monkeypatch.setenv("SLUICE_CACHE_TTL_S", "7")
+    args = _parser().parse_args(["up", "--model", "/models/llama"])
+    settings = settings_from_args(args)
+    assert settings.edge_port == 9001  # file
+    assert settings.cache_ttl_s == 7.0  # env beats file
+    assert settings.model == Path("/models/llama")  # flag beats file
+    assert settings.drain_grace_s == Settings.model_fields["drain_grace_s"].default
+
+
+def test_unknown_key_in_the_config_file_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "sluice.toml"
+    config.write_text("edge_prot = 1\n")
+    monkeypatch.setenv(CONFIG_ENV, str(config))
+    with pytest.raises(ValueError, match="edge_prot"):
+        Settings()
+
+
+def test_missing_config_file_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CONFIG_ENV, "/nonexistent/sluice.toml")
+    with pytest.raises(FileNotFoundError, match="nonexistent"):
+        Settings()
+
+
+def test_settings_round_trip_through_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = Settings(edge_port=1234, insecure=True, served_model_name="alias", cache_enabled=False)
+    for key, value in original.to_env().items():
+        monkeypatch.setenv(key, value)
+    assert Settings() == original
+
+
+def test_served_model_name_defaults_to_the_directory_name() -> None:
+    assert Settings(model=Path("/srv/models/Qwen2.5-7B-Instruct")).model_name == "Qwen2.5-7B-Instruct"
+    assert Settings(model=Path("/x"), served_model_name="chat").model_name == "chat"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["up"],
+        ["serve", "edge"],
+        ["serve", "inference"],
+        ["serve", "preprocess"],
+        ["serve", "cache"],
+        ["certs", "init"],
+        ["model", "init"],
+    ],
+)
+def test_every_command_explains_itself(command: list[str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", *command, "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage: sluice" in result.stdout
+    assert len(result.stdout.splitlines()) > 5

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from services.inference.detokenize import REPLACEMENT, IncrementalDetokenizer
+
+TEXTS = [
+    "plain ascii text, with punctuation!",
+    "héllo wörld — naïve café",
+    "中文字符和日本語のテキスト",
+    "emoji 🎉🚀 and flags 🇫🇷 mixed in",
+    "  leading spaces\n\ttabs\nand newlines  ",
+]
+
+
+def _stream(tokenizer, ids: list[int]) -> list[str]:
+    detok = IncrementalDetokenizer(tokenizer)
+    deltas = [detok.add(t) for t in ids]
+    deltas.append(detok.finish())
+    return deltas
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_deltas_join_to_the_full_decode_and_never_split_a_character(tokenizer, text: str) -> None:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    deltas = _stream(tokenizer, ids)
+    assert "".join(deltas) == tokenizer.decode(ids) == text
+    assert not any(REPLACEMENT in d for d in deltas)
+
+
+def test_multibyte_characters_really_span_several_tokens(tokenizer) -> None:
+    # Guards the test above: with a 4096-token vocabulary an emoji needs several byte tokens.
+    ids = tokenizer("🎉", add_special_tokens=False)["input_ids"]
+    assert len(ids) > 1
+    assert tokenizer.decode(ids[:1]).endswith(REPLACEMENT)
+
+
+def test_random_token_sequences_reproduce_the_full_decode(tokenizer) -> None:
+    rng = random.Random(0)
+    for _ in range(50):
+        ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randrange(1, 60))]
+        assert "".join(_stream(tokenizer, ids)) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_special_tokens_produce_no_text(tokenizer) -> None:
+    detok = IncrementalDetokenizer(tokenizer)
+    assert detok.add(tokenizer.eos_token_id) == ""

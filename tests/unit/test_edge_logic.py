@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from services.edge_http.errors import OpenAIError, from_rpc_error
+from services.edge_http.openai_schema import ChatCompletionRequest, CompletionRequest
+from services.edge_http.pipeline import sampling_params
+from services.edge_http.streaming import sse_stream
+
+
+class Chunk(BaseModel):
+    choices: list[int]
+
+
+async def _failing() -> AsyncIterator[BaseModel]:
+    yield Chunk(choices=[1])
+    raise OpenAIError(503, "inference: gone", "service_unavailable")
+
+
+def test_failure_mid_stream_is_one_error_event_then_done() -> None:
+    async def collect() -> list[bytes]:
+        return [part async for part in sse_stream(_failing())]
+
+    events = asyncio.run(collect())
+    assert events[0] == b'data: {"choices":[1]}\n\n'
+    error = json.loads(events[1].removeprefix(b"data: "))
+    assert "choices" not in error
+    assert error["error"]["message"] == "inference: gone"
+    assert events[2] == b"data: [DONE]\n\n"
+
+
+def test_openai_defaults_map_to_sampling_params() -> None:
+    body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}])
+    params = sampling_params(body)
+    assert (params.temperature, params.top_p, params.top_k, params.max_tokens) == (1.0, 1.0, 0, 0)
+    assert not params.HasField("seed")
+
+
+def test_max_completion_tokens_is_an_alias_and_stop_string_becomes_a_list() -> None:
+    body = ChatCompletionRequest(
+        model="m", messages=[{"role": "user", "content": "x"}], max_completion_tokens=7, stop="END", seed=0
+    )
+    params = sampling_params(body)
+    assert params.max_tokens == 7 and list(params.stop) == ["END"] and params.seed == 0
+
+
+def test_unknown_fields_are_ignored() -> None:
+    body = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "x", "extra": 1}], "chat_template_kwargs": {}}
+    )
+    assert body.model == "m"
+
+
+def test_completion_prompt_must_be_one_prompt() -> None:
+    assert CompletionRequest(model="m", prompt=["only"]).prompt_text == "only"
+    with pytest.raises(ValidationError, match="exactly one prompt"):
+        CompletionRequest(model="m", prompt=["a", "b"])
+
+
+@pytest.mark.parametrize(
+    ("status", "http"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, 400),
+        (grpc.StatusCode.OUT_OF_RANGE, 400),
+        (grpc.StatusCode.NOT_FOUND, 404),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+        (grpc.StatusCode.UNAVAILABLE, 503),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, 504),
+        (grpc.StatusCode.INTERNAL, 500),
+    ],
+)
+def test_grpc_status_maps_to_http_status(status: grpc.StatusCode, http: int) -> None:
+    err = grpc.aio.AioRpcError(status, grpc.aio.Metadata(), grpc.aio.Metadata(), details="why")
+    mapped = from_rpc_error(err, "inference")
+    assert mapped.status == http
+    if http in (429, 503):
+        assert mapped.headers["Retry-After"]
