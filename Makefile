@@ -1,7 +1,7 @@
 # `make run` and `make test` are all a newcomer needs; both create .venv on first use.
 PYTHON ?= python3
 VENV ?= .venv
-# CPU build by default; GPU hosts override, e.g. `make run TORCH_SPEC=torch==2.13.0+cu128`.
+# CPU build by default; GPU hosts override, e.g. `make run TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"`.
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
@@ -14,7 +14,7 @@ $(BIN)/python:
 
 # Stamps re-run the install only when the project's dependencies change.
 $(VENV)/.installed-run: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	$(BIN)/pip install --quiet -e .
 	touch $@
 

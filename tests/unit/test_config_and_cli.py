@@ -78,3 +78,9 @@ def test_every_command_explains_itself(command: list[str]) -> None:
     assert result.returncode == 0, result.stderr
     assert "usage: sluice" in result.stdout
     assert len(result.stdout.splitlines()) > 5
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [name for name in Settings.model_fields if f"| `{name}` | `SLUICE_{name.upper()}` |" not in readme]
+    assert not missing, f"README's configuration reference lacks {missing}"
