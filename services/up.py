@@ -68,7 +68,7 @@ def up(settings: Settings, state_file: Path | None, log_dir: Path | None, startu
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    env = {k: v for k, v in settings.to_env().items()}
+    env = settings.to_env()
     with tempfile.TemporaryDirectory(prefix="sluice-up-") as run_dir:
         supervisor = Supervisor(Path(run_dir), log_dir)
         try:

@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 import grpc.aio
 from fastapi import FastAPI, Request
@@ -33,16 +34,19 @@ from services.edge_http.openai_schema import (
     Model,
     ModelList,
     ResponseMeta,
+    SamplingFields,
 )
 from services.edge_http.pipeline import Pipeline, Run
 from services.edge_http.streaming import sse_stream
 from services.edge_http.upstreams import Upstreams
 from services.mesh.config import Settings
 from services.mesh.discovery import StaticDiscovery
-from services.mesh.stubs import inference_pb2
+from services.mesh.stubs import inference_pb2, preprocess_pb2
 
 REQUESTS = Counter("sluice_edge_requests_total", "HTTP requests by route and status", ["route", "status"])
 CACHE_RESULTS = Counter("sluice_edge_cache_total", "Completion requests by cache outcome", ["result"])
+
+BodyT = TypeVar("BodyT", bound=SamplingFields)
 
 ERROR_RESPONSES: dict[int | str, dict] = {code: {"model": ErrorBody} for code in (400, 404, 413, 429, 500, 503, 504)}
 
@@ -86,13 +90,12 @@ def _wants_no_cache(request: Request) -> bool:
     return "no-cache" in directives or "no-store" in directives
 
 
-def create_app(settings: Settings, on_ready: Callable[[], None] = lambda: None) -> FastAPI:
+def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         upstreams = Upstreams(settings, StaticDiscovery.from_settings(settings))
         app.state.upstreams = upstreams
         app.state.pipeline = Pipeline(upstreams, settings)
-        on_ready()
         yield
         await upstreams.close()
 
@@ -110,54 +113,17 @@ def create_app(settings: Settings, on_ready: Callable[[], None] = lambda: None) 
     app.add_middleware(CountRequests)
     app.add_middleware(NormalizeSlashes)
 
-    async def respond(
-        run: Run,
-        meta: ResponseMeta,
-        stream: bool,
-        chunks: Callable[[], AsyncIterator[BaseModel]],
-        whole: Callable[[], Awaitable[BaseModel]],
-        request_id: str,
-    ) -> Response:
-        CACHE_RESULTS.labels(run.cache_status).inc()
-        headers = {"X-Request-Id": request_id, "X-Sluice-Cache": run.cache_status}
-        if stream:
-            headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            return EventSourceResponse(sse_stream(chunks()), headers=headers)
-        return JSONResponse((await whole()).model_dump(mode="json"), headers=headers)
-
     @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         """OpenAI chat completions; `stream: true` answers with server-sent events."""
         pipeline: Pipeline = request.app.state.pipeline
-        request_id = uuid.uuid4().hex
-        prepared = await pipeline.prepare_chat(body, request_id)
-        run = await pipeline.open(body.model, prepared, request_id, _wants_no_cache(request))
-        meta = ResponseMeta(f"chatcmpl-{request_id}", int(time.time()), body.model)
-        return await respond(
-            run,
-            meta,
-            bool(body.stream),
-            lambda: chat_chunks(run, meta, body.include_usage),
-            lambda: chat_completion(run, meta),
-            request_id,
-        )
+        return await _complete(request, body, pipeline.prepare_chat, "chatcmpl", chat_chunks, chat_completion)
 
     @app.post("/v1/completions", responses=ERROR_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         """OpenAI (legacy) text completions; `stream: true` answers with server-sent events."""
         pipeline: Pipeline = request.app.state.pipeline
-        request_id = uuid.uuid4().hex
-        prepared = await pipeline.prepare_completion(body, request_id)
-        run = await pipeline.open(body.model, prepared, request_id, _wants_no_cache(request))
-        meta = ResponseMeta(f"cmpl-{request_id}", int(time.time()), body.model)
-        return await respond(
-            run,
-            meta,
-            bool(body.stream),
-            lambda: completion_chunks(run, meta, body.include_usage),
-            lambda: text_completion(run, meta),
-            request_id,
-        )
+        return await _complete(request, body, pipeline.prepare_completion, "cmpl", completion_chunks, text_completion)
 
     @app.get("/v1/models", responses=ERROR_RESPONSES)
     async def list_models(request: Request) -> ModelList:
@@ -187,6 +153,28 @@ def create_app(settings: Settings, on_ready: Callable[[], None] = lambda: None) 
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+async def _complete(
+    request: Request,
+    body: BodyT,
+    prepare: Callable[[BodyT, str], Awaitable[preprocess_pb2.PreprocessReply]],
+    id_prefix: str,
+    chunks: Callable[[Run, ResponseMeta, bool], AsyncIterator[BaseModel]],
+    whole: Callable[[Run, ResponseMeta], Awaitable[BaseModel]],
+) -> Response:
+    """Shared by both completion endpoints: run the pipeline, answer as SSE or one JSON object."""
+    pipeline: Pipeline = request.app.state.pipeline
+    request_id = uuid.uuid4().hex
+    prepared = await prepare(body, request_id)
+    run = await pipeline.open(body.model, prepared, request_id, _wants_no_cache(request))
+    meta = ResponseMeta(f"{id_prefix}-{request_id}", int(time.time()), body.model)
+    CACHE_RESULTS.labels(run.cache_status).inc()
+    headers = {"X-Request-Id": request_id, "X-Sluice-Cache": run.cache_status}
+    if body.stream:
+        headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return EventSourceResponse(sse_stream(chunks(run, meta, body.include_usage)), headers=headers)
+    return JSONResponse((await whole(run, meta)).model_dump(mode="json"), headers=headers)
 
 
 async def _http_exception(_: Request, exc: Exception) -> JSONResponse:

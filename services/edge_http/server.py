@@ -12,7 +12,7 @@ import uvicorn
 
 from services.edge_http.app import create_app
 from services.mesh.config import Settings
-from services.mesh.ready import ReadyInfo, write_ready
+from services.mesh.ready import ReadyInfo, advertised_address, write_ready
 from services.mesh.tls import warn_if_insecure
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def run(settings: Settings, ready_file: Path | None) -> int:
     sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((settings.host, settings.edge_port))
-    address = f"{settings.host}:{sock.getsockname()[1]}"
+    address = advertised_address(settings.host, sock.getsockname()[1])
 
     def started() -> None:
         log.info("edge serving the OpenAI API at http://%s/v1", address)

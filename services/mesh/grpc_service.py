@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from services.mesh.config import Settings
-from services.mesh.ready import ReadyInfo, write_ready
+from services.mesh.ready import ReadyInfo, advertised_address, write_ready
 from services.mesh.tls import server_credentials, warn_if_insecure
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,8 @@ def serve(settings: Settings, spec: GrpcService, port: int, ready_file: Path | N
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
-    address = f"{settings.host}:{bound}"
-    metrics = f"{settings.host}:{metrics_httpd.server_port}"
+    address = advertised_address(settings.host, bound)
+    metrics = advertised_address(settings.host, metrics_httpd.server_port)
     log.info("%s serving on %s (metrics http://%s/metrics)", spec.name, address, metrics)
     if ready_file is not None:
         write_ready(ready_file, ReadyInfo(spec.name, address, metrics, os.getpid()))

@@ -11,6 +11,14 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+_WILDCARDS = frozenset({"0.0.0.0", "::", ""})
+
+
+def advertised_address(bind_host: str, port: int) -> str:
+    """host:port others should dial: a wildcard bind is reached (and certified) as 127.0.0.1."""
+    host = "127.0.0.1" if bind_host in _WILDCARDS else bind_host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
 
 @dataclass(frozen=True)
 class ReadyInfo:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,12 +9,11 @@ import pytest
 
 from services.cli import _parser
 from services.mesh.config import CONFIG_ENV, Settings, settings_from_args
+from services.mesh.ready import advertised_address
 
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
     for name in list(os.environ):
         if name.startswith("SLUICE_"):
             monkeypatch.delenv(name)
@@ -84,3 +84,10 @@ def test_readme_documents_every_setting() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     missing = [name for name in Settings.model_fields if f"| `{name}` | `SLUICE_{name.upper()}` |" not in readme]
     assert not missing, f"README's configuration reference lacks {missing}"
+
+
+def test_wildcard_binds_are_advertised_as_loopback() -> None:
+    assert advertised_address("0.0.0.0", 80) == "127.0.0.1:80"
+    assert advertised_address("::", 80) == "127.0.0.1:80"
+    assert advertised_address("10.1.2.3", 80) == "10.1.2.3:80"
+    assert advertised_address("::1", 80) == "[::1]:80"
