@@ -84,7 +84,8 @@ def up(settings: Settings, state_file: Path | None, log_dir: Path | None, startu
         print(
             f"Sluice is up in {time.monotonic() - started:.1f}s: model {settings.model_name} at {base_url}\n"
             f'  curl {base_url}/chat/completions -H "Content-Type: application/json" '
-            f'-d \'{{"model": "{settings.model_name}", "messages": [{{"role": "user", "content": "Hello"}}]}}\'\n'
+            f'-d \'{{"model": "{settings.model_name}", "max_tokens": 32, '
+            f'"messages": [{{"role": "user", "content": "Hello"}}]}}\'\n'
             "  Ctrl-C stops every service.",
             flush=True,
         )

@@ -47,7 +47,7 @@ def test_closing_the_http_stream_stops_generation(mesh: Mesh) -> None:
         )
     ), "the inference service never saw the cancellation"
     generated = mesh.metric("inference", "sluice_inference_generated_tokens_total") - tokens_before
-    assert 3 <= generated < MAX_TOKENS
+    assert 2 <= generated < MAX_TOKENS  # six SSE lines carry at least two content events
     # Once cancelled, the counter stays put: the sequence is out of the engine.
     assert mesh.metric("inference", "sluice_inference_generated_tokens_total") - tokens_before == generated
 

@@ -54,3 +54,34 @@ def test_sigterm_drains_in_flight_stream_and_leaves_nothing_running(
 def test_up_refuses_a_missing_model_directory(tmp_path: Path, certs_dir: Path) -> None:
     with pytest.raises(RuntimeError, match="does not exist"):
         start_mesh(tmp_path, certs_dir, tmp_path / "no-such-model", timeout=60)
+
+
+def test_inference_dying_mid_stream_ends_the_stream_with_an_error_event(
+    tmp_path: Path, certs_dir: Path, model_dir: Path
+) -> None:
+    mesh = start_mesh(tmp_path, certs_dir, model_dir)
+    try:
+        body = {
+            "model": "sluice-tiny",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 1500,
+            "stream": True,
+        }
+        with (
+            httpx.Client(timeout=60) as client,
+            client.stream("POST", f"{mesh.base_url}/chat/completions", json=body) as reply,
+        ):
+            assert reply.status_code == 200
+            lines = reply.iter_lines()
+            assert next(lines).startswith("data: ")
+            os.kill(mesh.services["inference"]["pid"], signal.SIGKILL)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        error = json.loads(rest[-2].removeprefix("data: "))
+        assert "choices" not in error
+        assert error["error"]["message"].startswith("inference")
+        assert error["error"]["type"] == "service_unavailable"
+        # The supervisor notices the dead service and stops the rest.
+        assert mesh.process.wait(timeout=60) == 1
+    finally:
+        mesh.stop()
