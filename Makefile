@@ -25,8 +25,7 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-run
 run: $(VENV)/.installed-run
 	$(BIN)/sluice up
 
-test: $(VENV)/.installed-test
-	$(BIN)/ruff check .
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-test
