@@ -11,7 +11,18 @@ from services.mesh.logs import configure_logging
 
 SERVICE_FLAGS = {
     "preprocess": ("preprocess_port", "metrics_port", "model", "served_model_name"),
-    "inference": ("inference_port", "metrics_port", "model", "served_model_name", "device"),
+    "inference": (
+        "inference_port",
+        "metrics_port",
+        "model",
+        "served_model_name",
+        "device",
+        "max_running",
+        "max_waiting",
+        "max_batched_tokens",
+        "prefill_chunk",
+        "kv_cache_bytes",
+    ),
     "cache": ("cache_port", "metrics_port", "cache_max_entries", "cache_max_bytes", "cache_ttl_s"),
     "edge": (
         "edge_port",
@@ -44,7 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--port", dest="edge_port", type=int, default=None, help="HTTP port of the OpenAI API (default 8000)"
     )
-    add_setting_flags(up, *MESH_FLAGS, "model", "served_model_name", "device", "cache_enabled")
+    add_setting_flags(
+        up, *MESH_FLAGS, "model", "served_model_name", "device", "cache_enabled",
+        "max_running", "max_waiting", "max_batched_tokens", "prefill_chunk", "kv_cache_bytes",
+    )  # fmt: skip
     up.add_argument("--state-file", type=Path, help="write the base URL and every service's addresses here (JSON)")
     up.add_argument(
         "--log-dir", type=Path, help="write each service's log to DIR/<service>.log instead of the terminal"

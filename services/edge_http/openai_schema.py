@@ -55,6 +55,7 @@ class SamplingFields(_Lenient):
     seed: int | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    ignore_eos: bool = Field(False, description="vLLM extension: keep generating past the end-of-sequence token")
     n: int | None = Field(None, ge=1, le=1, description="only one choice per request is supported")
     stream: bool | None = False
     stream_options: StreamOptions | None = None

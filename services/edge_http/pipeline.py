@@ -73,6 +73,7 @@ def sampling_params(body: SamplingFields) -> common_pb2.SamplingParams:
         stop=body.stop_list,
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
+        ignore_eos=body.ignore_eos,
     )
     if body.seed is not None:
         params.seed = body.seed

@@ -1,16 +1,22 @@
-"""The generation engine: one worker thread owns the model and runs sequences token by token.
+"""The generation engine: continuous batching over one worker thread that owns the model.
 
-Callers submit a request and iterate the returned handle for steps; `cancel()` (wired to
-the gRPC call's termination) makes the worker drop the sequence before its next forward
-pass, so a client that goes away stops costing compute within one token. This engine runs
-one sequence at a time; requests wait in FIFO order.
+Every step the worker packs one new token per decoding sequence plus prefill chunks of
+newcomers into a single forward pass (see ragged_attention.py), samples each sequence with
+its own parameters, and streams the results. Sequences join at any step boundary and leave
+the moment they finish or are cancelled, freeing their KV memory.
+
+Limits keep the process bounded under any load: at most `max_running` sequences, at most
+`max_batched_tokens` tokens per forward pass, KV reservations within `kv_cache_bytes`, and at
+most `max_waiting` queued requests (beyond that, submit fails fast with RESOURCE_EXHAUSTED).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -19,11 +25,25 @@ import torch
 from services.inference import metrics
 from services.inference.detokenize import IncrementalDetokenizer
 from services.inference.loader import LoadedModel
+from services.inference.ragged_attention import SequenceKV, StepLayout, install, kv_geometry
 from services.inference.sampling import Sampler, SamplingConfig
 from services.inference.stopping import StopMatcher
-from services.mesh.errors import ContextLengthExceeded, InvalidArgument
+from services.mesh.errors import ContextLengthExceeded, DeadlineExceeded, InvalidArgument, ResourceExhausted
 
 log = logging.getLogger(__name__)
+
+# Linear layers give bitwise-identical rows from 4 rows up (smaller products take other
+# kernels), so a step never runs fewer rows: greedy output is the same alone or in a batch.
+_MIN_ROWS = 4
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_running: int = 32
+    max_waiting: int = 256
+    max_batched_tokens: int = 512
+    prefill_chunk: int = 256
+    kv_cache_bytes: int = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -37,6 +57,8 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class Step:
+    """Tokens produced since the previous step and the text they release."""
+
     token_ids: list[int]
     text: str
     finish_reason: str | None = None  # "stop" or "length" on the last step
@@ -47,6 +69,8 @@ class Step:
 @dataclass
 class SequenceHandle:
     request: GenerationRequest
+    deadline: float | None = None  # time.monotonic() after which a queued request is dropped
+    queued_at: float = field(default_factory=time.monotonic)
     _steps: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -57,26 +81,75 @@ class SequenceHandle:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
+    def _next(self, block: bool) -> Step | None:
+        item = self._steps.get(block=block)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
     def __iter__(self) -> Iterator[Step]:
-        """Steps until the finishing one; re-raises an engine failure in the caller's thread."""
-        while True:
-            item = self._steps.get()
-            if isinstance(item, BaseException):
-                raise item
-            if item is None:  # cancelled: the sequence left without a finish reason
+        """Steps until the finishing one. Steps that piled up while the consumer was busy come
+        merged into one, so a slow reader costs one message per read, not one per token."""
+        ended = False
+        while not ended:
+            step = self._next(block=True)
+            if step is None:  # cancelled: the sequence left without a finish reason
                 return
-            yield item
-            if item.finish_reason:
-                return
+            while not step.finish_reason:
+                try:
+                    more = self._next(block=False)
+                except queue.Empty:
+                    break
+                if more is None:
+                    ended = True
+                    break
+                step = Step(step.token_ids + more.token_ids, step.text + more.text, more.finish_reason,
+                            more.prompt_tokens, more.completion_tokens)  # fmt: skip
+            yield step
+            ended = ended or step.finish_reason is not None
+
+
+@dataclass
+class _Sequence:
+    handle: SequenceHandle
+    kv: SequenceKV
+    reserved_bytes: int
+    sampler: Sampler
+    detok: IncrementalDetokenizer
+    stopper: StopMatcher
+    prefilled: int = 0
+    generated: int = 0
+    last_token: int = -1
+    last_token_at: float = 0.0
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.handle.request
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.request.prompt_ids)
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, limits: EngineLimits = EngineLimits()) -> None:
+        if limits.prefill_chunk > limits.max_batched_tokens - limits.max_running:
+            raise ValueError("prefill_chunk must leave room for one decode token per running sequence")
         self.loaded = loaded
+        self.limits = limits
         self._vocab_size = loaded.model.get_input_embeddings().weight.shape[0]
-        self._waiting: queue.SimpleQueue[SequenceHandle] = queue.SimpleQueue()
+        self._geometry = kv_geometry(loaded.model)
+        self._kv_dtype = loaded.model.dtype
+        self._token_bytes = SequenceKV.bytes_per_token(*self._geometry, self._kv_dtype)
+        self._attention = install(loaded.model)
+        self._waiting: collections.deque[SequenceHandle] = collections.deque()
+        self._wakeup = threading.Condition()
+        self._running: list[_Sequence] = []
+        self._reserved = 0
         self._worker = threading.Thread(target=self._run, name="engine", daemon=True)
         self._worker.start()
+
+    # ------------------------------------------------------------------ admission
 
     def validate(self, request: GenerationRequest) -> None:
         if not request.prompt_ids:
@@ -93,66 +166,165 @@ class Engine:
                 f"context length {self.loaded.context_length} of {self.loaded.model_id}",
                 "max_tokens",
             )
+        if total * self._token_bytes > self.limits.kv_cache_bytes:
+            raise ResourceExhausted(
+                f"{total} tokens of KV cache exceed this instance's whole budget "
+                f"({self.limits.kv_cache_bytes // self._token_bytes} tokens); lower max_tokens",
+                "max_tokens",
+            )
 
-    def submit(self, request: GenerationRequest) -> SequenceHandle:
+    def submit(self, request: GenerationRequest, deadline: float | None = None) -> SequenceHandle:
         self.validate(request)
-        handle = SequenceHandle(request)
-        self._waiting.put(handle)
-        metrics.QUEUE_DEPTH.inc()
+        handle = SequenceHandle(request, deadline)
+        with self._wakeup:
+            if len(self._waiting) >= self.limits.max_waiting:
+                metrics.REJECTED.inc()
+                raise ResourceExhausted(f"the queue of {self.limits.max_waiting} waiting requests is full; retry later")
+            self._waiting.append(handle)
+            metrics.QUEUE_DEPTH.set(len(self._waiting))
+            self._wakeup.notify()
         return handle
+
+    def _admit(self) -> None:
+        """Move waiting requests into the batch while sequences and KV budget allow, in arrival order."""
+        now = time.monotonic()
+        with self._wakeup:
+            while self._waiting and len(self._running) < self.limits.max_running:
+                handle = self._waiting[0]
+                if handle.cancelled or (handle.deadline is not None and now >= handle.deadline):
+                    self._waiting.popleft()
+                    self._drop_queued(handle)
+                    continue
+                request = handle.request
+                reserve = (len(request.prompt_ids) + request.max_tokens) * self._token_bytes
+                if self._reserved + reserve > self.limits.kv_cache_bytes:
+                    break  # head-of-line waits for memory: no starvation of large requests
+                self._waiting.popleft()
+                self._reserved += reserve
+                kv = SequenceKV(*self._geometry, reserve // self._token_bytes, self._kv_dtype, self.loaded.device)
+                self._running.append(
+                    _Sequence(
+                        handle=handle,
+                        kv=kv,
+                        reserved_bytes=reserve,
+                        sampler=Sampler(request.sampling, self._vocab_size, self.loaded.device),
+                        detok=IncrementalDetokenizer(self.loaded.tokenizer),
+                        stopper=StopMatcher(list(request.stop)),
+                    )
+                )
+                metrics.SEQUENCES_STARTED.inc()
+                metrics.QUEUE_WAIT.observe(now - handle.queued_at)
+            metrics.QUEUE_DEPTH.set(len(self._waiting))
+            metrics.RUNNING.set(len(self._running))
+
+    def _drop_queued(self, handle: SequenceHandle) -> None:
+        if handle.cancelled:
+            metrics.SEQUENCES_FINISHED.labels("cancelled").inc()
+            handle._steps.put(None)
+        else:
+            metrics.SEQUENCES_FINISHED.labels("expired").inc()
+            handle._steps.put(DeadlineExceeded("the request's deadline passed while it waited in the queue"))
+
+    def _release(self, seq: _Sequence, reason: str) -> None:
+        self._running.remove(seq)
+        self._reserved -= seq.reserved_bytes
+        metrics.SEQUENCES_FINISHED.labels(reason).inc()
+        metrics.RUNNING.set(len(self._running))
+
+    # ------------------------------------------------------------------ the loop
 
     def _run(self) -> None:
         while True:
-            handle = self._waiting.get()
-            metrics.QUEUE_DEPTH.dec()
-            if handle.cancelled:
-                metrics.SEQUENCES_FINISHED.labels("cancelled").inc()
-                handle._steps.put(None)
+            with self._wakeup:
+                while not self._waiting and not self._running:
+                    self._wakeup.wait()
+            self._admit()
+            for seq in [s for s in self._running if s.handle.cancelled]:
+                seq.handle._steps.put(None)
+                self._release(seq, "cancelled")
+            if not self._running:
                 continue
-            metrics.SEQUENCES_STARTED.inc()
             try:
-                reason = self._generate(handle)
-            except Exception as err:  # one failed sequence must not kill the worker
-                log.exception("request %s failed", handle.request.request_id)
-                reason = "error"
-                handle._steps.put(err)
-            metrics.SEQUENCES_FINISHED.labels(reason).inc()
+                self._step()
+            except Exception as err:  # a failed step fails its sequences, never the worker
+                log.exception("engine step failed")
+                for seq in list(self._running):
+                    seq.handle._steps.put(err)
+                    self._release(seq, "error")
+
+    def _plan(self) -> tuple[list[int], list[int], StepLayout, list[tuple[_Sequence, int]]]:
+        """Pack this step's tokens: one per decoding sequence, then prefill chunks within the token budget."""
+        ids: list[int] = []
+        positions: list[int] = []
+        layout = StepLayout()
+        sampled: list[tuple[_Sequence, int]] = []  # sequences whose last packed token yields logits
+        budget = self.limits.max_batched_tokens
+        for seq in self._running:
+            if not seq.prefilling:
+                layout.slices.append((seq.kv, len(ids), 1))
+                sampled.append((seq, len(ids)))
+                ids.append(seq.last_token)
+                positions.append(seq.kv.length)
+                budget -= 1
+        for seq in self._running:
+            if not seq.prefilling:
+                continue
+            # A fixed chunk size keeps prefill identical whatever else is running.
+            chunk = seq.request.prompt_ids[seq.prefilled : seq.prefilled + self.limits.prefill_chunk]
+            if len(chunk) > budget:
+                break
+            layout.slices.append((seq.kv, len(ids), len(chunk)))
+            ids.extend(chunk)
+            positions.extend(range(seq.kv.length, seq.kv.length + len(chunk)))
+            seq.prefilled += len(chunk)
+            budget -= len(chunk)
+            if not seq.prefilling:
+                sampled.append((seq, len(ids) - 1))
+        return ids, positions, layout, sampled
 
     @torch.inference_mode()
-    def _generate(self, handle: SequenceHandle) -> str:
-        request, loaded = handle.request, self.loaded
-        model = loaded.model
-        sampler = Sampler(request.sampling, self._vocab_size, loaded.device)
-        detok = IncrementalDetokenizer(loaded.tokenizer)
-        stopper = StopMatcher(list(request.stop))
-        prompt_tokens = len(request.prompt_ids)
-        metrics.PROMPT_TOKENS.inc(prompt_tokens)
+    def _step(self) -> None:
+        ids, positions, layout, sampled = self._plan()
+        pad = max(0, _MIN_ROWS - len(ids))
+        device = self.loaded.device
+        input_ids = torch.tensor([ids + [0] * pad], device=device)
+        position_ids = torch.tensor([positions + [0] * pad], device=device)
+        rows = [row for _, row in sampled]
+        rows += [rows[-1] if rows else 0] * max(0, _MIN_ROWS - len(rows))
+        self._attention.layout = layout
+        out = self.loaded.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            use_cache=False,
+            logits_to_keep=torch.tensor(rows, device=device),
+        )
+        layout.commit()
+        metrics.BATCH_TOKENS.observe(len(ids))
+        metrics.BATCH_SEQUENCES.observe(len(layout.slices))
+        logits = out.logits[0]
+        now = time.monotonic()
+        for index, (seq, _) in enumerate(sampled):
+            self._advance(seq, seq.sampler.next_token(logits[index]), now)
 
-        input_ids = torch.tensor([request.prompt_ids], device=loaded.device)
-        out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-        for produced in range(1, request.max_tokens + 1):
-            if handle.cancelled:
-                handle._steps.put(None)
-                return "cancelled"
-            token = sampler.next_token(out.logits[0, -1])
-            sampler.observe(token)
-            metrics.TOKENS_GENERATED.inc()
-            eos = token in loaded.eos_token_ids
-            result = stopper.feed("" if eos else detok.add(token))
-            finish = "stop" if (result.stopped or eos) else ("length" if produced == request.max_tokens else None)
-            text = result.text
-            if finish and not result.stopped:
-                # Generation ended on its own: release what the detokenizer and stop matcher held.
-                tail = stopper.feed(detok.finish())
-                text += tail.text + ("" if tail.stopped else stopper.flush())
-                finish = "stop" if tail.stopped else finish
-            handle._steps.put(Step([token], text, finish, prompt_tokens, produced))
-            if finish:
-                return finish
-            out = model(
-                input_ids=torch.tensor([[token]], device=loaded.device),
-                past_key_values=out.past_key_values,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        raise AssertionError("unreachable: the last step always finishes")
+    def _advance(self, seq: _Sequence, token: int, now: float) -> None:
+        seq.sampler.observe(token)
+        seq.generated += 1
+        metrics.TOKENS_GENERATED.inc()
+        if seq.generated == 1:
+            metrics.TIME_TO_FIRST_TOKEN.observe(now - seq.handle.queued_at)
+            metrics.PROMPT_TOKENS.inc(len(seq.request.prompt_ids))
+        else:
+            metrics.INTER_TOKEN.observe(now - seq.last_token_at)
+        seq.last_token, seq.last_token_at = token, now
+        eos = token in self.loaded.eos_token_ids and not seq.request.sampling.ignore_eos
+        result = seq.stopper.feed("" if eos else seq.detok.add(token))
+        finish = "stop" if (result.stopped or eos) else ("length" if seq.generated == seq.request.max_tokens else None)
+        text = result.text
+        if finish and not result.stopped:
+            # Generation ended on its own: release what the detokenizer and stop matcher held.
+            tail = seq.stopper.feed(seq.detok.finish())
+            text += tail.text + ("" if tail.stopped else seq.stopper.flush())
+            finish = "stop" if tail.stopped else finish
+        seq.handle._steps.put(Step([token], text, finish, len(seq.request.prompt_ids), seq.generated))
+        if finish:
+            self._release(seq, finish)

@@ -1,13 +1,27 @@
-"""Prometheus metrics of the inference service."""
+"""Prometheus metrics of the inference service (the engine's figures)."""
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
-SEQUENCES_STARTED = Counter("sluice_inference_sequences_started_total", "Sequences admitted to the engine")
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+SEQUENCES_STARTED = Counter("sluice_inference_sequences_started_total", "Sequences admitted into the batch")
 SEQUENCES_FINISHED = Counter(
     "sluice_inference_sequences_finished_total",
-    "Sequences that left the engine, by finish reason (stop, length, cancelled, error)",
+    "Sequences that left the engine, by reason (stop, length, cancelled, expired, error)",
     ["reason"],
 )
+REJECTED = Counter("sluice_inference_rejected_total", "Requests refused because the wait queue was full")
 TOKENS_GENERATED = Counter("sluice_inference_generated_tokens_total", "Tokens sampled by the engine")
 PROMPT_TOKENS = Counter("sluice_inference_prompt_tokens_total", "Prompt tokens prefilled by the engine")
-QUEUE_DEPTH = Gauge("sluice_inference_queue_depth", "Sequences waiting for the engine")
+QUEUE_DEPTH = Gauge("sluice_inference_queue_depth", "Requests waiting to join the batch")
+RUNNING = Gauge("sluice_inference_running_sequences", "Sequences in the running batch")
+QUEUE_WAIT = Histogram("sluice_inference_queue_wait_seconds", "Time from submit to joining the batch",
+                       buckets=_LATENCY_BUCKETS)  # fmt: skip
+TIME_TO_FIRST_TOKEN = Histogram("sluice_inference_time_to_first_token_seconds", "Submit to first sampled token",
+                                buckets=_LATENCY_BUCKETS)  # fmt: skip
+INTER_TOKEN = Histogram("sluice_inference_inter_token_seconds", "Time between a sequence's consecutive tokens",
+                        buckets=_LATENCY_BUCKETS)  # fmt: skip
+BATCH_TOKENS = Histogram("sluice_inference_batch_tokens", "Tokens packed into one forward pass",
+                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))  # fmt: skip
+BATCH_SEQUENCES = Histogram("sluice_inference_batch_sequences", "Sequences advanced by one forward pass",
+                            buckets=(1, 2, 4, 8, 16, 32, 64))  # fmt: skip

@@ -15,6 +15,7 @@ class SamplingConfig:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    ignore_eos: bool = False
 
     @property
     def greedy(self) -> bool:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 
-from services.inference.engine import Engine, GenerationRequest, Step
+from services.inference.engine import Engine, EngineLimits, GenerationRequest, Step
 from services.inference.loader import load_model
 from services.inference.sampling import SamplingConfig
 from services.mesh.config import Settings
@@ -29,6 +30,7 @@ def sampling_config(params: common_pb2.SamplingParams) -> SamplingConfig:
         seed=params.seed if params.HasField("seed") else None,
         presence_penalty=params.presence_penalty,
         frequency_penalty=params.frequency_penalty,
+        ignore_eos=params.ignore_eos,
     )
 
 
@@ -52,6 +54,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         loaded = self._engine.loaded
         if request.model and request.model != loaded.model_id:
             context.abort(grpc.StatusCode.NOT_FOUND, f"this instance serves {loaded.model_id}, not {request.model}")
+        remaining = context.time_remaining()
         handle = self._engine.submit(
             GenerationRequest(
                 request_id=request.request_id,
@@ -59,7 +62,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 max_tokens=request.sampling.max_tokens,
                 sampling=sampling_config(request.sampling),
                 stop=tuple(request.sampling.stop),
-            )
+            ),
+            deadline=None if remaining is None else time.monotonic() + remaining,
         )
         # Fires on cancellation, deadline and completion alike; cancelling a finished sequence is a no-op.
         context.add_callback(handle.cancel)
@@ -79,11 +83,24 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         return inference_pb2.ListModelsReply(models=[info])
 
 
+def engine_limits(settings: Settings) -> EngineLimits:
+    return EngineLimits(
+        max_running=settings.max_running,
+        max_waiting=settings.max_waiting,
+        max_batched_tokens=settings.max_batched_tokens,
+        prefill_chunk=settings.prefill_chunk,
+        kv_cache_bytes=settings.kv_cache_bytes,
+    )
+
+
 def run(settings: Settings, ready_file: Path | None) -> int:
-    engine = Engine(load_model(settings.model, settings.device, settings.model_name))
+    limits = engine_limits(settings)
+    engine = Engine(load_model(settings.model, settings.device, settings.model_name), limits)
     spec = GrpcService(
         name="inference",
         service_names=[inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name],
         register=lambda server: inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(engine), server),
+        # Every running or queued stream holds a worker thread while it waits for tokens.
+        max_workers=limits.max_running + limits.max_waiting + 8,
     )
     return serve(settings, spec, settings.inference_port, ready_file)

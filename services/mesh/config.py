@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     inference_addr: str = Field("", description="host:port of inference, for the edge (static discovery)")
     cache_addr: str = Field("", description="host:port of cache, for the edge (static discovery)")
 
+    max_running: int = Field(32, ge=1, description="sequences decoded together in one batch")
+    max_waiting: int = Field(256, ge=0, description="requests queued for the batch; more are refused (429)")
+    max_batched_tokens: int = Field(512, ge=8, description="tokens packed into one forward pass (decode + prefill)")
+    prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per sequence per step")
+    kv_cache_bytes: int = Field(1 << 30, ge=1 << 20, description="KV cache budget of the inference engine in bytes")
+
     cache_enabled: bool = Field(True, description="cache deterministic completions")
     cache_max_entries: int = Field(4096, ge=1, description="cache entry bound")
     cache_max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="cache size bound in bytes")

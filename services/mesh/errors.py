@@ -45,6 +45,16 @@ class ContextLengthExceeded(MeshError):
     code = "context_length_exceeded"
 
 
+class ResourceExhausted(MeshError):
+    status = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = "overloaded"
+
+
+class DeadlineExceeded(MeshError):
+    status = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = "timeout"
+
+
 def _abort(context: grpc.ServicerContext, err: MeshError) -> None:
     metadata = [(CODE_METADATA_KEY, err.code)]
     if err.param:

@@ -31,6 +31,7 @@ def test_closing_the_http_stream_stops_generation(mesh: Mesh) -> None:
         "model": "sluice-tiny",
         "messages": [{"role": "user", "content": "talk for a long time"}],
         "max_tokens": MAX_TOKENS,
+        "ignore_eos": True,
         "stream": True,
     }
     with httpx.Client(timeout=60) as client:
@@ -59,7 +60,10 @@ def test_cancelling_the_grpc_call_frees_the_engine_for_the_next_request(mesh: Me
     )
     tokens_before = mesh.metric("inference", "sluice_inference_generated_tokens_total")
     request = inference_pb2.GenerateRequest(
-        request_id="t", model="sluice-tiny", token_ids=[5, 6, 7], sampling=common_pb2.SamplingParams(max_tokens=2000)
+        request_id="t",
+        model="sluice-tiny",
+        token_ids=[5, 6, 7],
+        sampling=common_pb2.SamplingParams(max_tokens=2000, ignore_eos=True),
     )
     with grpc.secure_channel(mesh.address("inference"), creds) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)

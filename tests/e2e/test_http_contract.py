@@ -145,7 +145,7 @@ def _events(raw: bytes) -> list[bytes]:
 
 
 def test_stream_wire_format_is_what_dify_parses(http: httpx.Client) -> None:
-    body = {**PING, "max_tokens": 6, "stream": True, "stream_options": {"include_usage": True}}
+    body = {**PING, "max_tokens": 6, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     with http.stream("POST", "/v1/chat/completions", json=body, headers={"Cache-Control": "no-cache"}) as reply:
         assert reply.status_code == 200
         assert reply.headers["content-type"].startswith("text/event-stream")

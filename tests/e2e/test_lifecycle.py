@@ -28,7 +28,8 @@ def test_sigterm_drains_in_flight_stream_and_leaves_nothing_running(
     mesh = start_mesh(tmp_path, certs_dir, model_dir, "--insecure", "--no-cache-enabled")
     try:
         assert INSECURE_WARNING in mesh.logs()
-        body = {"model": "sluice-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300}
+        messages = [{"role": "user", "content": "hi"}]
+        body = {"model": "sluice-tiny", "messages": messages, "max_tokens": 300, "ignore_eos": True}
         with httpx.Client(timeout=60) as client:
             assert (
                 client.post(f"{mesh.base_url}/chat/completions", json={**body, "temperature": 0}).headers[
@@ -65,6 +66,7 @@ def test_inference_dying_mid_stream_ends_the_stream_with_an_error_event(
             "model": "sluice-tiny",
             "messages": [{"role": "user", "content": "hi"}],
             "max_tokens": 1500,
+            "ignore_eos": True,
             "stream": True,
         }
         with (

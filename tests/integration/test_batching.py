@@ -1,0 +1,142 @@
+"""Continuous batching on the real default model: invariance, per-request sampling, limits, cancellation."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from services.inference import metrics
+from services.inference.engine import Engine, EngineLimits, GenerationRequest, SequenceHandle
+from services.inference.loader import load_model
+from services.inference.sampling import SamplingConfig
+from services.mesh.errors import DeadlineExceeded, ResourceExhausted
+
+GREEDY = SamplingConfig(temperature=0)
+ENDLESS = SamplingConfig(temperature=0, ignore_eos=True)  # runs until cancelled or max_tokens
+
+
+@pytest.fixture
+def make_engine(model_dir: Path) -> Callable[..., Engine]:
+    # Each engine owns its model: the attention routing is per model object.
+    return lambda **limits: Engine(load_model(model_dir, "cpu"), EngineLimits(**limits))
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir: Path) -> Engine:
+    return Engine(load_model(model_dir, "cpu"))
+
+
+def _prompts(engine: Engine, n: int) -> list[list[int]]:
+    tok = engine.loaded.tokenizer
+    return [tok(f"request {i}: " + "lorem ipsum " * (i * 5), add_special_tokens=False)["input_ids"] for i in range(n)]
+
+
+def _ids(handle: SequenceHandle) -> list[int]:
+    return [t for step in handle for t in step.token_ids]
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_greedy_output_is_identical_alone_and_in_a_batch_of_16(engine: Engine) -> None:
+    prompts = _prompts(engine, 16)
+    alone = [_ids(engine.submit(GenerationRequest(f"a{i}", p, 48, GREEDY))) for i, p in enumerate(prompts)]
+    handles = [engine.submit(GenerationRequest(f"b{i}", p, 48, GREEDY)) for i, p in enumerate(prompts)]
+    batched = [_ids(h) for h in handles]
+    assert batched == alone
+    assert metrics.BATCH_SEQUENCES.collect()[0].samples  # steps really carried several sequences
+
+
+def test_requests_with_different_sampling_in_one_batch_reproduce_their_solo_output(engine: Engine) -> None:
+    prompt = _prompts(engine, 1)[0]
+    configs = [
+        SamplingConfig(temperature=0.7, seed=1),
+        SamplingConfig(temperature=1.3, top_k=50, seed=2),
+        SamplingConfig(temperature=1.0, top_p=0.8, seed=3, frequency_penalty=0.5),
+        GREEDY,
+    ]
+    alone = [_ids(engine.submit(GenerationRequest("s", prompt, 32, c))) for c in configs]
+    handles = [engine.submit(GenerationRequest("t", prompt, 32, c)) for c in configs]
+    assert [_ids(h) for h in handles] == alone
+    assert len({tuple(ids) for ids in alone}) == len(configs)
+
+
+def test_long_prompt_is_prefilled_in_chunks_without_changing_the_output(make_engine: Callable[..., Engine]) -> None:
+    engine = make_engine(max_batched_tokens=64, prefill_chunk=32, max_running=8)
+    long_prompt = _prompts(engine, 40)[-1][:600]
+    running = engine.submit(GenerationRequest("r", _prompts(engine, 1)[0], 200, ENDLESS))
+    first = next(iter(running))
+    assert first.token_ids
+    ids = _ids(engine.submit(GenerationRequest("p", long_prompt, 8, GREEDY)))
+    running.cancel()
+    reference = make_engine()
+    assert ids == _ids(reference.submit(GenerationRequest("q", long_prompt, 8, GREEDY)))
+
+
+def test_cancelled_sequence_frees_its_slot(make_engine: Callable[..., Engine]) -> None:
+    engine = make_engine(max_running=2)
+    handles = [engine.submit(GenerationRequest(f"c{i}", [5, 6, 7], 1000, ENDLESS)) for i in range(2)]
+    assert all(next(iter(h)).token_ids for h in handles)
+    assert engine._reserved > 0
+    for h in handles:
+        h.cancel()
+    assert _wait_for(lambda: not engine._running), "cancelled sequences stayed in the batch"
+    assert engine._reserved == 0
+    assert metrics.RUNNING._value.get() == 0
+
+
+def test_full_queue_fails_fast(make_engine: Callable[..., Engine]) -> None:
+    engine = make_engine(max_running=1, max_waiting=1)
+    running = engine.submit(GenerationRequest("r", [5, 6, 7], 1000, ENDLESS))
+    next(iter(running))
+    waiting = engine.submit(GenerationRequest("w", [5, 6, 7], 5, GREEDY))
+    with pytest.raises(ResourceExhausted, match="queue"):
+        engine.submit(GenerationRequest("x", [5, 6, 7], 5, GREEDY))
+    running.cancel()
+    assert len(_ids(waiting)) == 5
+
+
+def test_deadline_expired_while_queued_never_reaches_the_model(make_engine: Callable[..., Engine]) -> None:
+    engine = make_engine(max_running=1)
+    running = engine.submit(GenerationRequest("r", [5, 6, 7], 1000, ENDLESS))
+    next(iter(running))
+    started = metrics.SEQUENCES_STARTED._value.get()
+    expiring = engine.submit(GenerationRequest("e", [5, 6, 7], 5, GREEDY), deadline=time.monotonic() + 0.05)
+    with pytest.raises(DeadlineExceeded):
+        _ids(expiring)
+    assert metrics.SEQUENCES_STARTED._value.get() == started
+    running.cancel()
+
+
+def test_kv_budget_bounds_the_batch(make_engine: Callable[..., Engine]) -> None:
+    probe = make_engine()
+    per_token = probe._token_bytes
+    engine = make_engine(kv_cache_bytes=per_token * 100, max_batched_tokens=64, prefill_chunk=32)
+    with pytest.raises(ResourceExhausted, match="budget"):
+        engine.submit(GenerationRequest("big", [5] * 50, 60, GREEDY))
+    peak = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            peak.append(len(engine._running))
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    handles = [engine.submit(GenerationRequest(f"k{i}", [5, 6, 7], 57, GREEDY)) for i in range(3)]
+    results = [_ids(h) for h in handles]
+    stop.set()
+    watcher.join()
+    assert [len(r) for r in results] == [57, 57, 57]
+    assert max(peak) == 1  # each reserves 60 of the 100 tokens: they run one after another
