@@ -37,7 +37,10 @@ protos: $(VENV)/.installed-test
 	$(BIN)/python -m services.mesh.protogen
 
 bench: $(VENV)/.installed-test
+	$(BIN)/pip install --quiet -e ".[test,bench]"
 	$(BIN)/python benchmarks/single_stream.py
+	$(BIN)/python benchmarks/concurrency.py --preset default
+	$(BIN)/python benchmarks/concurrency.py --preset bench --concurrency 1,16
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -6,8 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from services.inference.default_model import PRESETS
 from services.mesh.config import Settings, add_config_flag, add_setting_flags, settings_from_args
 from services.mesh.logs import configure_logging
+
+DEFAULT_MODEL: Path = Settings.model_fields["model"].default
 
 SERVICE_FLAGS = {
     "preprocess": ("preprocess_port", "metrics_port", "model", "served_model_name"),
@@ -97,15 +100,12 @@ def _parser() -> argparse.ArgumentParser:
     minit = model_cmd.add_parser(
         "init",
         help="build the small default model",
-        description="Build the deterministic default model (Llama architecture, vocab 4096, hidden 256, "
-        "4 layers, byte-level BPE tokenizer trained on Python's stdlib, ChatML template) offline.",
+        description="Build a deterministic Llama-architecture model offline: byte-level BPE tokenizer trained on "
+        "Python's stdlib, ChatML template, random weights under a fixed seed. Presets: default (vocab 4096, "
+        "hidden 256, 4 layers, 5.3M parameters) and bench (hidden 768, 12 layers, ~98M parameters).",
     )
-    minit.add_argument(
-        "--out",
-        type=Path,
-        default=Settings.model_fields["model"].default,
-        help="target directory (default: %(default)s)",
-    )
+    minit.add_argument("--preset", choices=sorted(PRESETS), default="default", help="model shape (default: default)")
+    minit.add_argument("--out", type=Path, help="target directory (default: models/sluice-tiny, models/sluice-bench)")
     minit.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
     minit.add_argument("--force", action="store_true", help="rebuild even if the directory exists")
     return parser
@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "model":
         from services.inference.default_model import build_default_model
 
-        print(build_default_model(args.out, seed=args.seed, force=args.force))
+        out = args.out or (DEFAULT_MODEL if args.preset == "default" else DEFAULT_MODEL.with_name("sluice-bench"))
+        print(build_default_model(out, seed=args.seed, shape=PRESETS[args.preset], force=args.force))
         return 0
     settings = settings_from_args(args)
     configure_logging(settings.log_level, args.command if args.command != "serve" else args.service)

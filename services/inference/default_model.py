@@ -41,6 +41,13 @@ class ModelShape:
     context_length: int = 2048
 
 
+PRESETS = {
+    # The default: small enough that the whole suite runs on 2 CPU cores in seconds.
+    "default": ModelShape(),
+    # ~98M parameters: a decode step costs roughly what a real model's does, for benchmarks.
+    "bench": ModelShape(hidden_size=768, intermediate_size=2304, num_hidden_layers=12, num_attention_heads=12),
+}
+
 # Bounded so training takes seconds; the sorted file list keeps the corpus identical per Python version.
 _CORPUS_BYTES = 4 * 1024 * 1024
 
