@@ -89,19 +89,10 @@ def _train_tokenizer(vocab_size: int):  # -> PreTrainedTokenizerFast
     )
 
 
-def build_default_model(out: Path, seed: int = 0, shape: ModelShape = ModelShape(), force: bool = False) -> Path:
-    """Write the default model to `out` (atomically: a half-built model never appears there)."""
-    if out.exists() and not force:
-        return out
-    # Single-threaded tokenizer training and torch init make the bytes reproducible.
-    os.environ.setdefault("RAYON_NUM_THREADS", "1")
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(shape: ModelShape, **token_ids: int):  # -> LlamaConfig
+    from transformers import LlamaConfig
 
-    steps = tqdm(total=3, desc=f"building default model {out.name}", unit="step")
-    tokenizer = _train_tokenizer(shape.vocab_size)
-    steps.update()
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=shape.vocab_size,
         hidden_size=shape.hidden_size,
         intermediate_size=shape.intermediate_size,
@@ -109,10 +100,28 @@ def build_default_model(out: Path, seed: int = 0, shape: ModelShape = ModelShape
         num_attention_heads=shape.num_attention_heads,
         num_key_value_heads=shape.num_attention_heads,
         max_position_embeddings=shape.context_length,
+        tie_word_embeddings=False,
+        **token_ids,
+    )
+
+
+def build_default_model(out: Path, seed: int = 0, shape: ModelShape = ModelShape(), force: bool = False) -> Path:
+    """Write the default model to `out` (atomically: a half-built model never appears there)."""
+    if out.exists() and not force:
+        return out
+    # Single-threaded tokenizer training and torch init make the bytes reproducible.
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
+    import torch
+    from transformers import LlamaForCausalLM
+
+    steps = tqdm(total=3, desc=f"building default model {out.name}", unit="step")
+    tokenizer = _train_tokenizer(shape.vocab_size)
+    steps.update()
+    config = llama_config(
+        shape,
         bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
         eos_token_id=tokenizer.convert_tokens_to_ids(IM_END),
         pad_token_id=tokenizer.convert_tokens_to_ids(EOS),
-        tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from services.inference.default_model import ModelShape, build_default_model
+from services.inference.default_model import PRESETS, ModelShape, build_default_model, llama_config
 from services.mesh.protogen import STUBS_DIR, generate
 
 
@@ -35,3 +35,12 @@ def test_default_model_has_the_documented_shape(model_dir: Path) -> None:
     assert config["max_position_embeddings"] == shape.context_length == 2048
     assert (model_dir / "model.safetensors").exists()
     assert "im_start" in (model_dir / "chat_template.jinja").read_text()
+
+
+def test_bench_preset_is_about_a_hundred_million_parameters() -> None:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in LlamaForCausalLM(llama_config(PRESETS["bench"])).parameters())
+    assert 90e6 < params < 110e6
