@@ -302,9 +302,12 @@ class Engine:
         metrics.BATCH_TOKENS.observe(len(ids))
         metrics.BATCH_SEQUENCES.observe(len(layout.slices))
         logits = out.logits[0]
+        greedy = [i for i, (seq, _) in enumerate(sampled) if seq.request.sampling.plain_greedy]
+        tokens = dict(zip(greedy, logits[greedy].argmax(dim=-1).tolist(), strict=True)) if greedy else {}
         now = time.monotonic()
         for index, (seq, _) in enumerate(sampled):
-            self._advance(seq, seq.sampler.next_token(logits[index]), now)
+            token = tokens[index] if index in tokens else seq.sampler.next_token(logits[index])
+            self._advance(seq, token, now)
 
     def _advance(self, seq: _Sequence, token: int, now: float) -> None:
         seq.sampler.observe(token)

@@ -21,6 +21,15 @@ class SamplingConfig:
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Argmax of the raw logits: can be decided for many sequences in one batched op."""
+        return self.greedy and not self.penalized
+
 
 class Sampler:
     """Per-sequence sampler; owns the sequence's RNG so a seed reproduces the same tokens."""
@@ -34,16 +43,19 @@ class Sampler:
                 self._generator.seed()
             else:
                 self._generator.manual_seed(config.seed)
-        self._counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+        # Token counts cost an indexing op per token, so only penalised sequences keep them.
+        self._counts = torch.zeros(vocab_size, dtype=torch.float32, device=device) if config.penalized else None
 
     def observe(self, token_id: int) -> None:
         """Record a generated token for presence/frequency penalties."""
-        if token_id < self._counts.numel():
+        if self._counts is not None and token_id < self._counts.numel():
             self._counts[token_id] += 1
 
     def next_token(self, logits: torch.Tensor) -> int:
         """Pick the next token from a 1-D logits vector."""
-        logits = apply_penalties(logits.float(), self._counts, self.config)
+        logits = logits.float()
+        if self._counts is not None:
+            logits = apply_penalties(logits, self._counts, self.config)
         if self.config.greedy:
             return int(torch.argmax(logits))
         probs = torch.softmax(filter_logits(logits / self.config.temperature, self.config), dim=-1)
@@ -52,7 +64,7 @@ class Sampler:
 
 def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
     """OpenAI's definition: logit -= count * frequency_penalty + (count > 0) * presence_penalty."""
-    if not (config.presence_penalty or config.frequency_penalty):
+    if not config.penalized:
         return logits
     counts = counts[: logits.numel()]
     return logits - counts * config.frequency_penalty - (counts > 0).float() * config.presence_penalty
