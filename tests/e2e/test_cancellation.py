@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import time
-
 import grpc
 import httpx
-from meshproc import Mesh
+from meshproc import Mesh, wait_for
 
 from services.mesh.certs import ca_paths, service_paths
 from services.mesh.stubs import common_pb2, inference_pb2, inference_pb2_grpc
 
 MAX_TOKENS = 1500
-
-
-def _wait_for(predicate, timeout: float = 30.0) -> bool:
-    """Poll an observable condition (not a fixed sleep): True as soon as it holds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_closing_the_http_stream_stops_generation(mesh: Mesh) -> None:
@@ -41,7 +29,7 @@ def test_closing_the_http_stream_stops_generation(mesh: Mesh) -> None:
             received = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: ") for line in received)
 
-    assert _wait_for(
+    assert wait_for(
         lambda: (
             mesh.metric("inference", "sluice_inference_sequences_finished_total", reason="cancelled")
             == cancelled_before + 1

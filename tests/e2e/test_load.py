@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from meshproc import Mesh, start_mesh
+from meshproc import Mesh, start_mesh, wait_for
 
 MODEL = "sluice-tiny"
 
@@ -62,7 +61,7 @@ def test_full_queue_is_a_429_with_retry_after(tiny_mesh: Mesh) -> None:
         next(lines)
         waiter = threading.Thread(target=lambda: queued.append(httpx.post(url, json={**body, "max_tokens": 3})))
         waiter.start()
-        assert _wait_for(lambda: tiny_mesh.metric("inference", "sluice_inference_queue_depth") == 1)
+        assert wait_for(lambda: tiny_mesh.metric("inference", "sluice_inference_queue_depth") == 1)
         refused = httpx.post(url, json=body, timeout=60)
     waiter.join(timeout=60)
     assert refused.status_code == 429
@@ -73,12 +72,3 @@ def test_full_queue_is_a_429_with_retry_after(tiny_mesh: Mesh) -> None:
     # Closing the running stream freed the slot: the queued request was then served.
     assert queued[0].status_code == 200
     assert queued[0].json()["usage"]["completion_tokens"] == 3
-
-
-def _wait_for(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from meshproc import wait_for
 
 from services.inference import metrics
 from services.inference.engine import Engine, EngineLimits, GenerationRequest, SequenceHandle
@@ -37,15 +38,6 @@ def _prompts(engine: Engine, n: int) -> list[list[int]]:
 
 def _ids(handle: SequenceHandle) -> list[int]:
     return [t for step in handle for t in step.token_ids]
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def test_greedy_output_is_identical_alone_and_in_a_batch_of_16(engine: Engine) -> None:
@@ -90,7 +82,7 @@ def test_cancelled_sequence_frees_its_slot(make_engine: Callable[..., Engine]) -
     assert engine._reserved > 0
     for h in handles:
         h.cancel()
-    assert _wait_for(lambda: not engine._running), "cancelled sequences stayed in the batch"
+    assert wait_for(lambda: not engine._running), "cancelled sequences stayed in the batch"
     assert engine._reserved == 0
     assert metrics.RUNNING._value.get() == 0
 
