@@ -132,3 +132,16 @@ def test_kv_budget_bounds_the_batch(make_engine: Callable[..., Engine]) -> None:
     watcher.join()
     assert [len(r) for r in results] == [57, 57, 57]
     assert max(peak) == 1  # each reserves 60 of the 100 tokens: they run one after another
+
+
+def test_tokens_that_pile_up_behind_a_slow_reader_arrive_as_one_step(make_engine: Callable[..., Engine]) -> None:
+    engine = make_engine()
+    finished = metrics.SEQUENCES_FINISHED.labels("length")
+    before = finished._value.get()
+    handle = engine.submit(GenerationRequest("slow", [5, 6, 7], 40, ENDLESS))
+    assert wait_for(lambda: finished._value.get() == before + 1), "the sequence did not finish"
+    steps = list(handle)  # the reader only now looks: everything generated meanwhile is merged
+    assert len(steps) == 1
+    assert len(steps[0].token_ids) == 40
+    assert steps[0].finish_reason == "length"
+    assert steps[0].text == engine.loaded.tokenizer.decode(steps[0].token_ids, skip_special_tokens=True)
