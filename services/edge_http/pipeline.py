@@ -18,12 +18,11 @@ from google.protobuf.message import Message
 from services.edge_http.errors import OpenAIError, from_rpc_error
 from services.edge_http.openai_schema import ChatCompletionRequest, CompletionRequest, SamplingFields, Usage
 from services.edge_http.upstreams import Upstreams
+from services.mesh import finish_reasons
 from services.mesh.config import Settings
 from services.mesh.stubs import cache_pb2, common_pb2, inference_pb2, preprocess_pb2
 
 log = logging.getLogger(__name__)
-
-FINISH_NAMES = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
 
 
 @dataclass(frozen=True)
@@ -154,9 +153,8 @@ class Pipeline:
                 # The cache is an optimisation: its failure must never fail the request.
                 log.warning("cache lookup failed (%s); generating instead", err.code().name)
             return None
-        return Event(
-            hit.text, FINISH_NAMES.get(hit.finish_reason, "stop"), hit.usage.prompt_tokens, hit.usage.completion_tokens
-        )
+        finish = finish_reasons.FROM_PROTO.get(hit.finish_reason, "stop")
+        return Event(hit.text, finish, hit.usage.prompt_tokens, hit.usage.completion_tokens)
 
     async def _store(self, key: str, completion: cache_pb2.Completion, request_id: str) -> None:
         try:
@@ -192,7 +190,7 @@ class Pipeline:
                     await self._store(prepared.cache_key, completion, request_id)
                 yield Event(
                     chunk.text,
-                    FINISH_NAMES[chunk.finish_reason],
+                    finish_reasons.FROM_PROTO[chunk.finish_reason],
                     chunk.usage.prompt_tokens,
                     chunk.usage.completion_tokens,
                 )

@@ -37,6 +37,14 @@ class StepLayout:
     """Which slice of the packed tokens belongs to which sequence in the current forward pass."""
 
     slices: list[tuple[SequenceKV, int, int]] = field(default_factory=list)  # (kv, start, count)
+    _masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+    def causal_mask(self, past: int, count: int, device: torch.device) -> torch.Tensor:
+        """Prefill chunk mask (token i sees the past and new tokens up to itself), built once per step."""
+        key = (past, count)
+        if key not in self._masks:
+            self._masks[key] = torch.ones(count, past + count, dtype=torch.bool, device=device).tril(diagonal=past)
+        return self._masks[key]
 
     def commit(self) -> None:
         for kv, _, count in self.slices:
@@ -69,9 +77,7 @@ class RaggedAttention:
             kv.values[layer, :, past : past + count] = value[0, :, start : start + count]
             keys = kv.keys[layer, :, : past + count].unsqueeze(0)
             values = kv.values[layer, :, : past + count].unsqueeze(0)
-            mask = None
-            if count > 1:  # a prefill chunk: token i sees the past and new tokens up to itself
-                mask = torch.ones(count, past + count, dtype=torch.bool, device=query.device).tril(diagonal=past)
+            mask = self.layout.causal_mask(past, count, query.device) if count > 1 else None
             out[:, :, start : start + count] = F.scaled_dot_product_attention(
                 query[:, :, start : start + count], keys, values, attn_mask=mask, scale=scaling, enable_gqa=gqa
             )

@@ -12,14 +12,13 @@ import grpc
 from services.inference.engine import Engine, EngineLimits, GenerationRequest, Step
 from services.inference.loader import load_model
 from services.inference.sampling import SamplingConfig
+from services.mesh import finish_reasons
 from services.mesh.config import Settings
 from services.mesh.errors import grpc_errors
 from services.mesh.grpc_service import GrpcService, serve
 from services.mesh.stubs import common_pb2, inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-FINISH_REASONS = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
 
 
 def sampling_config(params: common_pb2.SamplingParams) -> SamplingConfig:
@@ -37,7 +36,7 @@ def sampling_config(params: common_pb2.SamplingParams) -> SamplingConfig:
 def _chunk(step: Step) -> inference_pb2.GenerateChunk:
     chunk = inference_pb2.GenerateChunk(token_ids=step.token_ids, text=step.text)
     if step.finish_reason:
-        chunk.finish_reason = FINISH_REASONS[step.finish_reason]
+        chunk.finish_reason = finish_reasons.TO_PROTO[step.finish_reason]
         chunk.usage.prompt_tokens = step.prompt_tokens
         chunk.usage.completion_tokens = step.completion_tokens
     return chunk
