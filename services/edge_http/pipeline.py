@@ -102,25 +102,31 @@ class Pipeline:
     def _metadata(self, request_id: str) -> tuple[tuple[str, str], ...]:
         return (("x-request-id", request_id),)
 
+    def _unary(
+        self, method: grpc.aio.UnaryUnaryMultiCallable, request: Message, request_id: str
+    ) -> grpc.aio.UnaryUnaryCall:
+        """A unary call with the mesh's deadline and the request id; the caller decides what a failure means."""
+        return method(request, timeout=self._settings.upstream_timeout_s, metadata=self._metadata(request_id))
+
     async def prepare_chat(self, body: ChatCompletionRequest, request_id: str) -> preprocess_pb2.PreprocessReply:
         request = preprocess_pb2.RenderChatRequest(
             request_id=request_id, model=body.model, messages=_chat_messages(body), sampling=sampling_params(body)
         )
-        return await self._unary("preprocess", self._up.preprocess.RenderChat, request, request_id)
+        return await self._preprocess(self._up.preprocess.RenderChat, request, request_id)
 
     async def prepare_completion(self, body: CompletionRequest, request_id: str) -> preprocess_pb2.PreprocessReply:
         request = preprocess_pb2.TokenizeRequest(
             request_id=request_id, model=body.model, prompt=body.prompt_text, sampling=sampling_params(body)
         )
-        return await self._unary("preprocess", self._up.preprocess.Tokenize, request, request_id)
+        return await self._preprocess(self._up.preprocess.Tokenize, request, request_id)
 
-    async def _unary(
-        self, upstream: str, method: grpc.aio.UnaryUnaryMultiCallable, request: Message, request_id: str
+    async def _preprocess(
+        self, method: grpc.aio.UnaryUnaryMultiCallable, request: Message, request_id: str
     ) -> preprocess_pb2.PreprocessReply:
         try:
-            return await method(request, timeout=self._settings.upstream_timeout_s, metadata=self._metadata(request_id))
+            return await self._unary(method, request, request_id)
         except grpc.aio.AioRpcError as err:
-            raise from_rpc_error(err, upstream) from err
+            raise from_rpc_error(err, "preprocess") from err
 
     async def open(self, model: str, prepared: preprocess_pb2.PreprocessReply, request_id: str, no_cache: bool) -> Run:
         key = prepared.cache_key
@@ -143,10 +149,8 @@ class Pipeline:
 
     async def _lookup(self, key: str, request_id: str) -> Event | None:
         try:
-            hit = await self._up.cache.Lookup(
-                cache_pb2.LookupRequest(cache_key=key, request_id=request_id),
-                timeout=self._settings.upstream_timeout_s,
-                metadata=self._metadata(request_id),
+            hit = await self._unary(
+                self._up.cache.Lookup, cache_pb2.LookupRequest(cache_key=key, request_id=request_id), request_id
             )
         except grpc.aio.AioRpcError as err:
             if err.code() != grpc.StatusCode.NOT_FOUND:
@@ -158,10 +162,10 @@ class Pipeline:
 
     async def _store(self, key: str, completion: cache_pb2.Completion, request_id: str) -> None:
         try:
-            await self._up.cache.Store(
+            await self._unary(
+                self._up.cache.Store,
                 cache_pb2.StoreRequest(cache_key=key, completion=completion, request_id=request_id),
-                timeout=self._settings.upstream_timeout_s,
-                metadata=self._metadata(request_id),
+                request_id,
             )
         except grpc.aio.AioRpcError as err:
             log.warning("cache store failed (%s)", err.code().name)

@@ -113,7 +113,6 @@ class SequenceHandle:
 class _Sequence:
     handle: SequenceHandle
     kv: SequenceKV
-    reserved_bytes: int
     sampler: Sampler
     detok: IncrementalDetokenizer
     stopper: StopMatcher
@@ -196,17 +195,16 @@ class Engine:
                     self._drop_queued(handle)
                     continue
                 request = handle.request
-                reserve = (len(request.prompt_ids) + request.max_tokens) * self._token_bytes
-                if self._reserved + reserve > self.limits.kv_cache_bytes:
+                capacity = len(request.prompt_ids) + request.max_tokens
+                if self._reserved + capacity * self._token_bytes > self.limits.kv_cache_bytes:
                     break  # head-of-line waits for memory: no starvation of large requests
                 self._waiting.popleft()
-                self._reserved += reserve
-                kv = SequenceKV(*self._geometry, reserve // self._token_bytes, self._kv_dtype, self.loaded.device)
+                kv = SequenceKV(*self._geometry, capacity, self._kv_dtype, self.loaded.device)
+                self._reserved += kv.nbytes
                 self._running.append(
                     _Sequence(
                         handle=handle,
                         kv=kv,
-                        reserved_bytes=reserve,
                         sampler=Sampler(request.sampling, self._vocab_size, self.loaded.device),
                         detok=IncrementalDetokenizer(self.loaded.tokenizer),
                         stopper=StopMatcher(list(request.stop)),
@@ -227,7 +225,7 @@ class Engine:
 
     def _release(self, seq: _Sequence, reason: str) -> None:
         self._running.remove(seq)
-        self._reserved -= seq.reserved_bytes
+        self._reserved -= seq.kv.nbytes
         metrics.SEQUENCES_FINISHED.labels(reason).inc()
         metrics.RUNNING.set(len(self._running))
 

@@ -27,6 +27,10 @@ class SequenceKV:
         self.values = torch.empty(shape, dtype=dtype, device=device)
         self.length = 0  # positions filled (committed after each step)
 
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
     @staticmethod
     def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8

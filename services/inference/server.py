@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator
@@ -83,13 +84,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
 
 def engine_limits(settings: Settings) -> EngineLimits:
-    return EngineLimits(
-        max_running=settings.max_running,
-        max_waiting=settings.max_waiting,
-        max_batched_tokens=settings.max_batched_tokens,
-        prefill_chunk=settings.prefill_chunk,
-        kv_cache_bytes=settings.kv_cache_bytes,
-    )
+    # The settings carry the limits under the same names.
+    return EngineLimits(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(EngineLimits)})
 
 
 def run(settings: Settings, ready_file: Path | None) -> int:
