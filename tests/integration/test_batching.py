@@ -43,10 +43,18 @@ def _ids(handle: SequenceHandle) -> list[int]:
 def test_greedy_output_is_identical_alone_and_in_a_batch_of_16(engine: Engine) -> None:
     prompts = _prompts(engine, 16)
     alone = [_ids(engine.submit(GenerationRequest(f"a{i}", p, 48, GREEDY))) for i, p in enumerate(prompts)]
+    steps_before, sequences_before = _batch_totals()
     handles = [engine.submit(GenerationRequest(f"b{i}", p, 48, GREEDY)) for i, p in enumerate(prompts)]
     batched = [_ids(h) for h in handles]
     assert batched == alone
-    assert metrics.BATCH_SEQUENCES.collect()[0].samples  # steps really carried several sequences
+    steps, sequences = (a - b for a, b in zip(_batch_totals(), (steps_before, sequences_before), strict=True))
+    assert sequences / steps > 4, "the 16 requests were not batched together"
+
+
+def _batch_totals() -> tuple[float, float]:
+    """(forward passes, sequences advanced) so far, from the engine's batch-size histogram."""
+    samples = {s.name: s.value for s in metrics.BATCH_SEQUENCES.collect()[0].samples}
+    return samples["sluice_inference_batch_sequences_count"], samples["sluice_inference_batch_sequences_sum"]
 
 
 def test_requests_with_different_sampling_in_one_batch_reproduce_their_solo_output(engine: Engine) -> None:
