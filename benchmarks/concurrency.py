@@ -158,6 +158,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,16,32", help="comma-separated client counts")
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens per request (default 64)")
     parser.add_argument("--rounds", type=int, default=2, help="requests per client per level (default 2)")
+    parser.add_argument("--torch-threads", type=int, default=0, help="the mesh's torch_threads setting (0: default)")
     parser.add_argument("--skip-peer", action="store_true", help="do not start transformers serve")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -177,7 +178,7 @@ def main() -> None:
         certs = work / "certs"
         init_certs(certs)
         print("the Sluice mesh…", flush=True)
-        mesh = start_mesh(work, certs, model_dir)
+        mesh = start_mesh(work, certs, model_dir, "--torch-threads", str(args.torch_threads))
         try:
             extra = {"extra_body": {"ignore_eos": True}, "extra_headers": {"Cache-Control": "no-cache"}}
             load(mesh.base_url, model_dir.name, 1, 8, 1, extra)  # warm-up
@@ -192,7 +193,8 @@ def main() -> None:
             except RuntimeError as err:
                 print(f"peer skipped: {err}", flush=True)
 
-    print(f"\n{args.preset} model, {args.tokens} new tokens, greedy, {args.rounds} requests per client")
+    print(f"\n{args.preset} model, {args.tokens} new tokens, greedy, {args.rounds} requests per client, "
+          f"mesh torch_threads {args.torch_threads}")  # fmt: skip
     print(f"sequential model.generate in-process: {sequential:8.0f} tokens/s")
     print(f"Sluice engine in-process, 16 at once: {engine16:8.0f} tokens/s")
     print(f"{'server':22} {'clients':>7} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} {'errors':>6}")

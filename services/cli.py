@@ -20,6 +20,7 @@ SERVICE_FLAGS = {
         "model",
         "served_model_name",
         "device",
+        "torch_threads",
         "max_running",
         "max_waiting",
         "max_batched_tokens",
@@ -59,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         "--port", dest="edge_port", type=int, default=None, help="HTTP port of the OpenAI API (default 8000)"
     )
     add_setting_flags(
-        up, *MESH_FLAGS, "model", "served_model_name", "device", "cache_enabled",
+        up, *MESH_FLAGS, "model", "served_model_name", "device", "torch_threads", "cache_enabled",
         "max_running", "max_waiting", "max_batched_tokens", "prefill_chunk", "kv_cache_bytes",
     )  # fmt: skip
     up.add_argument("--state-file", type=Path, help="write the base URL and every service's addresses here (JSON)")

@@ -90,7 +90,7 @@ def engine_limits(settings: Settings) -> EngineLimits:
 
 def run(settings: Settings, ready_file: Path | None) -> int:
     limits = engine_limits(settings)
-    engine = Engine(load_model(settings.model, settings.device, settings.model_name), limits)
+    engine = Engine(load_model(settings.model, settings.device, settings.model_name, settings.torch_threads), limits)
     spec = GrpcService(
         name="inference",
         service_names=[inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name],

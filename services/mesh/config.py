@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     model: Path = Field(Path("models/sluice-tiny"), description="Hugging Face model directory to serve")
     served_model_name: str = Field("", description="model id clients send (default: the directory name)")
     device: str = Field("auto", description="torch device for inference: auto, cpu, cuda, cuda:N")
+    torch_threads: int = Field(0, ge=0, description="CPU threads per torch op in inference (0: torch's default)")
 
     edge_port: int = Field(8000, description="HTTP port of the OpenAI API")
     preprocess_port: int = Field(0, description="gRPC port of preprocess (0: a free port)")

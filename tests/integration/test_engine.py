@@ -85,3 +85,15 @@ def test_invalid_requests_are_refused_before_queueing(
 ) -> None:
     with pytest.raises(error):
         engine.submit(GenerationRequest("g", prompt, max_tokens, GREEDY))
+
+
+def test_torch_threads_setting_sets_the_intra_op_threads(model_dir: Path) -> None:
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    try:
+        load_model(model_dir, "cpu", threads=wanted)
+        assert torch.get_num_threads() == wanted
+        load_model(model_dir, "cpu", threads=0)  # 0 leaves torch's choice alone
+        assert torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(before)
