@@ -38,7 +38,7 @@ SERVICE_FLAGS = {
         "generate_timeout_s",
     ),
 }
-MESH_FLAGS = ("host", "certs_dir", "insecure", "drain_grace_s", "log_level")
+MESH_FLAGS = ("host", "certs_dir", "insecure", "drain_grace_s", "log_level", "log_format")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -121,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         print(build_default_model(out, seed=args.seed, shape=PRESETS[args.preset], force=args.force))
         return 0
     settings = settings_from_args(args)
-    configure_logging(settings.log_level, args.command if args.command != "serve" else args.service)
+    configure_logging(
+        settings.log_level, args.command if args.command != "serve" else args.service, settings.log_format
+    )
     if args.command == "certs":
         from services.mesh.certs import DEFAULT_HOSTNAMES, init_certs
 
@@ -137,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(service: str, settings: Settings, ready_file: Path | None) -> int:
+    from services.mesh.telemetry import init_tracing
+
+    init_tracing(service)
     if service == "preprocess":
         from services.preprocess.server import run
     elif service == "inference":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -25,6 +26,7 @@ from services.mesh.config import Settings
 from services.mesh.health import wait_serving
 from services.mesh.ready import ReadyInfo
 from services.mesh.supervisor import ChildFailed, Supervisor
+from services.mesh.telemetry import SERVICE_NAME_VARIABLE
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,12 @@ BACKENDS = ("preprocess", "cache", "inference")
 
 def _serve_argv(service: str) -> list[str]:
     return [sys.executable, "-m", "services.cli", "serve", service]
+
+
+def _child_env(env: dict[str, str], service: str) -> dict[str, str]:
+    """One trace service name per process: a user's OTEL_SERVICE_NAME becomes a prefix."""
+    prefix = os.environ.get(SERVICE_NAME_VARIABLE)
+    return env | {SERVICE_NAME_VARIABLE: f"{prefix}-{service}"} if prefix else env
 
 
 def ensure_prerequisites(settings: Settings) -> None:
@@ -106,13 +114,14 @@ def _start_mesh(
     settings: Settings, supervisor: Supervisor, env: dict[str, str], timeout: float
 ) -> dict[str, ReadyInfo]:
     # The backends start together (the model load dominates); the edge needs their addresses.
-    children = {name: supervisor.start(name, _serve_argv(name), env) for name in BACKENDS}
+    children = {name: supervisor.start(name, _serve_argv(name), _child_env(env, name)) for name in BACKENDS}
     ready = {name: supervisor.wait_ready(child, timeout) for name, child in children.items()}
     for name, info in ready.items():
         with sync_channel(settings, info.address, "edge") as channel:
             if not wait_serving(channel, timeout):
                 raise ChildFailed(f"{name} at {info.address} is not SERVING")
     edge_env = env | {f"SLUICE_{name.upper()}_ADDR": info.address for name, info in ready.items()}
-    ready["edge"] = supervisor.wait_ready(supervisor.start("edge", _serve_argv("edge"), edge_env), timeout)
+    edge = supervisor.start("edge", _serve_argv("edge"), _child_env(edge_env, "edge"))
+    ready["edge"] = supervisor.wait_ready(edge, timeout)
     _wait_http_ready(f"http://{ready['edge'].address}/health", timeout)
     return ready

@@ -64,7 +64,14 @@ class Mesh:
         return self.process.returncode
 
 
-def start_mesh(workdir: Path, certs_dir: Path, model_dir: Path, *extra: str, timeout: float = 180.0) -> Mesh:
+def start_mesh(
+    workdir: Path,
+    certs_dir: Path,
+    model_dir: Path,
+    *extra: str,
+    timeout: float = 180.0,
+    env: dict[str, str] | None = None,
+) -> Mesh:
     state_file = workdir / "state.json"
     log_dir = workdir / "logs"
     argv = [
@@ -78,7 +85,12 @@ def start_mesh(workdir: Path, certs_dir: Path, model_dir: Path, *extra: str, tim
         *extra,
     ]  # fmt: skip
     process = subprocess.Popen(
-        argv, cwd=REPO_ROOT, start_new_session=True, stdout=(workdir / "up.log").open("wb"), stderr=subprocess.STDOUT
+        argv,
+        cwd=REPO_ROOT,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+        stdout=(workdir / "up.log").open("wb"),
+        stderr=subprocess.STDOUT,
     )
     mesh = Mesh(process, "", {}, certs_dir, model_dir, log_dir)
     deadline = time.monotonic() + timeout

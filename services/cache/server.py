@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
+from opentelemetry import trace
 from prometheus_client import Counter, Gauge
 
 from services.cache.store import CompletionStore
@@ -36,6 +37,7 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
         _require_key(request.cache_key)
         value = self._store.get(request.cache_key)
         LOOKUPS.labels("hit" if value is not None else "miss").inc()
+        trace.get_current_span().set_attribute("sluice.cache.hit", value is not None)
         if value is None:
             context.abort(grpc.StatusCode.NOT_FOUND, "no cached completion for this key")
         return cache_pb2.Completion.FromString(value)
@@ -44,6 +46,9 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
     def Store(self, request: cache_pb2.StoreRequest, context: grpc.ServicerContext) -> cache_pb2.StoreReply:
         _require_key(request.cache_key)
         stored = self._store.put(request.cache_key, request.completion.SerializeToString())
+        trace.get_current_span().set_attributes(
+            {"sluice.cache.stored": stored, "sluice.cache.bytes": request.completion.ByteSize()}
+        )
         if stored:
             STORES.inc()
         return cache_pb2.StoreReply(stored=stored)

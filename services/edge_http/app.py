@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TypeVar
@@ -14,10 +13,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.sse import EventSourceResponse
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from opentelemetry import trace
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.edge_http.chat import chat_chunks, chat_completion
 from services.edge_http.completions import completion_chunks, text_completion
@@ -27,6 +28,8 @@ from services.edge_http.errors import (
     handle_openai_error,
     handle_validation_error,
 )
+from services.edge_http.metrics import CACHE_RESULTS, TIME_TO_FIRST_TOKEN
+from services.edge_http.observe import ObserveRequests, request_id, set_model
 from services.edge_http.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -42,9 +45,7 @@ from services.edge_http.upstreams import Upstreams
 from services.mesh.config import Settings
 from services.mesh.discovery import StaticDiscovery
 from services.mesh.stubs import inference_pb2, preprocess_pb2
-
-REQUESTS = Counter("sluice_edge_requests_total", "HTTP requests by route and status", ["route", "status"])
-CACHE_RESULTS = Counter("sluice_edge_cache_total", "Completion requests by cache outcome", ["result"])
+from services.mesh.telemetry import tracing_enabled
 
 BodyT = TypeVar("BodyT", bound=SamplingFields)
 
@@ -63,26 +64,6 @@ class NormalizeSlashes:
         if scope["type"] == "http" and "//" in scope["path"]:
             scope = {**scope, "path": self._REPEATED.sub("/", scope["path"])}
         await self.app(scope, receive, send)
-
-
-class CountRequests:
-    """Count responses by route and status (pure ASGI, so streaming responses are not buffered)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def counting_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                route = scope.get("route")
-                REQUESTS.labels(getattr(route, "path", "unmatched"), str(message["status"])).inc()
-            await send(message)
-
-        await self.app(scope, receive, counting_send)
 
 
 def _wants_no_cache(request: Request) -> bool:
@@ -110,8 +91,11 @@ def create_app(settings: Settings) -> FastAPI:
             Exception: _unexpected,
         },
     )
-    app.add_middleware(CountRequests)
+    app.add_middleware(ObserveRequests)
     app.add_middleware(NormalizeSlashes)
+    if tracing_enabled():
+        # Per-message send/receive spans would cost one span per SSE chunk.
+        FastAPIInstrumentor.instrument_app(app, excluded_urls="health,metrics", exclude_spans=["receive", "send"])
 
     @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -165,12 +149,18 @@ async def _complete(
 ) -> Response:
     """Shared by both completion endpoints: run the pipeline, answer as SSE or one JSON object."""
     pipeline: Pipeline = request.app.state.pipeline
-    request_id = uuid.uuid4().hex
-    prepared = await prepare(body, request_id)
-    run = await pipeline.open(body.model, prepared, request_id, _wants_no_cache(request))
-    meta = ResponseMeta(f"{id_prefix}-{request_id}", int(time.time()), body.model)
+    started = time.perf_counter()
+    rid = request_id(request.scope)
+    span = trace.get_current_span()
+    span.set_attributes({"sluice.request_id": rid, "gen_ai.request.model": body.model, "sluice.stream": body.stream})
+    prepared = await prepare(body, rid)
+    set_model(request.scope, body.model)  # preprocess accepted it: a known model
+    run = await pipeline.open(body.model, prepared, rid, _wants_no_cache(request))
+    TIME_TO_FIRST_TOKEN.labels(body.model).observe(time.perf_counter() - started)
     CACHE_RESULTS.labels(run.cache_status).inc()
-    headers = {"X-Request-Id": request_id, "X-Sluice-Cache": run.cache_status}
+    span.set_attribute("sluice.cache", run.cache_status)
+    meta = ResponseMeta(f"{id_prefix}-{rid}", int(time.time()), body.model)
+    headers = {"X-Sluice-Cache": run.cache_status}
     if body.stream:
         headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return EventSourceResponse(sse_stream(chunks(run, meta, body.include_usage)), headers=headers)

@@ -10,6 +10,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from services.edge_http.metrics import UPSTREAM_ERRORS
 from services.edge_http.openai_schema import ErrorBody, ErrorDetail
 from services.mesh.errors import error_details
 
@@ -46,6 +47,7 @@ class OpenAIError(Exception):
 
 
 def from_rpc_error(err: grpc.aio.AioRpcError, upstream: str) -> OpenAIError:
+    UPSTREAM_ERRORS.labels(upstream, err.code().name).inc()
     status, kind = _STATUS_MAP.get(err.code(), (500, "server_error"))
     code, param = error_details(err)
     message = err.details() or err.code().name

@@ -16,6 +16,7 @@ import grpc.aio
 from google.protobuf.message import Message
 
 from services.edge_http.errors import OpenAIError, from_rpc_error
+from services.edge_http.metrics import UPSTREAM_ERRORS
 from services.edge_http.openai_schema import ChatCompletionRequest, CompletionRequest, SamplingFields, Usage
 from services.edge_http.upstreams import Upstreams
 from services.mesh import finish_reasons
@@ -155,6 +156,7 @@ class Pipeline:
         except grpc.aio.AioRpcError as err:
             if err.code() != grpc.StatusCode.NOT_FOUND:
                 # The cache is an optimisation: its failure must never fail the request.
+                UPSTREAM_ERRORS.labels("cache", err.code().name).inc()
                 log.warning("cache lookup failed (%s); generating instead", err.code().name)
             return None
         finish = finish_reasons.FROM_PROTO.get(hit.finish_reason, "stop")
@@ -168,6 +170,7 @@ class Pipeline:
                 request_id,
             )
         except grpc.aio.AioRpcError as err:
+            UPSTREAM_ERRORS.labels("cache", err.code().name).inc()
             log.warning("cache store failed (%s)", err.code().name)
 
     async def _generate(
@@ -198,13 +201,15 @@ class Pipeline:
                     chunk.usage.prompt_tokens,
                     chunk.usage.completion_tokens,
                 )
-                return
+                # The stream ends right after its finishing chunk; reading to its end lets the
+                # call (and its trace span) complete normally instead of being cancelled.
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err, "inference") from err
         finally:
             # Client gone or stream abandoned: cancelling the call stops generation upstream.
             call.cancel()
-        raise OpenAIError(502, "inference ended the stream without a finish reason", "server_error")
+        if not completion.finish_reason:
+            raise OpenAIError(502, "inference ended the stream without a finish reason", "server_error")
 
 
 async def _nothing() -> AsyncIterator[Event]:

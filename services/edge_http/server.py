@@ -13,6 +13,7 @@ import uvicorn
 from services.edge_http.app import create_app
 from services.mesh.config import Settings
 from services.mesh.ready import ReadyInfo, advertised_address, write_ready
+from services.mesh.telemetry import shutdown_tracing
 from services.mesh.tls import warn_if_insecure
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,10 @@ def run(settings: Settings, ready_file: Path | None) -> int:
     config = uvicorn.Config(
         create_app(settings),
         log_level=settings.log_level,
+        log_config=None,  # uvicorn's own lines go through the mesh's (JSON) handler
         timeout_graceful_shutdown=int(settings.drain_grace_s),
         access_log=False,
     )
     _ReportingServer(config, started).run(sockets=[sock])
+    shutdown_tracing()
     return 0

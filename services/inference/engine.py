@@ -70,7 +70,11 @@ class Step:
 class SequenceHandle:
     request: GenerationRequest
     deadline: float | None = None  # time.monotonic() after which a queued request is dropped
+    # The sequence's life in time.monotonic() readings, for tracing its phases.
     queued_at: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
     _steps: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -210,6 +214,7 @@ class Engine:
                         stopper=StopMatcher(list(request.stop)),
                     )
                 )
+                handle.admitted_at = now
                 metrics.SEQUENCES_STARTED.inc()
                 metrics.QUEUE_WAIT.observe(now - handle.queued_at)
             metrics.QUEUE_DEPTH.set(len(self._waiting))
@@ -224,6 +229,7 @@ class Engine:
             handle._steps.put(DeadlineExceeded("the request's deadline passed while it waited in the queue"))
 
     def _release(self, seq: _Sequence, reason: str) -> None:
+        seq.handle.finished_at = seq.handle.finished_at or time.monotonic()
         self._running.remove(seq)
         self._reserved -= seq.kv.nbytes
         metrics.SEQUENCES_FINISHED.labels(reason).inc()
@@ -312,6 +318,7 @@ class Engine:
         seq.generated += 1
         metrics.TOKENS_GENERATED.inc()
         if seq.generated == 1:
+            seq.handle.first_token_at = now
             metrics.TIME_TO_FIRST_TOKEN.observe(now - seq.handle.queued_at)
             metrics.PROMPT_TOKENS.inc(len(seq.request.prompt_ids))
         else:
@@ -326,6 +333,8 @@ class Engine:
             tail = seq.stopper.feed(seq.detok.finish())
             text += tail.text + ("" if tail.stopped else seq.stopper.flush())
             finish = "stop" if tail.stopped else finish
+        if finish:
+            seq.handle.finished_at = now  # before the last step is seen
         seq.handle._steps.put(Step([token], text, finish, len(seq.request.prompt_ids), seq.generated))
         if finish:
             self._release(seq, finish)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from services.inference.model_dir import check_model_dir, context_length
 
@@ -54,7 +56,10 @@ def load_model(path: Path, device: str = "auto", model_id: str = "", threads: in
     # bf16 halves memory and is what GPUs are fast at; CPUs are fastest in fp32.
     dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
     weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    with tqdm(total=3, desc=f"loading {path.name}", unit="step") as progress:
+    # Progress bars on a terminal only: in a log file every line must stay JSON.
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+    with tqdm(total=3, desc=f"loading {path.name}", unit="step", disable=None) as progress:
         started = time.monotonic()
         tokenizer = AutoTokenizer.from_pretrained(path)
         progress.update()

@@ -13,6 +13,7 @@ import grpc
 from services.inference.engine import Engine, EngineLimits, GenerationRequest, Step
 from services.inference.loader import load_model
 from services.inference.sampling import SamplingConfig
+from services.inference.tracing import record_phases
 from services.mesh import finish_reasons
 from services.mesh.config import Settings
 from services.mesh.errors import grpc_errors
@@ -67,11 +68,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         )
         # Fires on cancellation, deadline and completion alike; cancelling a finished sequence is a no-op.
         context.add_callback(handle.cancel)
+        tokens, finish = 0, None
         try:
             for step in handle:
+                tokens, finish = tokens + len(step.token_ids), step.finish_reason
                 yield _chunk(step)
         finally:
             handle.cancel()
+            record_phases(handle, tokens, finish)
+            log.info(
+                "generated %d tokens (%s)", tokens, finish or "cancelled",
+                extra={"tokens": tokens, "finish_reason": finish or "cancelled",
+                       "prompt_tokens": len(request.token_ids)},
+            )  # fmt: skip
 
     def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: grpc.ServicerContext

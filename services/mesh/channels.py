@@ -6,6 +6,7 @@ import grpc
 import grpc.aio
 
 from services.mesh.config import Settings
+from services.mesh.telemetry import client_interceptors
 from services.mesh.tls import channel_credentials
 
 # Generation streams can be long; keepalives notice a dead peer instead of hanging.
@@ -17,9 +18,13 @@ CHANNEL_OPTIONS = (
 
 
 def aio_channel(settings: Settings, target: str, identity: str) -> grpc.aio.Channel:
+    # With tracing on, every call carries the W3C trace context in its metadata.
+    interceptors = client_interceptors()
     if settings.insecure:
-        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
-    return grpc.aio.secure_channel(target, channel_credentials(settings, identity), options=CHANNEL_OPTIONS)
+        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
+    return grpc.aio.secure_channel(
+        target, channel_credentials(settings, identity), options=CHANNEL_OPTIONS, interceptors=interceptors
+    )
 
 
 def sync_channel(settings: Settings, target: str, identity: str) -> grpc.Channel:

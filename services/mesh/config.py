@@ -11,7 +11,7 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     generate_timeout_s: float = Field(600.0, gt=0, description="deadline for one generation")
     drain_grace_s: float = Field(10.0, ge=0, description="seconds in-flight work may finish after SIGTERM")
     log_level: str = Field("info", description="debug, info, warning or error")
+    log_format: Literal["json", "text"] = Field("json", description="log lines as JSON objects or plain text")
 
     @classmethod
     def settings_customise_sources(
@@ -102,6 +103,8 @@ def add_setting_flags(parser: argparse.ArgumentParser, *names: str) -> None:
         help_text = f"{field.description} (env {ENV_PREFIX}{name.upper()}; default {field.default})"
         if kind is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(kind) is Literal:
+            parser.add_argument(flag, dest=name, choices=typing.get_args(kind), default=None, help=help_text)
         else:
             parser.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
 

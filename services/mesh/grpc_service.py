@@ -1,6 +1,7 @@
 """Run one gRPC service the way every Sluice service runs.
 
 mTLS (or a warned plaintext), grpc.health.v1, server reflection, a Prometheus endpoint,
+per-call metrics and request-id logging, OpenTelemetry server spans when tracing is on,
 a ready file for the supervisor, and draining on SIGTERM: NOT_SERVING first, in-flight
 calls finish within the grace period, then exit 0.
 """
@@ -21,8 +22,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from services.mesh.call_observer import CallObserver
 from services.mesh.config import Settings
 from services.mesh.ready import ReadyInfo, advertised_address, write_ready
+from services.mesh.telemetry import server_interceptors, shutdown_tracing
 from services.mesh.tls import server_credentials, warn_if_insecure
 
 log = logging.getLogger(__name__)
@@ -45,7 +48,12 @@ class GrpcService:
 
 def serve(settings: Settings, spec: GrpcService, port: int, ready_file: Path | None) -> int:
     warn_if_insecure(settings)
-    server = grpc.server(ThreadPoolExecutor(max_workers=spec.max_workers), options=SERVER_OPTIONS)
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=spec.max_workers),
+        # Tracing outermost, so the observer's log lines carry the call's trace id.
+        interceptors=[*server_interceptors(), CallObserver()],
+        options=SERVER_OPTIONS,
+    )
     spec.register(server)
 
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
@@ -79,5 +87,6 @@ def serve(settings: Settings, spec: GrpcService, port: int, ready_file: Path | N
     health_servicer.enter_graceful_shutdown()
     server.stop(settings.drain_grace_s).wait()
     metrics_httpd.shutdown()
+    shutdown_tracing()
     log.info("%s stopped", spec.name)
     return 0

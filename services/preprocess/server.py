@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import grpc
+from opentelemetry import trace
 from prometheus_client import Counter
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -35,6 +36,9 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServicer):
 
     def _reply(self, token_ids: list[int], sampling: common_pb2.SamplingParams) -> preprocess_pb2.PreprocessReply:
         resolved = resolve_sampling(sampling, len(token_ids), self._context_length)
+        trace.get_current_span().set_attributes(
+            {"gen_ai.request.model": self._model_id, "gen_ai.usage.input_tokens": len(token_ids)}
+        )
         return preprocess_pb2.PreprocessReply(
             token_ids=token_ids,
             prompt_tokens=len(token_ids),

@@ -1,0 +1,74 @@
+"""ASGI middleware that gives every request an id and accounts for it: the X-Request-Id
+response header, the request id in the logging context, count/latency metrics and one
+log line per request.
+
+Pure ASGI, so streaming responses pass through unbuffered and are timed to their last byte.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.edge_http.metrics import REQUEST_DURATION, REQUESTS
+from services.mesh.logs import request_scope
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = b"x-request-id"
+_QUIET_ROUTES = ("/health", "/metrics")  # polled constantly; counted, not logged
+# A caller's own id is kept when it is short and plain, so it can be searched for in logs.
+_CLIENT_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id(scope: Scope) -> str:
+    """The id of the request being served (set by ObserveRequests)."""
+    return scope["state"]["request_id"]
+
+
+def set_model(scope: Scope, model: str) -> None:
+    """Label the request's metrics with a model known to exist (never raw client input)."""
+    scope["state"]["model"] = model
+
+
+class ObserveRequests:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        sent = next((v for k, v in scope["headers"] if k == REQUEST_ID_HEADER), b"")
+        rid = sent.decode() if _CLIENT_ID.fullmatch(sent) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        started = time.perf_counter()
+        status = "500"  # what the client gets if the app fails before answering
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = str(message["status"])
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        with request_scope(rid):
+            try:
+                await self.app(scope, receive, observed_send)
+            finally:
+                elapsed = time.perf_counter() - started
+                route = getattr(scope.get("route"), "path", "unmatched")
+                labels = (route, state.get("model", ""), status)
+                REQUESTS.labels(*labels).inc()
+                REQUEST_DURATION.labels(*labels).observe(elapsed)
+                if route not in _QUIET_ROUTES:
+                    log.info(
+                        "%s %s %s %.1f ms", scope["method"], scope["path"], status, elapsed * 1e3,
+                        extra={"method": scope["method"], "path": scope["path"], "status": int(status),
+                               "duration_ms": round(elapsed * 1e3, 1)},
+                    )  # fmt: skip

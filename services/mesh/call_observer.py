@@ -1,0 +1,92 @@
+"""Per-call bookkeeping on every gRPC server: Prometheus count and latency by method and
+status code, and the caller's `x-request-id` in the logging context while the call runs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from prometheus_client import Counter, Histogram
+
+from services.mesh.logs import request_scope
+
+REQUEST_ID_METADATA = "x-request-id"
+
+HANDLED = Counter(
+    "sluice_grpc_server_handled_total", "gRPC calls completed, by method and status code", ["method", "code"]
+)
+HANDLING = Histogram(
+    "sluice_grpc_server_handling_seconds",
+    "Time from the start of a gRPC call to its end (whole stream for streaming calls)",
+    ["method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+
+
+def _record(method: str, context: grpc.ServicerContext, outcome: str, started: float) -> None:
+    code = context.code()  # set when the handler aborted with a status
+    HANDLED.labels(method, code.name if code is not None else outcome).inc()
+    HANDLING.labels(method).observe(time.perf_counter() - started)
+
+
+class CallObserver(grpc.ServerInterceptor):
+    def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:  # fmt: skip
+        handler = continuation(details)
+        if handler is None or handler.request_streaming:
+            return handler  # client-streaming calls (reflection) are left unobserved
+        method = details.method
+        request_id = dict(details.invocation_metadata or ()).get(REQUEST_ID_METADATA)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming(handler.unary_stream, method, request_id),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.unary_unary_rpc_method_handler(
+            self._unary(handler.unary_unary, method, request_id),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    @staticmethod
+    def _unary(behavior: Callable, method: str, request_id: str | None) -> Callable:
+        def observed(request: Any, context: grpc.ServicerContext) -> Any:
+            started, outcome = time.perf_counter(), "UNKNOWN"
+            try:
+                with request_scope(request_id):
+                    reply = behavior(request, context)
+                outcome = "OK"
+                return reply
+            finally:
+                _record(method, context, outcome, started)
+
+        return observed
+
+    @staticmethod
+    def _streaming(behavior: Callable, method: str, request_id: str | None) -> Callable:
+        def observed(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            started, outcome = time.perf_counter(), "UNKNOWN"
+            responses = behavior(request, context)
+            try:
+                while True:
+                    # The request id is set around each step, never across a yield.
+                    with request_scope(request_id):
+                        try:
+                            response = next(responses)
+                        except StopIteration:
+                            break
+                    yield response
+                outcome = "OK"
+            except GeneratorExit:
+                outcome = "CANCELLED"  # the client went away and gRPC closed the stream
+                responses.close()
+                raise
+            finally:
+                _record(method, context, outcome, started)
+
+        return observed
