@@ -41,6 +41,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/single_stream.py
 	$(BIN)/python benchmarks/concurrency.py --preset default
 	$(BIN)/python benchmarks/concurrency.py --preset bench --concurrency 1,16
+	$(BIN)/python benchmarks/tracing_overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

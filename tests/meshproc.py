@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,6 +30,18 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
 
 
 @dataclass
+class Samples:
+    samples: list[Sample]
+
+    def value(self, name: str, /, **labels: str) -> float:
+        """The first sample with this name and these labels (others may differ); 0 when absent."""
+        for sample in self.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+        return 0.0
+
+
+@dataclass
 class Mesh:
     process: subprocess.Popen
     base_url: str
@@ -40,14 +53,14 @@ class Mesh:
     def address(self, service: str) -> str:
         return self.services[service]["address"]
 
-    def metric(self, service: str, name: str, **labels: str) -> float:
-        """Current value of one sample scraped from the service's /metrics (0 when absent)."""
+    def scrape(self, service: str) -> Samples:
+        """Every sample on the service's /metrics, parsed with prometheus-client's parser."""
         text = httpx.get(f"http://{self.services[service]['metrics']}/metrics", timeout=5).text
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                    return sample.value
-        return 0.0
+        return Samples([s for family in text_string_to_metric_families(text) for s in family.samples])
+
+    def metric(self, service: str, name: str, /, **labels: str) -> float:
+        """Current value of one sample scraped from the service's /metrics (0 when absent)."""
+        return self.scrape(service).value(name, **labels)
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in self.log_dir.glob("*.log"))

@@ -45,7 +45,7 @@ from services.edge_http.upstreams import Upstreams
 from services.mesh.config import Settings
 from services.mesh.discovery import StaticDiscovery
 from services.mesh.stubs import inference_pb2, preprocess_pb2
-from services.mesh.telemetry import tracing_enabled
+from services.mesh.telemetry import shutdown_tracing, tracing_enabled
 
 BodyT = TypeVar("BodyT", bound=SamplingFields)
 
@@ -79,6 +79,8 @@ def create_app(settings: Settings) -> FastAPI:
         app.state.pipeline = Pipeline(upstreams, settings)
         yield
         await upstreams.close()
+        # Here, not after uvicorn returns: uvicorn re-raises the SIGTERM it caught once it is done.
+        shutdown_tracing()
 
     app = FastAPI(
         title="Sluice OpenAI-compatible API",

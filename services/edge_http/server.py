@@ -13,7 +13,6 @@ import uvicorn
 from services.edge_http.app import create_app
 from services.mesh.config import Settings
 from services.mesh.ready import ReadyInfo, advertised_address, write_ready
-from services.mesh.telemetry import shutdown_tracing
 from services.mesh.tls import warn_if_insecure
 
 log = logging.getLogger(__name__)
@@ -52,5 +51,4 @@ def run(settings: Settings, ready_file: Path | None) -> int:
         access_log=False,
     )
     _ReportingServer(config, started).run(sockets=[sock])
-    shutdown_tracing()
     return 0

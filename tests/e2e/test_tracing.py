@@ -102,3 +102,23 @@ def test_a_streaming_chat_is_one_trace_across_all_four_services(traced: tuple[Me
         if service in ("edge", "inference"):
             assert mine, f"no {service} log line for the request"
         assert {line["trace_id"] for line in mine} <= {trace_id}
+
+
+def test_spans_still_buffered_at_shutdown_are_exported(tmp_path: Path, certs_dir: Path, model_dir: Path) -> None:
+    with OtlpReceiver() as receiver:
+        # Batches far apart: whatever arrives was flushed by the services on their way out.
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_BSP_SCHEDULE_DELAY": "600000"}
+        mesh = start_mesh(tmp_path, certs_dir, model_dir, env=env)
+        try:
+            client = openai.OpenAI(base_url=mesh.base_url, api_key="unused", max_retries=0)
+            for i in range(2):
+                client.chat.completions.create(
+                    model=mesh.model_dir.name, messages=[{"role": "user", "content": f"flush {i}"}], max_tokens=4
+                )
+            assert receiver.spans() == []
+        finally:
+            assert mesh.stop() == 0
+        spans = receiver.spans()
+    edge_requests = [s for s in spans if s.service == "sluice-edge" and s.kind == SERVER]
+    assert len(edge_requests) == 2
+    assert {s.service for s in spans} == SERVICES - {"sluice-cache"}  # temperature 1: nothing cached
