@@ -39,6 +39,10 @@ SERVICE_FLAGS = {
     ),
 }
 MESH_FLAGS = ("host", "certs_dir", "insecure", "drain_grace_s", "log_level", "log_format")
+ENVOY_FLAGS = (
+    "envoy_port", "envoy_admin_port", "envoy_tls_cert", "envoy_tls_key", "envoy_max_request_bytes",
+    "envoy_rate_limit_rps",
+)  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
         up, *MESH_FLAGS, "model", "served_model_name", "device", "torch_threads", "cache_enabled",
         "max_running", "max_waiting", "max_batched_tokens", "prefill_chunk", "kv_cache_bytes",
     )  # fmt: skip
+    up.add_argument(
+        "--with-envoy", action="store_true",
+        help="also start Envoy in front of the edge: TLS on --envoy-port (see `sluice envoy-config --help`)",
+    )  # fmt: skip
+    add_setting_flags(up, *ENVOY_FLAGS)
     up.add_argument("--state-file", type=Path, help="write the base URL and every service's addresses here (JSON)")
     up.add_argument(
         "--log-dir", type=Path, help="write each service's log to DIR/<service>.log instead of the terminal"
@@ -76,6 +85,26 @@ def _parser() -> argparse.ArgumentParser:
         add_config_flag(service)
         add_setting_flags(service, *MESH_FLAGS, *flags)
         service.add_argument("--ready-file", type=Path, help="write the bound addresses here (JSON) once serving")
+
+    envoy = commands.add_parser(
+        "envoy-config",
+        help="generate an Envoy bootstrap for the ingress",
+        description="Write an Envoy v3 bootstrap (YAML) generated from Sluice's settings: a TLS listener for "
+        "clients (HTTP/1.1 and HTTP/2, SSE unbuffered, completion routes timed by the generation deadline, "
+        "request size limit, local rate limit, JSON access log, OpenAI-shaped error replies) in front of the "
+        "edge, with an actively health-checked, outlier-detected edge cluster. With --internal-grpc, a second "
+        "mTLS listener also fronts preprocess, inference and cache (HTTP/2, gRPC health checks). The file is "
+        "checked with `envoy --mode validate` when the Envoy binary is installed.",
+    )
+    add_config_flag(envoy)
+    add_setting_flags(
+        envoy, "host", "certs_dir", "edge_port", "preprocess_addr", "inference_addr", "cache_addr",
+        "upstream_timeout_s", "generate_timeout_s", *ENVOY_FLAGS, "envoy_grpc_port",
+    )  # fmt: skip
+    envoy.add_argument("--edge-addr", default="", help="host:port of the edge (default: --host and --edge-port)")
+    envoy.add_argument("--internal-grpc", action="store_true", help="also front the gRPC services (mTLS both ways)")
+    envoy.add_argument("--out", type=Path, help="write the bootstrap here (default: standard output)")
+    envoy.add_argument("--no-validate", dest="validate", action="store_false", help="skip `envoy --mode validate`")
 
     certs = commands.add_parser("certs", help="manage the mesh's TLS material")
     certs_cmd = certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
@@ -134,8 +163,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up":
         from services.up import up
 
-        return up(settings, args.state_file, args.log_dir, args.startup_timeout)
+        return up(settings, args.state_file, args.log_dir, args.startup_timeout, args.with_envoy)
+    if args.command == "envoy-config":
+        return _envoy_config(settings, args)
     return _serve(args.service, settings, args.ready_file)
+
+
+def _envoy_config(settings: Settings, args: argparse.Namespace) -> int:
+    from services.ingress.envoy_config import plan, render
+    from services.ingress.envoy_runner import envoy_binary, validate
+
+    try:
+        text = render(plan(settings, args.edge_addr, args.internal_grpc))
+    except ValueError as err:
+        print(f"sluice envoy-config: {err}", file=sys.stderr)
+        return 2
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    args.out.write_text(text)
+    if args.validate:
+        try:
+            envoy_binary()
+        except FileNotFoundError as err:
+            print(f"{args.out} written, not validated: {err}", file=sys.stderr)
+            return 0
+        try:
+            validate(args.out)
+        except ValueError as err:
+            print(err, file=sys.stderr)
+            return 1
+        print(f"{args.out} written and validated by Envoy", file=sys.stderr)
+    return 0
 
 
 def _serve(service: str, settings: Settings, ready_file: Path | None) -> int:

@@ -20,7 +20,8 @@ import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 
-from services.mesh.certs import certs_present, init_certs
+from services.ingress.envoy_runner import start_envoy
+from services.mesh.certs import ca_paths, certs_present, init_certs
 from services.mesh.channels import sync_channel
 from services.mesh.config import Settings
 from services.mesh.health import wait_serving
@@ -70,7 +71,9 @@ def _wait_http_ready(url: str, timeout: float) -> None:
     raise ChildFailed(f"{url} did not report healthy within {timeout:.0f}s")
 
 
-def up(settings: Settings, state_file: Path | None, log_dir: Path | None, startup_timeout: float) -> int:
+def up(
+    settings: Settings, state_file: Path | None, log_dir: Path | None, startup_timeout: float, with_envoy: bool = False
+) -> int:
     started = time.monotonic()
     ensure_prerequisites(settings)
     stop = threading.Event()
@@ -81,17 +84,25 @@ def up(settings: Settings, state_file: Path | None, log_dir: Path | None, startu
         supervisor = Supervisor(Path(run_dir), log_dir)
         try:
             ready = _start_mesh(settings, supervisor, env, startup_timeout)
-        except ChildFailed as err:
+            if with_envoy:
+                ready["envoy"] = start_envoy(
+                    settings, supervisor, Path(run_dir), ready["edge"].address, startup_timeout
+                )
+        except (ChildFailed, FileNotFoundError) as err:
             log.error("%s", err)
             supervisor.stop_all(settings.drain_grace_s)
             return 1
         base_url = f"http://{ready['edge'].address}/v1"
+        state = {"base_url": base_url, "services": {k: asdict(v) for k, v in ready.items()}}
+        curl = f"curl {base_url}"
+        if "envoy" in ready:
+            state["envoy_url"] = base_url = f"https://{ready['envoy'].address}/v1"
+            curl = f"curl --cacert {ca_paths(settings.certs_dir).cert} {base_url}"
         if state_file is not None:
-            state = {"base_url": base_url, "services": {k: asdict(v) for k, v in ready.items()}}
             state_file.write_text(json.dumps(state, indent=2))
         print(
             f"Sluice is up in {time.monotonic() - started:.1f}s: model {settings.model_name} at {base_url}\n"
-            f'  curl {base_url}/chat/completions -H "Content-Type: application/json" '
+            f'  {curl}/chat/completions -H "Content-Type: application/json" '
             f'-d \'{{"model": "{settings.model_name}", "max_tokens": 32, '
             f'"messages": [{{"role": "user", "content": "Hello"}}]}}\'\n'
             "  Ctrl-C stops every service.",

@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-MESH_SERVICES = ("edge", "preprocess", "inference", "cache")
+# envoy: the ingress proxy's identity (its client-facing default and its mTLS into the mesh).
+MESH_SERVICES = ("edge", "preprocess", "inference", "cache", "envoy")
 DEFAULT_HOSTNAMES = ("localhost", "127.0.0.1")
 _VALIDITY = dt.timedelta(days=825)
 

@@ -53,6 +53,14 @@ class Settings(BaseSettings):
     cache_max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="cache size bound in bytes")
     cache_ttl_s: float = Field(3600.0, gt=0, description="seconds a cached completion stays valid")
 
+    envoy_port: int = Field(8443, description="TLS port Envoy serves the OpenAI API on (sluice up --with-envoy)")
+    envoy_grpc_port: int = Field(8444, description="mTLS port of Envoy's internal gRPC listener (--internal-grpc)")
+    envoy_admin_port: int = Field(0, description="Envoy admin port on 127.0.0.1 (0: a free port)")
+    envoy_tls_cert: str = Field("", description="certificate Envoy presents to clients (default: certs/envoy.crt)")
+    envoy_tls_key: str = Field("", description="its private key (default: certs/envoy.key)")
+    envoy_max_request_bytes: int = Field(1 << 20, ge=1024, description="largest request body Envoy accepts (413)")
+    envoy_rate_limit_rps: int = Field(200, ge=0, description="requests per second Envoy admits, burst 2x (0: off)")
+
     upstream_timeout_s: float = Field(10.0, gt=0, description="deadline for unary calls between services")
     generate_timeout_s: float = Field(600.0, gt=0, description="deadline for one generation")
     drain_grace_s: float = Field(10.0, ge=0, description="seconds in-flight work may finish after SIGTERM")

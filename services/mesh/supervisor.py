@@ -53,7 +53,9 @@ class Supervisor:
         self._log_dir = log_dir
         self.children: list[Child] = []
 
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> Child:
+    def start(self, name: str, argv: list[str], env: dict[str, str], ready_flag: str | None = "--ready-file") -> Child:
+        """Start a child; Sluice services are told where to write their ready file (`ready_flag`),
+        other programs (ready_flag=None) are waited for by their own means."""
         ready_file = self._run_dir / f"{name}.ready.json"
         ready_file.unlink(missing_ok=True)
         log_path = log_handle = None
@@ -62,7 +64,7 @@ class Supervisor:
             log_path = self._log_dir / f"{name}.log"
             log_handle = log_path.open("ab")
         process = subprocess.Popen(
-            [*argv, "--ready-file", str(ready_file)],
+            [*argv, ready_flag, str(ready_file)] if ready_flag else argv,
             env={**os.environ, **env},
             stdin=subprocess.DEVNULL,
             stdout=log_handle,

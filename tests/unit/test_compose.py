@@ -67,3 +67,17 @@ def test_edge_reaches_each_backend_on_the_port_it_serves() -> None:
         command = services[name]["command"]
         port = command[command.index(f"--{name}-port") + 1]
         assert edge_env[f"SLUICE_{name.upper()}_ADDR"] == f"{name}:{port}"
+
+
+def test_envoy_runs_the_config_setup_generates_for_the_edge() -> None:
+    services = _services()
+    setup = " ".join(services["setup"]["command"])
+    generate = setup[setup.index("sluice envoy-config") :].split("&&")[0].split()
+    args = _parser().parse_args(generate[1:])
+    edge_command = services["edge"]["command"]
+    assert args.edge_addr == f"edge:{edge_command[edge_command.index('--edge-port') + 1]}"
+    envoy = services["envoy"]
+    config = envoy["command"][envoy["command"].index("--config-path") + 1]
+    assert args.out == Path(config)
+    assert f"{args.envoy_port}:{args.envoy_port}" in envoy["ports"]
+    assert args.host == "0.0.0.0"  # reachable from outside the container
