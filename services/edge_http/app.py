@@ -39,7 +39,7 @@ from services.edge_http.openai_schema import (
     ResponseMeta,
     SamplingFields,
 )
-from services.edge_http.pipeline import Pipeline, Run
+from services.edge_http.pipeline import STUBS, Pipeline, Run
 from services.edge_http.streaming import sse_stream
 from services.edge_http.upstreams import Upstreams
 from services.mesh.config import Settings
@@ -115,9 +115,10 @@ def create_app(settings: Settings) -> FastAPI:
     async def list_models(request: Request) -> ModelList:
         upstreams: Upstreams = request.app.state.upstreams
         try:
-            reply = await upstreams.inference.ListModels(
-                inference_pb2.ListModelsRequest(), timeout=settings.upstream_timeout_s
-            )
+            reply = await upstreams.unary(
+                "inference", STUBS["inference"], "ListModels", inference_pb2.ListModelsRequest(),
+                timeout=settings.upstream_timeout_s,
+            )  # fmt: skip
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err, "inference") from err
         return ModelList(data=[Model(id=m.id, created=m.created, owned_by=m.owned_by) for m in reply.models])

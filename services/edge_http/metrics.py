@@ -25,3 +25,9 @@ UPSTREAM_ERRORS = Counter(
     "Failed calls to upstream services, by service and gRPC code",
     ["service", "code"],
 )
+UPSTREAM_RETRIES = Counter(
+    "sluice_edge_upstream_retries_total", "Calls retried on another instance after a failure", ["service"]
+)
+UPSTREAM_EJECTIONS = Counter(
+    "sluice_edge_upstream_ejections_total", "Instances ejected from a pool after failures in a row", ["service"]
+)

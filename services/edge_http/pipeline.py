@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -21,7 +22,21 @@ from services.edge_http.openai_schema import ChatCompletionRequest, CompletionRe
 from services.edge_http.upstreams import Upstreams
 from services.mesh import finish_reasons
 from services.mesh.config import Settings
-from services.mesh.stubs import cache_pb2, common_pb2, inference_pb2, preprocess_pb2
+from services.mesh.stubs import (
+    cache_pb2,
+    cache_pb2_grpc,
+    common_pb2,
+    inference_pb2,
+    inference_pb2_grpc,
+    preprocess_pb2,
+    preprocess_pb2_grpc,
+)
+
+STUBS = {
+    "preprocess": preprocess_pb2_grpc.PreprocessStub,
+    "inference": inference_pb2_grpc.InferenceStub,
+    "cache": cache_pb2_grpc.CacheStub,
+}
 
 log = logging.getLogger(__name__)
 
@@ -103,29 +118,29 @@ class Pipeline:
     def _metadata(self, request_id: str) -> tuple[tuple[str, str], ...]:
         return (("x-request-id", request_id),)
 
-    def _unary(
-        self, method: grpc.aio.UnaryUnaryMultiCallable, request: Message, request_id: str
-    ) -> grpc.aio.UnaryUnaryCall:
-        """A unary call with the mesh's deadline and the request id; the caller decides what a failure means."""
-        return method(request, timeout=self._settings.upstream_timeout_s, metadata=self._metadata(request_id))
+    async def _unary(self, service: str, method: str, request: Message, request_id: str) -> Any:
+        """A balanced unary call with the mesh's deadline and the request id; the caller decides what a
+        failure means."""
+        return await self._up.unary(
+            service, STUBS[service], method, request,
+            timeout=self._settings.upstream_timeout_s, metadata=self._metadata(request_id),
+        )  # fmt: skip
 
     async def prepare_chat(self, body: ChatCompletionRequest, request_id: str) -> preprocess_pb2.PreprocessReply:
         request = preprocess_pb2.RenderChatRequest(
             request_id=request_id, model=body.model, messages=_chat_messages(body), sampling=sampling_params(body)
         )
-        return await self._preprocess(self._up.preprocess.RenderChat, request, request_id)
+        return await self._preprocess("RenderChat", request, request_id)
 
     async def prepare_completion(self, body: CompletionRequest, request_id: str) -> preprocess_pb2.PreprocessReply:
         request = preprocess_pb2.TokenizeRequest(
             request_id=request_id, model=body.model, prompt=body.prompt_text, sampling=sampling_params(body)
         )
-        return await self._preprocess(self._up.preprocess.Tokenize, request, request_id)
+        return await self._preprocess("Tokenize", request, request_id)
 
-    async def _preprocess(
-        self, method: grpc.aio.UnaryUnaryMultiCallable, request: Message, request_id: str
-    ) -> preprocess_pb2.PreprocessReply:
+    async def _preprocess(self, method: str, request: Message, request_id: str) -> preprocess_pb2.PreprocessReply:
         try:
-            return await self._unary(method, request, request_id)
+            return await self._unary("preprocess", method, request, request_id)
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err, "preprocess") from err
 
@@ -151,7 +166,7 @@ class Pipeline:
     async def _lookup(self, key: str, request_id: str) -> Event | None:
         try:
             hit = await self._unary(
-                self._up.cache.Lookup, cache_pb2.LookupRequest(cache_key=key, request_id=request_id), request_id
+                "cache", "Lookup", cache_pb2.LookupRequest(cache_key=key, request_id=request_id), request_id
             )
         except grpc.aio.AioRpcError as err:
             if err.code() != grpc.StatusCode.NOT_FOUND:
@@ -165,10 +180,9 @@ class Pipeline:
     async def _store(self, key: str, completion: cache_pb2.Completion, request_id: str) -> None:
         try:
             await self._unary(
-                self._up.cache.Store,
-                cache_pb2.StoreRequest(cache_key=key, completion=completion, request_id=request_id),
+                "cache", "Store", cache_pb2.StoreRequest(cache_key=key, completion=completion, request_id=request_id),
                 request_id,
-            )
+            )  # fmt: skip
         except grpc.aio.AioRpcError as err:
             UPSTREAM_ERRORS.labels("cache", err.code().name).inc()
             log.warning("cache store failed (%s)", err.code().name)
@@ -176,16 +190,17 @@ class Pipeline:
     async def _generate(
         self, model: str, prepared: preprocess_pb2.PreprocessReply, request_id: str, store: bool
     ) -> AsyncIterator[Event]:
-        call = self._up.inference.Generate(
+        chunks = self._up.stream(
+            "inference", STUBS["inference"], "Generate",
             inference_pb2.GenerateRequest(
                 request_id=request_id, model=model, token_ids=prepared.token_ids, sampling=prepared.sampling
             ),
             timeout=self._settings.generate_timeout_s,
             metadata=self._metadata(request_id),
-        )
+        )  # fmt: skip
         completion = cache_pb2.Completion()
         try:
-            async for chunk in call:
+            async for chunk in chunks:
                 completion.text += chunk.text
                 completion.token_ids.extend(chunk.token_ids)
                 if not chunk.finish_reason:
@@ -206,8 +221,7 @@ class Pipeline:
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err, "inference") from err
         finally:
-            # Client gone or stream abandoned: cancelling the call stops generation upstream.
-            call.cancel()
+            await chunks.aclose()  # cancels the call upstream if the client left early
         if not completion.finish_reason:
             raise OpenAIError(502, "inference ended the stream without a finish reason", "server_error")
 

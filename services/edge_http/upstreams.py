@@ -1,32 +1,146 @@
-"""The edge's gRPC clients of preprocess, inference and cache (mTLS as the `edge` identity)."""
+"""The edge's gRPC clients of preprocess, inference and cache (mTLS as the `edge` identity).
+
+One balanced pool per service, fed by discovery. A call that fails on an instance before any
+of its answer was used is retried once on another instance; health checks every second keep
+NOT_SERVING (draining, hung) instances out of the rotation.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
 
+import grpc
 import grpc.aio
+from google.protobuf.message import Message
 
+from services.edge_http.errors import RETRY_AFTER_S, OpenAIError
+from services.edge_http.metrics import UPSTREAM_EJECTIONS, UPSTREAM_RETRIES
+from services.mesh.balancer import RETRYABLE, Endpoint, NoInstance, Pool
 from services.mesh.channels import aio_channel
 from services.mesh.config import Settings
-from services.mesh.discovery import UPSTREAM_SERVICES, StaticDiscovery
+from services.mesh.discovery import UPSTREAM_SERVICES, Discovery, Instance
 from services.mesh.health import check_async
-from services.mesh.stubs import cache_pb2_grpc, inference_pb2_grpc, preprocess_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 IDENTITY = "edge"
+HEALTH_INTERVAL_S = 1.0
 
 
 class Upstreams:
-    def __init__(self, settings: Settings, discovery: StaticDiscovery) -> None:
-        self._channels: dict[str, grpc.aio.Channel] = {
-            svc: aio_channel(settings, discovery.address(svc), IDENTITY) for svc in UPSTREAM_SERVICES
+    def __init__(self, settings: Settings, discovery: Discovery) -> None:
+        self._settings = settings
+        self._discovery = discovery
+        self._loop = asyncio.get_running_loop()
+        self.pools = {
+            svc: Pool(
+                svc,
+                lambda address: aio_channel(settings, address, IDENTITY),
+                on_eject=lambda _, svc=svc: UPSTREAM_EJECTIONS.labels(svc).inc(),
+            )
+            for svc in UPSTREAM_SERVICES
         }
-        self.preprocess = preprocess_pb2_grpc.PreprocessStub(self._channels["preprocess"])
-        self.inference = inference_pb2_grpc.InferenceStub(self._channels["inference"])
-        self.cache = cache_pb2_grpc.CacheStub(self._channels["cache"])
+        for svc, pool in self.pools.items():
+            discovery.watch(svc, lambda instances, pool=pool: self._update(pool, instances))
+        self._health_task = asyncio.create_task(self._check_health_forever())
+
+    def _update(self, pool: Pool, instances: list[Instance]) -> None:
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            on_loop = False
+        if not on_loop:  # a discovery thread: pools are only touched on the event loop
+            self._loop.call_soon_threadsafe(self._update, pool, instances)
+            return
+        pool.update(instances)
+        retired, pool.retired = pool.retired, []
+        for channel in retired:
+            # Calls still running on a removed instance get the drain grace period to finish.
+            self._loop.call_later(self._settings.drain_grace_s + 5, lambda c=channel: asyncio.ensure_future(c.close()))
+
+    async def _check_health_forever(self) -> None:
+        while True:
+            endpoints = [e for pool in self.pools.values() for e in pool.endpoints]
+            results = await asyncio.gather(*(check_async(e.channel, timeout=HEALTH_INTERVAL_S) for e in endpoints))
+            for endpoint, healthy in zip(endpoints, results, strict=True):
+                if endpoint.healthy != healthy:
+                    log.warning("%s at %s is %s", endpoint.instance.service, endpoint.instance.address,
+                                "SERVING again" if healthy else "not SERVING")  # fmt: skip
+                endpoint.healthy = healthy
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+
+    def _pick(self, service: str, tried: list[str]) -> Endpoint:
+        try:
+            return self.pools[service].pick(tried)
+        except NoInstance as err:
+            raise OpenAIError(
+                503, str(err), "service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}
+            ) from err
+
+    def _retry(self, service: str, endpoint: Endpoint, code: grpc.StatusCode, tried: list[str]) -> bool:
+        tried.append(endpoint.instance.key)
+        if code in RETRYABLE and self.pools[service].alternatives(tried):
+            log.warning("%s at %s failed (%s); retrying on another instance",
+                        service, endpoint.instance.address, code.name)  # fmt: skip
+            UPSTREAM_RETRIES.labels(service).inc()
+            return True
+        return False
+
+    async def unary(self, service: str, stub_class: type, method: str, request: Message, **call: Any) -> Any:
+        """One unary call (keyword arguments go to the stub: timeout, metadata)."""
+        tried: list[str] = []
+        while True:
+            endpoint = self._pick(service, tried)
+            pool = self.pools[service]
+            pool.started(endpoint)
+            code = None
+            try:
+                return await getattr(endpoint.stub(stub_class), method)(request, **call)
+            except grpc.aio.AioRpcError as err:
+                code = err.code()
+                if not self._retry(service, endpoint, code, tried):
+                    raise
+            finally:
+                pool.finished(endpoint, code)
+
+    async def stream(self, service: str, stub_class: type, method: str, request: Message, **call: Any) -> AsyncIterator:
+        """A server-streaming call, retried on another instance only if it failed before its first message."""
+        tried: list[str] = []
+        while True:
+            endpoint = self._pick(service, tried)
+            pool = self.pools[service]
+            pool.started(endpoint)
+            code, received = None, False
+            rpc = getattr(endpoint.stub(stub_class), method)(request, **call)
+            try:
+                async for message in rpc:
+                    received = True
+                    yield message
+                return
+            except grpc.aio.AioRpcError as err:
+                code = err.code()
+                if received or not self._retry(service, endpoint, code, tried):
+                    raise
+            finally:
+                # Client gone or stream abandoned: cancelling the call stops generation upstream.
+                rpc.cancel()
+                pool.finished(endpoint, code)
 
     async def health(self) -> dict[str, bool]:
-        results = await asyncio.gather(*(check_async(ch, timeout=2.0) for ch in self._channels.values()))
-        return dict(zip(self._channels, results, strict=True))
+        """Each service: is at least one of its instances SERVING right now?"""
+        states = {}
+        for svc, pool in self.pools.items():
+            results = await asyncio.gather(*(check_async(e.channel, timeout=2.0) for e in pool.endpoints))
+            states[svc] = any(results)
+        return states
 
     async def close(self) -> None:
-        await asyncio.gather(*(ch.close() for ch in self._channels.values()))
+        self._health_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._health_task
+        self._discovery.close()
+        await asyncio.gather(*(e.channel.close() for pool in self.pools.values() for e in pool.endpoints))

@@ -1,0 +1,117 @@
+"""Client-side load balancing over the instances of one service.
+
+Picks the healthy instance with the fewest requests in flight; an instance that fails
+`eject_after` calls in a row (connection-level failures, not the caller's own errors) is
+ejected for `cooldown_s`, then admitted again. When every instance is ejected or unhealthy the
+pool still answers with the least bad one (as Envoy's panic mode does) rather than refusing.
+Pure logic: the channel factory is injected, so it is tested without a network.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from services.mesh.discovery import Instance
+
+log = logging.getLogger(__name__)
+
+# Failures that say something about the instance, not about the request.
+INSTANCE_FAILURES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
+)
+# Worth one more try on another instance (when nothing was sent to the client yet).
+RETRYABLE = INSTANCE_FAILURES | {grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+class NoInstance(LookupError):
+    pass
+
+
+@dataclass
+class Endpoint:
+    instance: Instance
+    channel: Any  # grpc.aio.Channel in production
+    outstanding: int = 0
+    failures: int = 0  # consecutive
+    ejected_until: float = 0.0
+    healthy: bool = True  # from health checks
+    _stubs: dict[type, Any] = field(default_factory=dict)
+
+    def stub(self, stub_class: type) -> Any:
+        if stub_class not in self._stubs:
+            self._stubs[stub_class] = stub_class(self.channel)
+        return self._stubs[stub_class]
+
+
+class Pool:
+    def __init__(
+        self,
+        service: str,
+        make_channel: Callable[[str], Any],
+        eject_after: int = 3,
+        cooldown_s: float = 10.0,
+        on_eject: Callable[[Endpoint], None] = lambda _: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.service = service
+        self._make_channel = make_channel
+        self._eject_after = eject_after
+        self._cooldown_s = cooldown_s
+        self._on_eject = on_eject
+        self._clock = clock
+        self._endpoints: dict[str, Endpoint] = {}
+        self.retired: list[Any] = []  # channels of removed instances, for the owner to close
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        return list(self._endpoints.values())
+
+    def update(self, instances: Iterable[Instance]) -> None:
+        """Make the pool hold exactly these instances, keeping the state of those it already had."""
+        wanted = {instance.key: instance for instance in instances}
+        for key in set(self._endpoints) - set(wanted):
+            self.retired.append(self._endpoints.pop(key).channel)
+        for key, instance in wanted.items():
+            if key not in self._endpoints:
+                self._endpoints[key] = Endpoint(instance, self._make_channel(instance.address))
+        log.info("%s instances: %s", self.service, ", ".join(e.instance.address for e in self.endpoints) or "none")
+
+    def pick(self, exclude: Iterable[str] = ()) -> Endpoint:
+        excluded = set(exclude)
+        candidates = [e for key, e in self._endpoints.items() if key not in excluded]
+        if not candidates:
+            raise NoInstance(f"no {self.service} instance available")
+        now = self._clock()
+        usable = [e for e in candidates if e.healthy and e.ejected_until <= now]
+        if usable:
+            return min(usable, key=lambda e: e.outstanding)
+        # Panic: everything is ejected or unhealthy; the one whose ejection ends first is the best bet.
+        return min(candidates, key=lambda e: (not e.healthy, e.ejected_until, e.outstanding))
+
+    def alternatives(self, tried: Iterable[str]) -> bool:
+        return bool(set(self._endpoints) - set(tried))
+
+    def started(self, endpoint: Endpoint) -> None:
+        endpoint.outstanding += 1
+
+    def finished(self, endpoint: Endpoint, code: grpc.StatusCode | None) -> None:
+        """Record a call's outcome (None or a non-instance code: the instance did its job)."""
+        endpoint.outstanding -= 1
+        if code not in INSTANCE_FAILURES:
+            endpoint.failures = 0
+            return
+        endpoint.failures += 1
+        if endpoint.failures >= self._eject_after and endpoint.ejected_until <= self._clock():
+            endpoint.ejected_until = self._clock() + self._cooldown_s
+            endpoint.failures = 0
+            log.warning(
+                "%s at %s ejected for %.0fs after %d failures in a row",
+                self.service, endpoint.instance.address, self._cooldown_s, self._eject_after,
+            )  # fmt: skip
+            self._on_eject(endpoint)
