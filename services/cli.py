@@ -72,6 +72,10 @@ def _parser() -> argparse.ArgumentParser:
         help="also start Envoy in front of the edge: TLS on --envoy-port (see `sluice envoy-config --help`)",
     )  # fmt: skip
     add_setting_flags(up, *ENVOY_FLAGS)
+    up.add_argument(
+        "--replicas", type=_replicas, default={}, metavar="SERVICE=N[,SERVICE=N]",
+        help="run N processes of a backend service (e.g. inference=2); the edge balances across them",
+    )  # fmt: skip
     up.add_argument("--state-file", type=Path, help="write the base URL and every service's addresses here (JSON)")
     up.add_argument(
         "--log-dir", type=Path, help="write each service's log to DIR/<service>.log instead of the terminal"
@@ -141,8 +145,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _replicas(text: str) -> dict[str, int]:
+    from services.mesh.discovery import UPSTREAM_SERVICES
+
+    counts = {}
+    for item in text.split(","):
+        service, _, count = item.partition("=")
+        if service not in UPSTREAM_SERVICES or not count.isdigit() or int(count) < 1:
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: expected SERVICE=N with SERVICE one of {', '.join(UPSTREAM_SERVICES)} and N >= 1"
+            )
+        counts[service] = int(count)
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.command == "model":
         from services.inference.default_model import build_default_model
 
@@ -163,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up":
         from services.up import up
 
-        return up(settings, args.state_file, args.log_dir, args.startup_timeout, args.with_envoy)
+        if any(args.replicas.get(svc, 1) > 1 and getattr(settings, f"{svc}_port") for svc in args.replicas):
+            parser.error("--replicas needs the replicated services on free ports (leave their --*-port at 0)")
+        return up(settings, args.state_file, args.log_dir, args.startup_timeout, args.with_envoy, args.replicas)
     if args.command == "envoy-config":
         return _envoy_config(settings, args)
     return _serve(args.service, settings, args.ready_file)

@@ -72,7 +72,12 @@ def _wait_http_ready(url: str, timeout: float) -> None:
 
 
 def up(
-    settings: Settings, state_file: Path | None, log_dir: Path | None, startup_timeout: float, with_envoy: bool = False
+    settings: Settings,
+    state_file: Path | None,
+    log_dir: Path | None,
+    startup_timeout: float,
+    with_envoy: bool = False,
+    replicas: dict[str, int] | None = None,
 ) -> int:
     started = time.monotonic()
     ensure_prerequisites(settings)
@@ -83,7 +88,7 @@ def up(
     with tempfile.TemporaryDirectory(prefix="sluice-up-") as run_dir:
         supervisor = Supervisor(Path(run_dir), log_dir)
         try:
-            ready = _start_mesh(settings, supervisor, env, startup_timeout)
+            ready = _start_mesh(settings, supervisor, env, startup_timeout, replicas or {})
             if with_envoy:
                 ready["envoy"] = start_envoy(
                     settings, supervisor, Path(run_dir), ready["edge"].address, startup_timeout
@@ -109,29 +114,50 @@ def up(
             flush=True,
         )
         code = 0
-        while not stop.wait(0.5):
-            dead = supervisor.exited()
-            if dead is not None:
+        while not stop.wait(0.5) and not code:
+            for dead in supervisor.newly_exited():
+                alive = [c.name for c in supervisor.running() if service_of(c.name) == service_of(dead.name)]
+                if alive:
+                    # A lost replica is not a lost service: the edge routes around it.
+                    log.error("%s exited with code %s; %s keep serving\n%s",
+                              dead.name, dead.process.returncode, ", ".join(alive), dead.log_tail())  # fmt: skip
+                    continue
                 log.error(
                     "%s exited with code %s; stopping the mesh\n%s", dead.name, dead.process.returncode, dead.log_tail()
                 )
                 code = 1
-                break
         supervisor.stop_all(settings.drain_grace_s + 5)
         return code
 
 
+def replica_names(service: str, count: int) -> list[str]:
+    """Child names for a service's replicas: the first keeps the service's name."""
+    return [service if i == 0 else f"{service}-{i + 1}" for i in range(count)]
+
+
+def service_of(child_name: str) -> str:
+    return child_name.split("-", 1)[0]
+
+
 def _start_mesh(
-    settings: Settings, supervisor: Supervisor, env: dict[str, str], timeout: float
+    settings: Settings, supervisor: Supervisor, env: dict[str, str], timeout: float, replicas: dict[str, int]
 ) -> dict[str, ReadyInfo]:
     # The backends start together (the model load dominates); the edge needs their addresses.
-    children = {name: supervisor.start(name, _serve_argv(name), _child_env(env, name)) for name in BACKENDS}
+    children = {
+        name: supervisor.start(name, _serve_argv(service), _child_env(env, service))
+        for service in BACKENDS
+        for name in replica_names(service, replicas.get(service, 1))
+    }
     ready = {name: supervisor.wait_ready(child, timeout) for name, child in children.items()}
     for name, info in ready.items():
         with sync_channel(settings, info.address, "edge") as channel:
             if not wait_serving(channel, timeout):
                 raise ChildFailed(f"{name} at {info.address} is not SERVING")
-    edge_env = env | {f"SLUICE_{name.upper()}_ADDR": info.address for name, info in ready.items()}
+    edge_env = env | {
+        f"SLUICE_{service.upper()}_ADDR": ",".join(info.address for name, info in ready.items()
+                                                   if service_of(name) == service)
+        for service in BACKENDS
+    }  # fmt: skip
     edge = supervisor.start("edge", _serve_argv("edge"), _child_env(edge_env, "edge"))
     ready["edge"] = supervisor.wait_ready(edge, timeout)
     _wait_http_ready(f"http://{ready['edge'].address}/health", timeout)

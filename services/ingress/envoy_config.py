@@ -22,7 +22,7 @@ import yaml
 
 from services.mesh.certs import ca_paths, service_paths, spiffe_id
 from services.mesh.config import Settings
-from services.mesh.discovery import UPSTREAM_SERVICES
+from services.mesh.discovery import UPSTREAM_SERVICES, split_addresses
 from services.mesh.ready import advertised_address
 
 IDENTITY = "envoy"
@@ -72,7 +72,7 @@ class EnvoyPlan:
     unary_timeout_s: float
     max_request_bytes: int
     rate_limit_rps: int
-    internal: dict[str, Address] | None = None
+    internal: dict[str, list[Address]] | None = None  # every replica of each gRPC service
     internal_listen: Address | None = None
 
 
@@ -87,7 +87,10 @@ def plan(settings: Settings, edge_addr: str = "", internal_grpc: bool = False) -
         if missing:
             flags = ", ".join(f"--{svc}-addr" for svc in missing)
             raise ValueError(f"--internal-grpc needs the services' addresses: set {flags}")
-        internal = {svc: Address.parse(getattr(settings, f"{svc}_addr")) for svc in UPSTREAM_SERVICES}
+        internal = {
+            svc: [Address.parse(a) for a in split_addresses(getattr(settings, f"{svc}_addr"))]
+            for svc in UPSTREAM_SERVICES
+        }
     return EnvoyPlan(
         listen=Address(settings.host, settings.envoy_port),
         admin=Address("127.0.0.1", settings.envoy_admin_port),
@@ -241,13 +244,14 @@ def _public_listener(p: EnvoyPlan) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _cluster(name: str, address: Address, **extra: Any) -> dict[str, Any]:
+def _cluster(name: str, addresses: list[Address], **extra: Any) -> dict[str, Any]:
+    endpoints = [{"endpoint": {"address": address.socket()}} for address in addresses]
     return {
         "name": name,
-        "type": "STATIC" if address.is_ip else "STRICT_DNS",
+        "type": "STATIC" if all(a.is_ip for a in addresses) else "STRICT_DNS",
         "connect_timeout": "2s",
-        "load_assignment": {"cluster_name": name,
-                            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address.socket()}}]}]},
+        "lb_policy": "LEAST_REQUEST",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
         "outlier_detection": {"consecutive_5xx": 5, "consecutive_gateway_failure": 3, "interval": "5s",
                               "base_ejection_time": "15s", "max_ejection_percent": 100},
         "circuit_breakers": {"thresholds": [{"max_connections": 4096, "max_pending_requests": 4096,
@@ -280,10 +284,9 @@ def _internal_listener(p: EnvoyPlan) -> dict[str, Any]:
             "filter_chains": [{"transport_socket": tls, "filters": [manager]}]}  # fmt: skip
 
 
-def _grpc_cluster(p: EnvoyPlan, service: str, address: Address) -> dict[str, Any]:
+def _grpc_cluster(p: EnvoyPlan, service: str, addresses: list[Address]) -> dict[str, Any]:
     tls = {
         "@type": f"{_TYPES}.transport_sockets.tls.v3.UpstreamTlsContext",
-        "sni": address.host,
         "common_tls_context": {
             "alpn_protocols": ["h2"],
             "tls_certificates": [_tls_certificate(p.mesh_cert, p.mesh_key)],
@@ -298,7 +301,7 @@ def _grpc_cluster(p: EnvoyPlan, service: str, address: Address) -> dict[str, Any
         "explicit_http_config": {"http2_protocol_options": {}},
     }}  # fmt: skip
     return _cluster(
-        f"sluice_{service}", address,
+        f"sluice_{service}", addresses,
         transport_socket={"name": "envoy.transport_sockets.tls", "typed_config": tls},
         typed_extension_protocol_options=http2,
         health_checks=_health_check(grpc_health_check={"service_name": ""}),
@@ -307,10 +310,10 @@ def _grpc_cluster(p: EnvoyPlan, service: str, address: Address) -> dict[str, Any
 
 def bootstrap(p: EnvoyPlan) -> dict[str, Any]:
     listeners = [_public_listener(p)]
-    clusters = [_cluster("sluice_edge", p.edge, health_checks=_health_check(http_health_check={"path": "/health"}))]
+    clusters = [_cluster("sluice_edge", [p.edge], health_checks=_health_check(http_health_check={"path": "/health"}))]
     if p.internal:
         listeners.append(_internal_listener(p))
-        clusters += [_grpc_cluster(p, svc, address) for svc, address in p.internal.items()]
+        clusters += [_grpc_cluster(p, svc, addresses) for svc, addresses in p.internal.items()]
     return {
         "admin": {"address": p.admin.socket()},
         "static_resources": {"listeners": listeners, "clusters": clusters},

@@ -52,6 +52,7 @@ class Supervisor:
         self._run_dir = run_dir
         self._log_dir = log_dir
         self.children: list[Child] = []
+        self._reported: set[str] = set()
 
     def start(self, name: str, argv: list[str], env: dict[str, str], ready_flag: str | None = "--ready-file") -> Child:
         """Start a child; Sluice services are told where to write their ready file (`ready_flag`),
@@ -88,8 +89,14 @@ class Supervisor:
             time.sleep(0.05)
         raise ChildFailed(f"{child.name} was not ready after {timeout:.0f}s\n{child.log_tail()}")
 
-    def exited(self) -> Child | None:
-        return next((c for c in self.children if c.process.poll() is not None), None)
+    def newly_exited(self) -> list[Child]:
+        """Children that exited since the last call."""
+        exited = [c for c in self.children if c.process.poll() is not None and c.name not in self._reported]
+        self._reported.update(c.name for c in exited)
+        return exited
+
+    def running(self) -> list[Child]:
+        return [c for c in self.children if c.process.poll() is None]
 
     def stop_all(self, grace_s: float) -> None:
         """SIGTERM everyone (the edge first: it stops taking requests), then SIGKILL stragglers."""

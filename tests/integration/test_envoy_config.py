@@ -14,7 +14,11 @@ from services.ingress.envoy_config import COMPLETION_PATHS, bootstrap, plan
 from services.ingress.envoy_runner import validate
 from services.mesh.config import Settings
 
-BACKENDS = {"preprocess_addr": "127.0.0.1:50051", "inference_addr": "inference:50052", "cache_addr": "[::1]:50053"}
+BACKENDS = {
+    "preprocess_addr": "127.0.0.1:50051",
+    "inference_addr": "inference:50052,inference-2:50052",  # two replicas
+    "cache_addr": "[::1]:50053",
+}
 
 
 def _settings(certs_dir: Path, **overrides: object) -> Settings:
@@ -75,6 +79,7 @@ def test_internal_listener_admits_only_the_edge_identity(certs_dir: Path) -> Non
     sans = tls["common_tls_context"]["validation_context"]["match_typed_subject_alt_names"]
     assert sans == [{"san_type": "URI", "matcher": {"exact": "spiffe://sluice/edge"}}]
     clusters = {c["name"]: c for c in resources["clusters"]}
-    assert clusters["sluice_inference"]["type"] == "STRICT_DNS"  # a hostname
+    assert clusters["sluice_inference"]["type"] == "STRICT_DNS"  # hostnames
+    assert len(clusters["sluice_inference"]["load_assignment"]["endpoints"][0]["lb_endpoints"]) == 2
     assert clusters["sluice_cache"]["type"] == "STATIC"  # an IPv6 literal
     assert all("grpc_health_check" in clusters[f"sluice_{s}"]["health_checks"][0] for s in ("preprocess", "cache"))

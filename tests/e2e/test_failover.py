@@ -1,0 +1,101 @@
+"""Two real inference replicas under a bounded streaming load, one of them killed or drained
+mid-load: nothing hangs, nothing is lost, and what had already streamed ends visibly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import openai
+import pytest
+from meshproc import Mesh, start_mesh
+
+REQUESTS, CONCURRENCY, TOKENS, DEADLINE_S = 120, 16, 32, 60.0
+
+
+def _run_load(mesh: Mesh, on_progress: tuple[int, callable]) -> tuple[Counter, list[tuple[float, str]]]:
+    """REQUESTS streaming chats, CONCURRENCY at a time; calls on_progress[1]() once on_progress[0]
+    requests have completed. Returns outcome counts and (start time, outcome) per request."""
+    outcomes: Counter = Counter()
+    timeline: list[tuple[float, str]] = []
+    trigger_at, trigger = on_progress
+
+    async def one(client: openai.AsyncOpenAI, index: int, gate: asyncio.Semaphore) -> None:
+        async with gate:
+            started, streamed, outcome = time.monotonic(), 0, "completed"
+            try:
+                async with asyncio.timeout(DEADLINE_S):
+                    stream = await client.chat.completions.create(
+                        model=mesh.model_dir.name, messages=[{"role": "user", "content": f"failover {index}"}],
+                        max_tokens=TOKENS, temperature=0, stream=True, stream_options={"include_usage": True},
+                        extra_body={"ignore_eos": True}, extra_headers={"Cache-Control": "no-cache"},
+                    )  # fmt: skip
+                    usage = None
+                    async for chunk in stream:
+                        if chunk.choices and chunk.choices[0].delta.content:
+                            streamed += 1
+                        usage = chunk.usage or usage
+                    if usage is None or usage.completion_tokens != TOKENS:
+                        outcome = "truncated"  # ended without error and without its tokens: must never happen
+            except TimeoutError:
+                outcome = "hung"
+            except openai.APIError:
+                outcome = "error after tokens" if streamed else "failed before tokens"
+            outcomes[outcome] += 1
+            timeline.append((started, outcome))
+            if sum(outcomes.values()) == trigger_at:
+                trigger()
+
+    async def main() -> None:
+        gate = asyncio.Semaphore(CONCURRENCY)
+        async with openai.AsyncOpenAI(base_url=mesh.base_url, api_key="unused", max_retries=0) as client:
+            await asyncio.gather(*(one(client, i, gate) for i in range(REQUESTS)))
+
+    asyncio.run(main())
+    return outcomes, timeline
+
+
+@pytest.fixture
+def replicated(tmp_path: Path, certs_dir: Path, model_dir: Path) -> Mesh:
+    mesh = start_mesh(tmp_path, certs_dir, model_dir, "--replicas", "inference=2")
+    try:
+        yield mesh
+    finally:
+        mesh.stop()
+
+
+def test_kill_9_of_one_replica_mid_load_loses_and_hangs_nothing(replicated: Mesh) -> None:
+    victim = replicated.services["inference-2"]["pid"]
+    retries_before = replicated.metric("edge", "sluice_edge_upstream_retries_total", service="inference")
+    killed_at: list[float] = []
+
+    def kill() -> None:
+        killed_at.append(time.monotonic())
+        os.kill(victim, signal.SIGKILL)
+
+    outcomes, timeline = _run_load(replicated, (REQUESTS // 4, kill))
+    retried = replicated.metric("edge", "sluice_edge_upstream_retries_total", service="inference") - retries_before
+    print(f"\nkill -9: {REQUESTS} sent, {dict(outcomes)}, {retried:.0f} retried")
+    assert killed_at, "the replica was never killed"
+    assert outcomes["hung"] == outcomes["truncated"] == outcomes["failed before tokens"] == 0, outcomes
+    assert outcomes["completed"] + outcomes["error after tokens"] == REQUESTS
+    after = [outcome for started, outcome in timeline if started > killed_at[0]]
+    assert after and set(after) == {"completed"}
+    # Both replicas really served before the kill: the survivor alone cannot explain the errors.
+    assert replicated.metric("inference", "sluice_inference_sequences_finished_total", reason="length") < REQUESTS
+    assert (
+        "inference-2 exited with code -9; inference keep serving" in (replicated.log_dir.parent / "up.log").read_text()
+    )
+
+
+def test_sigterm_of_one_replica_mid_load_fails_nothing(replicated: Mesh) -> None:
+    victim = replicated.services["inference-2"]["pid"]
+    outcomes, _ = _run_load(replicated, (REQUESTS // 4, lambda: os.kill(victim, signal.SIGTERM)))
+    print(f"\nSIGTERM: {REQUESTS} sent, {dict(outcomes)}")
+    assert outcomes == Counter({"completed": REQUESTS})
+    up_log = replicated.log_dir.parent / "up.log"
+    assert "inference-2 exited with code 0; inference keep serving" in up_log.read_text()
