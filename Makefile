@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test lint protos bench clean
+.PHONY: run test lint protos bench clean redis-server
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,14 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-run
 run: $(VENV)/.installed-run
 	$(BIN)/sluice up
 
-test: lint
+test: lint redis-server
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The Redis tests start their own redis-server on a free port; install it once (Debian/Ubuntu).
+redis-server:
+	@command -v redis-server >/dev/null || { \
+		echo "installing redis-server for the tests (apt-get)"; \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq redis-server >/dev/null; }
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

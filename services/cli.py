@@ -27,7 +27,15 @@ SERVICE_FLAGS = {
         "prefill_chunk",
         "kv_cache_bytes",
     ),
-    "cache": ("cache_port", "metrics_port", "cache_max_entries", "cache_max_bytes", "cache_ttl_s"),
+    "cache": (
+        "cache_port",
+        "metrics_port",
+        "cache_backend",
+        "redis_url",
+        "cache_max_entries",
+        "cache_max_bytes",
+        "cache_ttl_s",
+    ),
     "edge": (
         "edge_port",
         "preprocess_addr",
@@ -64,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
         "--port", dest="edge_port", type=int, default=None, help="HTTP port of the OpenAI API (default 8000)"
     )
     add_setting_flags(
-        up, *MESH_FLAGS, "model", "served_model_name", "device", "torch_threads", "cache_enabled",
+        up, *MESH_FLAGS, "model", "served_model_name", "device", "torch_threads", "cache_enabled", "cache_backend",
+        "redis_url",
         "max_running", "max_waiting", "max_batched_tokens", "prefill_chunk", "kv_cache_bytes",
     )  # fmt: skip
     up.add_argument(

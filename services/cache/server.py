@@ -8,7 +8,7 @@ import grpc
 from opentelemetry import trace
 from prometheus_client import Counter, Gauge
 
-from services.cache.store import CompletionStore
+from services.cache.store import CompletionStore, Store
 from services.mesh.config import Settings
 from services.mesh.errors import InvalidArgument, grpc_errors
 from services.mesh.grpc_service import GrpcService, serve
@@ -27,7 +27,7 @@ def _require_key(key: str) -> None:
 
 
 class CacheServicer(cache_pb2_grpc.CacheServicer):
-    def __init__(self, store: CompletionStore) -> None:
+    def __init__(self, store: Store) -> None:
         self._store = store
         ENTRIES.set_function(lambda: store.stats().entries)
         BYTES.set_function(lambda: store.stats().bytes)
@@ -54,10 +54,17 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
         return cache_pb2.StoreReply(stored=stored)
 
 
+def make_store(settings: Settings) -> Store:
+    bounds = (settings.cache_max_entries, settings.cache_max_bytes, settings.cache_ttl_s)
+    if settings.cache_backend == "redis":
+        from services.cache.redis_store import RedisStore
+
+        return RedisStore(settings.redis_url, *bounds, on_evict=EVICTIONS.inc)
+    return CompletionStore(*bounds, on_evict=EVICTIONS.inc)
+
+
 def run(settings: Settings, ready_file: Path | None) -> int:
-    store = CompletionStore(
-        settings.cache_max_entries, settings.cache_max_bytes, settings.cache_ttl_s, on_evict=EVICTIONS.inc
-    )
+    store = make_store(settings)
     spec = GrpcService(
         name="cache",
         service_names=[cache_pb2.DESCRIPTOR.services_by_name["Cache"].full_name],

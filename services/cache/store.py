@@ -7,12 +7,23 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass(frozen=True)
 class StoreStats:
     entries: int
     bytes: int
+
+
+class Store(Protocol):
+    """What the cache service needs of a backend (this in-memory one, or redis_store.RedisStore)."""
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def put(self, key: str, value: bytes) -> bool: ...
+
+    def stats(self) -> StoreStats: ...
 
 
 class CompletionStore:

@@ -66,6 +66,7 @@ class Pool:
         self._on_eject = on_eject
         self._clock = clock
         self._endpoints: dict[str, Endpoint] = {}
+        self._turn = 0
         self.retired: list[Any] = []  # channels of removed instances, for the owner to close
 
     @property
@@ -90,7 +91,10 @@ class Pool:
         now = self._clock()
         usable = [e for e in candidates if e.healthy and e.ejected_until <= now]
         if usable:
-            return min(usable, key=lambda e: e.outstanding)
+            fewest = min(e.outstanding for e in usable)
+            idle = [e for e in usable if e.outstanding == fewest]
+            self._turn += 1  # ties go round-robin, so equally idle instances share the load
+            return idle[self._turn % len(idle)]
         # Panic: everything is ejected or unhealthy; the one whose ejection ends first is the best bet.
         return min(candidates, key=lambda e: (not e.healthy, e.ejected_until, e.outstanding))
 

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per sequence per step")
     kv_cache_bytes: int = Field(1 << 30, ge=1 << 20, description="KV cache budget of the inference engine in bytes")
 
+    cache_backend: Literal["memory", "redis"] = Field(
+        "memory", description="where the cache service keeps completions (redis: shared by replicas)"
+    )
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for cache_backend=redis")
     cache_enabled: bool = Field(True, description="cache deterministic completions")
     cache_max_entries: int = Field(4096, ge=1, description="cache entry bound")
     cache_max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="cache size bound in bytes")
