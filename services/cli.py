@@ -21,6 +21,7 @@ SERVICE_FLAGS = {
         "served_model_name",
         "device",
         "torch_threads",
+        "stall_timeout_s",
         "max_running",
         "max_waiting",
         "max_batched_tokens",
@@ -46,7 +47,10 @@ SERVICE_FLAGS = {
         "generate_timeout_s",
     ),
 }
-MESH_FLAGS = ("host", "certs_dir", "insecure", "drain_grace_s", "log_level", "log_format")
+MESH_FLAGS = (
+    "host", "advertise_host", "certs_dir", "insecure", "drain_grace_s", "log_level", "log_format",
+    "discovery", "consul_addr", "consul_scheme", "consul_token", "consul_ca", "consul_check_interval_s",
+)  # fmt: skip
 ENVOY_FLAGS = (
     "envoy_port", "envoy_admin_port", "envoy_tls_cert", "envoy_tls_key", "envoy_max_request_bytes",
     "envoy_rate_limit_rps",
@@ -74,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     add_setting_flags(
         up, *MESH_FLAGS, "model", "served_model_name", "device", "torch_threads", "cache_enabled", "cache_backend",
         "redis_url",
-        "max_running", "max_waiting", "max_batched_tokens", "prefill_chunk", "kv_cache_bytes",
+        "max_running", "max_waiting", "max_batched_tokens", "prefill_chunk", "kv_cache_bytes", "stall_timeout_s",
     )  # fmt: skip
     up.add_argument(
         "--with-envoy", action="store_true",

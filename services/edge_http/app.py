@@ -43,6 +43,7 @@ from services.edge_http.pipeline import STUBS, Pipeline, Run
 from services.edge_http.streaming import sse_stream
 from services.edge_http.upstreams import Upstreams
 from services.mesh.config import Settings
+from services.mesh.consul import ConsulDiscovery
 from services.mesh.discovery import StaticDiscovery
 from services.mesh.stubs import inference_pb2, preprocess_pb2
 from services.mesh.telemetry import shutdown_tracing, tracing_enabled
@@ -74,7 +75,10 @@ def _wants_no_cache(request: Request) -> bool:
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        upstreams = Upstreams(settings, StaticDiscovery.from_settings(settings))
+        discovery = (
+            ConsulDiscovery(settings) if settings.discovery == "consul" else StaticDiscovery.from_settings(settings)
+        )
+        upstreams = Upstreams(settings, discovery)
         app.state.upstreams = upstreams
         app.state.pipeline = Pipeline(upstreams, settings)
         yield

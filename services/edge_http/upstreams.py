@@ -1,8 +1,8 @@
 """The edge's gRPC clients of preprocess, inference and cache (mTLS as the `edge` identity).
 
 One balanced pool per service, fed by discovery. A call that fails on an instance before any
-of its answer was used is retried once on another instance; health checks every second keep
-NOT_SERVING (draining, hung) instances out of the rotation.
+of its answer was used is retried once on another instance; a grpc.health.v1 Watch stream per
+instance keeps NOT_SERVING (draining, hung) instances out of the rotation.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Any
 import grpc
 import grpc.aio
 from google.protobuf.message import Message
+from grpc_health.v1.health_pb2 import HealthCheckRequest
+from grpc_health.v1.health_pb2_grpc import HealthStub
 
 from services.edge_http.errors import RETRY_AFTER_S, OpenAIError
 from services.edge_http.metrics import UPSTREAM_EJECTIONS, UPSTREAM_RETRIES
@@ -23,7 +25,7 @@ from services.mesh.balancer import RETRYABLE, Endpoint, NoInstance, Pool
 from services.mesh.channels import aio_channel
 from services.mesh.config import Settings
 from services.mesh.discovery import UPSTREAM_SERVICES, Discovery, Instance
-from services.mesh.health import check_async
+from services.mesh.health import SERVING, check_async
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class Upstreams:
         }
         for svc, pool in self.pools.items():
             discovery.watch(svc, lambda instances, pool=pool: self._update(pool, instances))
+        self._watchers: dict[int, asyncio.Task] = {}
         self._health_task = asyncio.create_task(self._check_health_forever())
 
     def _update(self, pool: Pool, instances: list[Instance]) -> None:
@@ -63,15 +66,37 @@ class Upstreams:
             self._loop.call_later(self._settings.drain_grace_s + 5, lambda c=channel: asyncio.ensure_future(c.close()))
 
     async def _check_health_forever(self) -> None:
+        """One grpc.health.v1 Watch stream per instance: a draining or hung instance pushes
+        NOT_SERVING the moment it changes, and no new call is made to it for the check."""
+        watchers = self._watchers
         while True:
-            endpoints = [e for pool in self.pools.values() for e in pool.endpoints]
-            results = await asyncio.gather(*(check_async(e.channel, timeout=HEALTH_INTERVAL_S) for e in endpoints))
-            for endpoint, healthy in zip(endpoints, results, strict=True):
-                if endpoint.healthy != healthy:
-                    log.warning("%s at %s is %s", endpoint.instance.service, endpoint.instance.address,
-                                "SERVING again" if healthy else "not SERVING")  # fmt: skip
-                endpoint.healthy = healthy
+            current = {id(e): e for pool in self.pools.values() for e in pool.endpoints}
+            for key in set(watchers) - set(current):
+                watchers.pop(key).cancel()
+            for key, endpoint in current.items():
+                if key not in watchers or watchers[key].done():
+                    watchers[key] = asyncio.create_task(self._watch_health(endpoint))
             await asyncio.sleep(HEALTH_INTERVAL_S)
+
+    async def _watch_health(self, endpoint: Endpoint) -> None:
+        healthy = False
+        try:
+            async for reply in HealthStub(endpoint.channel).Watch(HealthCheckRequest()):
+                healthy = reply.status == SERVING
+                self._set_health(endpoint, healthy)
+        except grpc.aio.AioRpcError:
+            pass
+        # The stream ended: the instance stopped or is unreachable; watched again after HEALTH_INTERVAL_S.
+        # (The stream stays open through a drain: new calls to a stopping server stall grpc's aio
+        # client for every channel until that server exits, so none are made.)
+        self._set_health(endpoint, False)
+
+    @staticmethod
+    def _set_health(endpoint: Endpoint, healthy: bool) -> None:
+        if endpoint.healthy != healthy:
+            log.warning("%s at %s is %s", endpoint.instance.service, endpoint.instance.address,
+                        "SERVING again" if healthy else "not SERVING")  # fmt: skip
+        endpoint.healthy = healthy
 
     def _pick(self, service: str, tried: list[str]) -> Endpoint:
         try:
@@ -139,8 +164,10 @@ class Upstreams:
         return states
 
     async def close(self) -> None:
-        self._health_task.cancel()
+        tasks = [self._health_task, *self._watchers.values()]
+        for task in tasks:
+            task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await self._health_task
+            await asyncio.gather(*tasks, return_exceptions=True)
         self._discovery.close()
         await asyncio.gather(*(e.channel.close() for pool in self.pools.values() for e in pool.endpoints))

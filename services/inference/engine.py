@@ -149,6 +149,7 @@ class Engine:
         self._wakeup = threading.Condition()
         self._running: list[_Sequence] = []
         self._reserved = 0
+        self._last_progress = time.monotonic()
         self._worker = threading.Thread(target=self._run, name="engine", daemon=True)
         self._worker.start()
 
@@ -183,6 +184,8 @@ class Engine:
             if len(self._waiting) >= self.limits.max_waiting:
                 metrics.REJECTED.inc()
                 raise ResourceExhausted(f"the queue of {self.limits.max_waiting} waiting requests is full; retry later")
+            if not self._waiting and not self._running:
+                self._last_progress = time.monotonic()  # an idle engine is not a stalled one
             self._waiting.append(handle)
             metrics.QUEUE_DEPTH.set(len(self._waiting))
             self._wakeup.notify()
@@ -237,8 +240,15 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
 
+    def stalled(self, after_s: float) -> bool:
+        """Work is waiting or running, yet the loop has not completed a step for `after_s` seconds:
+        a hung engine behind a live process."""
+        busy = bool(self._waiting or self._running)
+        return busy and time.monotonic() - self._last_progress > after_s
+
     def _run(self) -> None:
         while True:
+            self._last_progress = time.monotonic()
             with self._wakeup:
                 while not self._waiting and not self._running:
                     self._wakeup.wait()

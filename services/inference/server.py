@@ -106,5 +106,7 @@ def run(settings: Settings, ready_file: Path | None) -> int:
         register=lambda server: inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(engine), server),
         # Every running or queued stream holds a worker thread while it waits for tokens.
         max_workers=limits.max_running + limits.max_waiting + 8,
+        live=lambda: not engine.stalled(settings.stall_timeout_s),
+        tags=(engine.loaded.model_id,),
     )
     return serve(settings, spec, settings.inference_port, ready_file)

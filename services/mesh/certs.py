@@ -18,8 +18,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-# envoy: the ingress proxy's identity (its client-facing default and its mTLS into the mesh).
-MESH_SERVICES = ("edge", "preprocess", "inference", "cache", "envoy")
+# envoy: the ingress proxy (its client-facing default and its mTLS into the mesh);
+# consul: the Consul agent, for the gRPC health checks it runs over mTLS.
+MESH_SERVICES = ("edge", "preprocess", "inference", "cache", "envoy", "consul")
 DEFAULT_HOSTNAMES = ("localhost", "127.0.0.1")
 _VALIDITY = dt.timedelta(days=825)
 

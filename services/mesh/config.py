@@ -17,6 +17,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 CONFIG_ENV = "SLUICE_CONFIG"
+_REPLICAS = ", comma-separated for replicas (static discovery)"
 ENV_PREFIX = "SLUICE_"
 
 
@@ -24,6 +25,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
     host: str = Field("127.0.0.1", description="address every service binds to")
+    advertise_host: str = Field(
+        "", description="host other machines reach this service at (default: host; 127.0.0.1 for 0.0.0.0)"
+    )
     certs_dir: Path = Field(Path("certs"), description="folder with ca.crt and <service>.crt/.key")
     insecure: bool = Field(False, description="plaintext gRPC between services (development only; warns)")
 
@@ -38,9 +42,25 @@ class Settings(BaseSettings):
     cache_port: int = Field(0, description="gRPC port of cache (0: a free port)")
     metrics_port: int = Field(0, description="Prometheus port of a gRPC service (0: a free port)")
 
-    preprocess_addr: str = Field("", description="host:port of preprocess, for the edge (static discovery)")
-    inference_addr: str = Field("", description="host:port of inference, for the edge (static discovery)")
-    cache_addr: str = Field("", description="host:port of cache, for the edge (static discovery)")
+    discovery: Literal["static", "consul"] = Field(
+        "static", description="how services find each other: the *_addr settings, or Consul"
+    )
+    consul_addr: str = Field("127.0.0.1:8500", description="host:port of the local Consul agent's HTTP API")
+    consul_scheme: Literal["http", "https"] = Field("http", description="scheme of the Consul HTTP API")
+    consul_token: str = Field("", description="Consul ACL token")
+    consul_ca: str = Field("", description="CA file to verify Consul's HTTPS certificate (default: system CAs)")
+    consul_check_interval_s: float = Field(5.0, gt=0, description="Consul gRPC check interval; TTL is 3x this")
+    stall_timeout_s: float = Field(
+        30.0, gt=0, description="inference turns NOT_SERVING when its engine makes no progress this long with work"
+    )
+
+    preprocess_addr: str = Field(
+        "", description="host:port of preprocess, comma-separated for replicas (static discovery)"
+    )
+    inference_addr: str = Field(
+        "", description="host:port of inference, comma-separated for replicas (static discovery)"
+    )
+    cache_addr: str = Field("", description=f"host:port of cache{_REPLICAS}")
 
     max_running: int = Field(32, ge=1, description="sequences decoded together in one batch")
     max_waiting: int = Field(256, ge=0, description="requests queued for the batch; more are refused (429)")

@@ -24,6 +24,7 @@ from prometheus_client import start_http_server
 
 from services.mesh.call_observer import CallObserver
 from services.mesh.config import Settings
+from services.mesh.consul import ConsulRegistration
 from services.mesh.ready import ReadyInfo, advertised_address, write_ready
 from services.mesh.telemetry import server_interceptors, shutdown_tracing
 from services.mesh.tls import server_credentials, warn_if_insecure
@@ -44,6 +45,9 @@ class GrpcService:
     service_names: Sequence[str]  # full gRPC names, e.g. "sluice.v1.Inference"
     register: Callable[[grpc.Server], None]
     max_workers: int = 32
+    # Liveness beyond "the port answers" (e.g. the engine makes progress); False turns health NOT_SERVING.
+    live: Callable[[], bool] = lambda: True
+    tags: tuple[str, ...] = ()  # discovery tags (e.g. the model served)
 
 
 def serve(settings: Settings, spec: GrpcService, port: int, ready_file: Path | None) -> int:
@@ -75,17 +79,33 @@ def serve(settings: Settings, spec: GrpcService, port: int, ready_file: Path | N
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
-    address = advertised_address(settings.host, bound)
+    address = advertised_address(settings.advertise_host or settings.host, bound)
     metrics = advertised_address(settings.host, metrics_httpd.server_port)
     log.info("%s serving on %s (metrics http://%s/metrics)", spec.name, address, metrics)
     if ready_file is not None:
         write_ready(ready_file, ReadyInfo(spec.name, address, metrics, os.getpid()))
 
+    registration = None
+    if settings.discovery == "consul":
+        registration = ConsulRegistration(settings, spec.name, address, spec.live, spec.tags, {"pid": str(os.getpid())})
+        registration.register()
+
+    serving = True
     while not stop.wait(0.5):
-        pass
+        if spec.live() != serving:
+            serving = not serving
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", *spec.service_names):
+                health_servicer.set(name, status)
+            log.log(logging.INFO if serving else logging.ERROR, "%s is %s", spec.name,
+                    "making progress again: SERVING" if serving else "not making progress: NOT_SERVING")  # fmt: skip
     log.info("%s draining: NOT_SERVING, up to %.1fs for in-flight calls", spec.name, settings.drain_grace_s)
     health_servicer.enter_graceful_shutdown()
+    if registration is not None:
+        registration.draining()
     server.stop(settings.drain_grace_s).wait()
+    if registration is not None:
+        registration.deregister()
     metrics_httpd.shutdown()
     shutdown_tracing()
     log.info("%s stopped", spec.name)

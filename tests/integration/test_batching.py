@@ -153,3 +153,23 @@ def test_tokens_that_pile_up_behind_a_slow_reader_arrive_as_one_step(make_engine
     assert len(steps[0].token_ids) == 40
     assert steps[0].finish_reason == "length"
     assert steps[0].text == engine.loaded.tokenizer.decode(steps[0].token_ids, skip_special_tokens=True)
+
+
+def test_a_hung_engine_reports_stalled_and_recovers(make_engine: Callable[..., Engine]) -> None:
+    engine = make_engine()
+    model = engine.loaded.model
+    gate = threading.Event()
+    forward = model.forward
+
+    def hanging_forward(*args: object, **kwargs: object) -> object:
+        gate.wait(30)  # a hung kernel, driver or deadlock: the loop stops making progress
+        return forward(*args, **kwargs)
+
+    model.forward = hanging_forward
+    time.sleep(0.3)
+    assert not engine.stalled(0.2)  # idle for a while is not stalled
+    handle = engine.submit(GenerationRequest("hung", _prompts(engine, 1)[0], 3, GREEDY))
+    assert wait_for(lambda: engine.stalled(0.2), timeout=5)
+    gate.set()
+    assert len(_ids(handle)) == 3
+    assert not engine.stalled(0.2)

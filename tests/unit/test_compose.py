@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlparse
 
 import yaml
 
@@ -11,15 +12,28 @@ from services.mesh.config import ENV_PREFIX, Settings
 from services.mesh.telemetry import ENDPOINT_VARIABLES, SERVICE_NAME_VARIABLE
 
 COMPOSE = Path(__file__).resolve().parents[2] / "compose" / "docker-compose.yml"
-SLUICE = ("preprocess", "inference", "cache", "edge")
 
 
 def _services() -> dict:
     return yaml.safe_load(COMPOSE.read_text())["services"]
 
 
+def _sluice() -> dict[str, str]:
+    """Container name → the Sluice service it runs (`sluice serve <service>`)."""
+    return {name: body["command"][1] for name, body in _services().items() if body.get("command", [""])[0] == "serve"}
+
+
+def _port(container: str, flag: str) -> str:
+    command = _services()[container]["command"]
+    return command[command.index(flag) + 1]
+
+
+def test_every_sluice_service_runs_and_inference_has_two_replicas() -> None:
+    assert sorted(_sluice().values()) == ["cache", "edge", "inference", "inference", "preprocess"]
+
+
 def test_every_environment_variable_is_a_setting_or_read_by_telemetry() -> None:
-    for name in SLUICE:
+    for name in _sluice():
         for key in _services()[name]["environment"]:
             if key.startswith("OTEL_"):
                 assert key in (*ENDPOINT_VARIABLES, SERVICE_NAME_VARIABLE), f"{name}: {key}"
@@ -28,16 +42,19 @@ def test_every_environment_variable_is_a_setting_or_read_by_telemetry() -> None:
             assert key.removeprefix(ENV_PREFIX).lower() in Settings.model_fields, f"{name}: unknown setting {key}"
 
 
-def test_every_service_sends_traces_to_jaeger_under_its_own_name() -> None:
+def test_every_service_command_is_a_valid_sluice_command() -> None:
+    for name, service in _sluice().items():
+        args = _parser().parse_args(_services()[name]["command"])
+        assert (args.command, args.service) == ("serve", service)
+
+
+def test_every_service_traces_to_jaeger_under_its_service_name() -> None:
     services = _services()
     jaeger_grpc = next(arg for arg in services["jaeger"]["command"] if "otlp.protocols.grpc" in arg)
-    port = jaeger_grpc.rsplit(":", 1)[1]
-    names = set()
-    for name in SLUICE:
+    for name, service in _sluice().items():
         env = services[name]["environment"]
-        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == f"http://jaeger:{port}"
-        names.add(env["OTEL_SERVICE_NAME"])
-    assert names == {f"sluice-{name}" for name in SLUICE}
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == f"http://jaeger:{jaeger_grpc.rsplit(':', 1)[1]}"
+        assert env["OTEL_SERVICE_NAME"] == f"sluice-{service}"
 
 
 def test_prometheus_scrapes_every_service_where_it_serves_metrics() -> None:
@@ -45,28 +62,36 @@ def test_prometheus_scrapes_every_service_where_it_serves_metrics() -> None:
     assert "./prometheus.yml:/etc/prometheus/prometheus.yml:ro" in services["prometheus"]["volumes"]
     config = yaml.safe_load((COMPOSE.parent / "prometheus.yml").read_text())
     targets = {t for job in config["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
-    expected = set()
-    for name in SLUICE:
-        command = services[name]["command"]
-        flag = "--edge-port" if name == "edge" else "--metrics-port"
-        expected.add(f"{name}:{command[command.index(flag) + 1]}")
+    expected = {f"{name}:{_port(name, '--edge-port' if svc == 'edge' else '--metrics-port')}"
+                for name, svc in _sluice().items()}  # fmt: skip
     assert targets == expected
 
 
-def test_every_service_command_is_a_valid_sluice_command() -> None:
+def test_services_register_in_consul_where_others_reach_them_and_certificates_name_them() -> None:
     services = _services()
-    for name in SLUICE:
-        args = _parser().parse_args(services[name]["command"])
-        assert (args.command, args.service) == ("serve", name)
+    setup = " ".join(services["setup"]["command"])
+    hostnames = {part.split()[0] for part in setup.split("--hostname ")[1:]}
+    consul_port = services["consul"]["ports"][0].split(":")[1]
+    assert "consul" in hostnames  # the agent's own identity for its mTLS health checks
+    assert "./consul.hcl:/consul/sluice.hcl:ro" in services["consul"]["volumes"]
+    for name in _sluice():
+        env = services[name]["environment"]
+        assert env["SLUICE_DISCOVERY"] == "consul"
+        assert env["SLUICE_CONSUL_ADDR"] == f"consul:{consul_port}"
+        assert env["SLUICE_ADVERTISE_HOST"] == name
+        assert name in hostnames, f"{name} is registered under a name its certificate lacks"
 
 
-def test_edge_reaches_each_backend_on_the_port_it_serves() -> None:
+def test_cache_shares_redis_and_static_addresses_list_every_replica() -> None:
     services = _services()
+    cache_env = services["cache"]["environment"]
+    assert cache_env["SLUICE_CACHE_BACKEND"] == "redis"
+    assert urlparse(cache_env["SLUICE_REDIS_URL"]).hostname in services
     edge_env = services["edge"]["environment"]
-    for name in ("preprocess", "inference", "cache"):
-        command = services[name]["command"]
-        port = command[command.index(f"--{name}-port") + 1]
-        assert edge_env[f"SLUICE_{name.upper()}_ADDR"] == f"{name}:{port}"
+    for service in ("preprocess", "inference", "cache"):
+        replicas = [name for name, svc in _sluice().items() if svc == service]
+        port_flag = f"--{service}-port"
+        assert edge_env[f"SLUICE_{service.upper()}_ADDR"] == ",".join(f"{r}:{_port(r, port_flag)}" for r in replicas)
 
 
 def test_envoy_runs_the_config_setup_generates_for_the_edge() -> None:
@@ -74,8 +99,7 @@ def test_envoy_runs_the_config_setup_generates_for_the_edge() -> None:
     setup = " ".join(services["setup"]["command"])
     generate = setup[setup.index("sluice envoy-config") :].split("&&")[0].split()
     args = _parser().parse_args(generate[1:])
-    edge_command = services["edge"]["command"]
-    assert args.edge_addr == f"edge:{edge_command[edge_command.index('--edge-port') + 1]}"
+    assert args.edge_addr == f"edge:{_port('edge', '--edge-port')}"
     envoy = services["envoy"]
     config = envoy["command"][envoy["command"].index("--config-path") + 1]
     assert args.out == Path(config)
