@@ -139,12 +139,25 @@ def service_of(child_name: str) -> str:
     return child_name.split("-", 1)[0]
 
 
+def inference_env(settings: Settings, env: dict[str, str], count: int) -> dict[str, str]:
+    """Replicas on one machine share its cores: with torch_threads left at auto, each gets its
+    share, since several processes each running a thread per core oversubscribe the CPU and
+    torch's spinning workers then slow every replica many times over."""
+    if count < 2 or settings.torch_threads:
+        return env
+    share = max(1, (os.cpu_count() or 1) // count)
+    log.info("%d inference replicas on this machine: %d torch thread(s) each", count, share)
+    return env | {"SLUICE_TORCH_THREADS": str(share)}
+
+
 def _start_mesh(
     settings: Settings, supervisor: Supervisor, env: dict[str, str], timeout: float, replicas: dict[str, int]
 ) -> dict[str, ReadyInfo]:
     # The backends start together (the model load dominates); the edge needs their addresses.
+    envs = {service: _child_env(env, service) for service in BACKENDS}
+    envs["inference"] = inference_env(settings, envs["inference"], replicas.get("inference", 1))
     children = {
-        name: supervisor.start(name, _serve_argv(service), _child_env(env, service))
+        name: supervisor.start(name, _serve_argv(service), envs[service])
         for service in BACKENDS
         for name in replica_names(service, replicas.get(service, 1))
     }

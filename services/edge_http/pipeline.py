@@ -1,8 +1,9 @@
 """The request pipeline behind every completion endpoint: preprocess → cache → inference → cache.
 
 It yields protocol-neutral events; chat.py and completions.py shape them into OpenAI
-objects. A run is opened (preprocessed, looked up, first chunk received) before any
-response byte is sent, so every failure up to the first token becomes a proper HTTP error.
+objects. A run is opened (preprocessed, looked up, first text received) before any
+response byte is sent, so every failure up to the first visible token is retried on another
+instance or becomes a proper HTTP error.
 """
 
 from __future__ import annotations
@@ -195,6 +196,9 @@ class Pipeline:
             inference_pb2.GenerateRequest(
                 request_id=request_id, model=model, token_ids=prepared.token_ids, sampling=prepared.sampling
             ),
+            # A chunk with no text yet (the detokenizer holds a partial character) shows the
+            # client nothing, so a failure after it can still be retried elsewhere.
+            commits=lambda chunk: bool(chunk.text or chunk.finish_reason),
             timeout=self._settings.generate_timeout_s,
             metadata=self._metadata(request_id),
         )  # fmt: skip

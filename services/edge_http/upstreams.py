@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -132,23 +132,37 @@ class Upstreams:
             finally:
                 pool.finished(endpoint, code)
 
-    async def stream(self, service: str, stub_class: type, method: str, request: Message, **call: Any) -> AsyncIterator:
-        """A server-streaming call, retried on another instance only if it failed before its first message."""
+    async def stream(
+        self, service: str, stub_class: type, method: str, request: Message,
+        commits: Callable[[Any], bool] = lambda _: True, **call: Any,
+    ) -> AsyncIterator:  # fmt: skip
+        """A server-streaming call, retried on another instance if it fails before a message that
+        `commits` it: messages before that one (e.g. tokens whose text is still held back) are
+        kept back too, so a retry is invisible to the caller."""
         tried: list[str] = []
         while True:
             endpoint = self._pick(service, tried)
             pool = self.pools[service]
             pool.started(endpoint)
-            code, received = None, False
+            code, held, committed = None, [], False
             rpc = getattr(endpoint.stub(stub_class), method)(request, **call)
             try:
                 async for message in rpc:
-                    received = True
+                    if not committed:
+                        held.append(message)
+                        if not commits(message):
+                            continue
+                        committed = True
+                        for kept in held:
+                            yield kept
+                        continue
                     yield message
+                for kept in held if not committed else ():
+                    yield kept  # the stream ended without committing: nothing left to retry for
                 return
             except grpc.aio.AioRpcError as err:
                 code = err.code()
-                if received or not self._retry(service, endpoint, code, tried):
+                if committed or not self._retry(service, endpoint, code, tried):
                     raise
             finally:
                 # Client gone or stream abandoned: cancelling the call stops generation upstream.

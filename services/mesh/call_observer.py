@@ -3,6 +3,7 @@ status code, and the caller's `x-request-id` in the logging context while the ca
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -13,6 +14,8 @@ from prometheus_client import Counter, Histogram
 from services.mesh.logs import request_scope
 
 REQUEST_ID_METADATA = "x-request-id"
+# Health watches live as long as the caller's channel: they are not work a drain waits for.
+_UNTRACKED_PREFIX = "/grpc.health.v1.Health/"
 
 HANDLED = Counter(
     "sluice_grpc_server_handled_total", "gRPC calls completed, by method and status code", ["method", "code"]
@@ -32,6 +35,19 @@ def _record(method: str, context: grpc.ServicerContext, outcome: str, started: f
 
 
 class CallObserver(grpc.ServerInterceptor):
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active = 0
+
+    @property
+    def active(self) -> int:
+        """Calls running now, health checks excluded."""
+        return self._active
+
+    def _track(self, delta: int) -> None:
+        with self._lock:
+            self._active += delta
+
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         details: grpc.HandlerCallDetails,
@@ -41,38 +57,42 @@ class CallObserver(grpc.ServerInterceptor):
             return handler  # client-streaming calls (reflection) are left unobserved
         method = details.method
         request_id = dict(details.invocation_metadata or ()).get(REQUEST_ID_METADATA)
+        track = self._track if not method.startswith(_UNTRACKED_PREFIX) else lambda _: None
         if handler.response_streaming:
             return grpc.unary_stream_rpc_method_handler(
-                self._streaming(handler.unary_stream, method, request_id),
+                self._streaming(handler.unary_stream, method, request_id, track),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return grpc.unary_unary_rpc_method_handler(
-            self._unary(handler.unary_unary, method, request_id),
+            self._unary(handler.unary_unary, method, request_id, track),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
     @staticmethod
-    def _unary(behavior: Callable, method: str, request_id: str | None) -> Callable:
+    def _unary(behavior: Callable, method: str, request_id: str | None, track: Callable[[int], None]) -> Callable:
         def observed(request: Any, context: grpc.ServicerContext) -> Any:
             started, outcome = time.perf_counter(), "UNKNOWN"
+            track(1)
             try:
                 with request_scope(request_id):
                     reply = behavior(request, context)
                 outcome = "OK"
                 return reply
             finally:
+                track(-1)
                 _record(method, context, outcome, started)
 
         return observed
 
     @staticmethod
-    def _streaming(behavior: Callable, method: str, request_id: str | None) -> Callable:
+    def _streaming(behavior: Callable, method: str, request_id: str | None, track: Callable[[int], None]) -> Callable:
         def observed(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             started, outcome = time.perf_counter(), "UNKNOWN"
-            responses = behavior(request, context)
+            track(1)
             try:
+                responses = behavior(request, context)
                 while True:
                     # The request id is set around each step, never across a yield.
                     with request_scope(request_id):
@@ -87,6 +107,7 @@ class CallObserver(grpc.ServerInterceptor):
                 responses.close()
                 raise
             finally:
+                track(-1)
                 _record(method, context, outcome, started)
 
         return observed

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from services.mesh.tls import server_credentials, warn_if_insecure
 
 log = logging.getLogger(__name__)
 
+DRAIN_NOTICE_S = 1.0  # how long a draining server keeps accepting calls at least
 SERVER_OPTIONS = (
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     # Allow clients' keepalive pings on long generation streams.
@@ -52,10 +54,11 @@ class GrpcService:
 
 def serve(settings: Settings, spec: GrpcService, port: int, ready_file: Path | None) -> int:
     warn_if_insecure(settings)
+    observer = CallObserver()
     server = grpc.server(
         ThreadPoolExecutor(max_workers=spec.max_workers),
         # Tracing outermost, so the observer's log lines carry the call's trace id.
-        interceptors=[*server_interceptors(), CallObserver()],
+        interceptors=[*server_interceptors(), observer],
         options=SERVER_OPTIONS,
     )
     spec.register(server)
@@ -103,10 +106,27 @@ def serve(settings: Settings, spec: GrpcService, port: int, ready_file: Path | N
     health_servicer.enter_graceful_shutdown()
     if registration is not None:
         registration.draining()
-    server.stop(settings.drain_grace_s).wait()
+    _drain(server, observer, settings.drain_grace_s)
     if registration is not None:
         registration.deregister()
     metrics_httpd.shutdown()
     shutdown_tracing()
     log.info("%s stopped", spec.name)
     return 0
+
+
+def _drain(server: grpc.Server, observer: CallObserver, grace_s: float) -> None:
+    """Finish in-flight calls while still accepting, then stop.
+
+    grpc's own stop(grace) refuses new calls at once, and a call that crosses its GOAWAY can
+    stall the caller's aio client until the grace ends. So the server keeps accepting while
+    callers learn NOT_SERVING (DRAIN_NOTICE_S) and until its own calls are done; the health
+    watches still open then are cancelled by stop(0).
+    """
+    started = time.monotonic()
+    deadline, notice_end = started + grace_s, started + min(DRAIN_NOTICE_S, grace_s)
+    while (now := time.monotonic()) < deadline and (observer.active or now < notice_end):
+        time.sleep(0.05)
+    if observer.active:
+        log.warning("%d calls still running after the %.1fs grace period: cancelled", observer.active, grace_s)
+    server.stop(0).wait()

@@ -107,6 +107,6 @@ def test_sigterm_of_one_replica_mid_load_fails_nothing(replicated: Mesh) -> None
     outcomes, _ = _run_load(replicated, (REQUESTS // 4, lambda: os.kill(victim, signal.SIGTERM)))
     print(f"\nSIGTERM: {REQUESTS} sent, {dict(outcomes)}")
     assert outcomes == Counter({"completed": REQUESTS})
-    # It exits 0 once its grace period ends (the edge's health watch is the last call it holds).
+    # It exits 0 once its own calls are done (the edge's health watch does not hold it).
     up_log = replicated.log_dir.parent / "up.log"
     assert wait_for(lambda: "inference-2 exited with code 0; inference keep serving" in up_log.read_text(), 30)

@@ -10,6 +10,7 @@ import pytest
 from services.cli import _parser
 from services.mesh.config import CONFIG_ENV, Settings, settings_from_args
 from services.mesh.ready import advertised_address
+from services.up import inference_env
 
 
 @pytest.fixture(autouse=True)
@@ -91,3 +92,14 @@ def test_wildcard_binds_are_advertised_as_loopback() -> None:
     assert advertised_address("::", 80) == "127.0.0.1:80"
     assert advertised_address("10.1.2.3", 80) == "10.1.2.3:80"
     assert advertised_address("::1", 80) == "[::1]:80"
+
+
+def test_inference_replicas_on_one_machine_share_its_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    env = {"SLUICE_TORCH_THREADS": "0"}
+    assert inference_env(Settings(), env, 1) == env
+    assert inference_env(Settings(), env, 3)["SLUICE_TORCH_THREADS"] == "2"
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert inference_env(Settings(), env, 4)["SLUICE_TORCH_THREADS"] == "1"
+    # A thread count the user chose is theirs.
+    assert inference_env(Settings(torch_threads=3), {"SLUICE_TORCH_THREADS": "3"}, 2)["SLUICE_TORCH_THREADS"] == "3"
