@@ -56,16 +56,26 @@ def _write_cert(path: Path, cert: x509.Certificate) -> None:
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def _builder(subject: str, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey) -> x509.CertificateBuilder:
+Validity = tuple[dt.datetime, dt.datetime]
+
+
+def default_validity() -> Validity:
     now = dt.datetime.now(dt.UTC)
+    return now - dt.timedelta(minutes=5), now + _VALIDITY
+
+
+def _builder(
+    subject: str, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey, validity: Validity | None = None
+) -> x509.CertificateBuilder:
+    not_before, not_after = validity or default_validity()
     return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
         .issuer_name(issuer)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + _VALIDITY)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
     )
 
 
@@ -117,10 +127,11 @@ def issue_service_cert(
     ca_cert: x509.Certificate,
     ca_key: ec.EllipticCurvePrivateKey,
     hostnames: tuple[str, ...] = DEFAULT_HOSTNAMES,
+    validity: Validity | None = None,
 ) -> CertPaths:
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
-        _builder(f"sluice-{service}", ca_cert.subject, key.public_key())
+        _builder(f"sluice-{service}", ca_cert.subject, key.public_key(), validity)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_san(hostnames, service), critical=False)
         # Every service is both a server and a client of its upstreams.
@@ -137,7 +148,7 @@ def issue_service_cert(
     return paths
 
 
-def _load_ca(certs_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def load_ca(certs_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     paths = ca_paths(certs_dir)
     cert = x509.load_pem_x509_certificate(paths.cert.read_bytes())
     key = serialization.load_pem_private_key(paths.key.read_bytes(), password=None)
@@ -161,7 +172,7 @@ def init_certs(
         written += [ca.cert, ca.key]
         force = True  # a new CA invalidates every service certificate
     else:
-        ca_cert, ca_key = _load_ca(certs_dir)
+        ca_cert, ca_key = load_ca(certs_dir)
     for service in services:
         paths = service_paths(certs_dir, service)
         if force or not (paths.cert.exists() and paths.key.exists()):

@@ -1,9 +1,10 @@
 """Run one gRPC service the way every Sluice service runs.
 
-mTLS (or a warned plaintext), grpc.health.v1, server reflection, a Prometheus endpoint,
-per-call metrics and request-id logging, OpenTelemetry server spans when tracing is on,
-a ready file for the supervisor, and draining on SIGTERM: NOT_SERVING first, in-flight
-calls finish within the grace period, then exit 0.
+mTLS with certificate rotation and a check of the caller's identity (or a warned plaintext),
+grpc.health.v1, server reflection, a Prometheus endpoint, per-call metrics and request-id
+logging, OpenTelemetry server spans when tracing is on, a ready file for the supervisor, and
+draining on SIGTERM: NOT_SERVING first, in-flight calls finish within the grace period, then
+exit 0.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from prometheus_client import start_http_server
 from services.mesh.call_observer import CallObserver
 from services.mesh.config import Settings
 from services.mesh.consul import ConsulRegistration
+from services.mesh.malformed import RejectMalformed
+from services.mesh.peer_auth import PeerAuthorizer
 from services.mesh.ready import ReadyInfo, advertised_address, write_ready
 from services.mesh.telemetry import server_interceptors, shutdown_tracing
 from services.mesh.tls import server_credentials, warn_if_insecure
@@ -55,10 +58,15 @@ class GrpcService:
 def serve(settings: Settings, spec: GrpcService, port: int, ready_file: Path | None) -> int:
     warn_if_insecure(settings)
     observer = CallObserver()
+    # Tracing outermost, so the observer's log lines carry the call's trace id; the identity
+    # check innermost, so refused calls are counted and traced too.
+    interceptors = [*server_interceptors(), observer]
+    if not settings.insecure:
+        interceptors.append(PeerAuthorizer(spec.name))
+    interceptors.append(RejectMalformed())
     server = grpc.server(
         ThreadPoolExecutor(max_workers=spec.max_workers),
-        # Tracing outermost, so the observer's log lines carry the call's trace id.
-        interceptors=[*server_interceptors(), observer],
+        interceptors=interceptors,
         options=SERVER_OPTIONS,
     )
     spec.register(server)

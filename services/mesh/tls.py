@@ -1,10 +1,12 @@
-"""mTLS credentials for servers and channels, read from the certs folder."""
+"""mTLS credentials for servers and channels, read from the certs folder (servers follow rotation)."""
 
 from __future__ import annotations
 
 import logging
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from services.mesh.certs import ca_paths, service_paths
 from services.mesh.config import Settings
@@ -25,10 +27,53 @@ def _read(settings: Settings, service: str) -> tuple[bytes, bytes, bytes]:
     return ca.read_bytes(), own.cert.read_bytes(), own.key.read_bytes()
 
 
+def _matching_pair(cert: bytes, key: bytes) -> bool:
+    public = x509.load_pem_x509_certificate(cert).public_key()
+    return serialization.load_pem_private_key(key, password=None).public_key() == public
+
+
+class _RotatingCertificates:
+    """Asked by grpc on every new connection: a new configuration once the files changed.
+
+    A half-done replacement (a new certificate beside the old key) is not taken; the files
+    are read again on the next connection until they match.
+    """
+
+    def __init__(self, settings: Settings, service: str) -> None:
+        self._settings, self._service = settings, service
+        own = service_paths(settings.certs_dir, service)
+        self._files = (ca_paths(settings.certs_dir).cert, own.cert, own.key)
+        self._stamp = self._stamps()
+
+    def _stamps(self) -> tuple[tuple[int, int], ...]:
+        return tuple((st.st_mtime_ns, st.st_size) for st in (path.stat() for path in self._files))
+
+    def initial(self) -> grpc.ServerCertificateConfiguration:
+        ca, cert, key = _read(self._settings, self._service)
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        try:
+            stamp = self._stamps()
+            if stamp == self._stamp:
+                return None
+            ca, cert, key = _read(self._settings, self._service)
+            if not _matching_pair(cert, key):
+                return None
+        except (OSError, ValueError):
+            return None  # mid-replacement; keep serving the current certificate
+        self._stamp = stamp
+        log.info("%s: certificate files changed; new connections use the new certificate", self._service)
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+
 def server_credentials(settings: Settings, service: str) -> grpc.ServerCredentials:
-    """Server side of mTLS: present the service's certificate, require one chained to the mesh CA."""
-    ca, cert, key = _read(settings, service)
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+    """Server side of mTLS: present the service's certificate, require one chained to the mesh CA;
+    replaced certificate files are picked up by new connections without a restart."""
+    certificates = _RotatingCertificates(settings, service)
+    return grpc.dynamic_ssl_server_credentials(
+        certificates.initial(), certificates.fetch, require_client_authentication=True
+    )
 
 
 def channel_credentials(settings: Settings, identity: str) -> grpc.ChannelCredentials:

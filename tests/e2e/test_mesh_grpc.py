@@ -108,3 +108,32 @@ def test_cache_lookup_miss_is_not_found(edge_channel) -> None:
     with edge_channel("cache") as channel, pytest.raises(grpc.RpcError) as caught:
         cache_pb2_grpc.CacheStub(channel).Lookup(cache_pb2.LookupRequest(cache_key="nope"), timeout=5)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    ("service", "method"),
+    [
+        ("preprocess", "/sluice.v1.Preprocess/Tokenize"),
+        ("preprocess", "/sluice.v1.Preprocess/RenderChat"),
+        ("inference", "/sluice.v1.Inference/Generate"),
+        ("cache", "/sluice.v1.Cache/Lookup"),
+        ("cache", "/sluice.v1.Cache/Store"),
+    ],
+)
+def test_malformed_request_bytes_are_invalid_argument_and_harmless(edge_channel, service: str, method: str) -> None:
+    # Field 1 announced as a 100-byte string with 3 bytes behind it: not a protobuf message.
+    garbage = b"\x0a\x64abc"
+    with edge_channel(service) as channel:
+        if method.endswith("Generate"):
+            call = channel.unary_stream(method)
+            attempt = lambda: list(call(garbage, timeout=5))  # noqa: E731
+        else:
+            attempt = lambda: channel.unary_unary(method)(garbage, timeout=5)  # noqa: E731
+        with pytest.raises(grpc.RpcError) as caught:
+            attempt()
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert method in caught.value.details()
+        # The service is unharmed: it still answers its health check on the same channel.
+        assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status == (
+            health_pb2.HealthCheckResponse.SERVING
+        )

@@ -1,0 +1,58 @@
+"""Who may call a mesh service: the peer's certificate must chain to the mesh CA (the TLS
+layer checks that) and name an identity (its spiffe://sluice/<identity> URI SAN) that is
+allowed to call this service. Everything else is answered PERMISSION_DENIED.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import grpc
+
+from services.mesh.certs import spiffe_id
+from services.mesh.handlers import wrap_behavior
+
+# The edge calls every backend; Envoy's internal gRPC listener forwards the edge's calls as `envoy`.
+DEFAULT_CALLERS = frozenset({"edge", "envoy"})
+# The Consul agent runs gRPC health checks and may do nothing else.
+HEALTH_CHECKERS = frozenset({"consul"})
+_HEALTH_PREFIX = "/grpc.health.v1.Health/"
+
+
+def peer_identity(context: grpc.ServicerContext) -> str | None:
+    """The spiffe id of the caller's certificate, or None (plaintext, or a certificate without one)."""
+    ids = context.auth_context().get("peer_spiffe_id") or ()
+    return ids[0].decode() if ids else None
+
+
+class PeerAuthorizer(grpc.ServerInterceptor):
+    def __init__(self, service: str, callers: Iterable[str] = DEFAULT_CALLERS) -> None:
+        self._service = service
+        self._callers = frozenset(spiffe_id(c) for c in callers)
+        self._health_callers = self._callers | {spiffe_id(c) for c in HEALTH_CHECKERS}
+
+    def allowed(self, method: str, identity: str | None) -> bool:
+        callers = self._health_callers if method.startswith(_HEALTH_PREFIX) else self._callers
+        return identity in callers
+
+    def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:  # fmt: skip
+        handler = continuation(details)
+        if handler is None:
+            return None
+        return wrap_behavior(handler, lambda behavior: self._guard(behavior, details.method))
+
+    def _guard(self, behavior: Callable, method: str) -> Callable:
+        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+            identity = peer_identity(context)
+            if not self.allowed(method, identity):
+                context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{identity or 'a caller without a mesh identity'} may not call {self._service}",
+                )
+            return behavior(request, context)
+
+        return guarded
