@@ -45,6 +45,8 @@ SERVICE_FLAGS = {
         "cache_enabled",
         "upstream_timeout_s",
         "generate_timeout_s",
+        "max_request_bytes",
+        *("auth", "keys_file", "max_messages", "max_tokens_limit", "cache_backend", "redis_url"),
     ),
 }
 MESH_FLAGS = (
@@ -52,7 +54,7 @@ MESH_FLAGS = (
     "discovery", "consul_addr", "consul_scheme", "consul_token", "consul_ca", "consul_check_interval_s",
 )  # fmt: skip
 ENVOY_FLAGS = (
-    "envoy_port", "envoy_admin_port", "envoy_tls_cert", "envoy_tls_key", "envoy_max_request_bytes",
+    "envoy_port", "envoy_admin_port", "envoy_tls_cert", "envoy_tls_key", "max_request_bytes",
     "envoy_rate_limit_rps",
 )  # fmt: skip
 
@@ -77,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_setting_flags(
         up, *MESH_FLAGS, "model", "served_model_name", "device", "torch_threads", "cache_enabled", "cache_backend",
-        "redis_url",
+        "redis_url", "auth", "keys_file", "max_messages", "max_tokens_limit",
         "max_running", "max_waiting", "max_batched_tokens", "prefill_chunk", "kv_cache_bytes", "stall_timeout_s",
     )  # fmt: skip
     up.add_argument(
@@ -142,6 +144,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     init.add_argument("--force", action="store_true", help="replace existing CA and certificates")
 
+    keys = commands.add_parser("keys", help="manage the edge's API keys")
+    keys_cmd = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = keys_cmd.add_parser(
+        "create",
+        help="create an API key and print it once",
+        description="Create an API key for the edge (`Authorization: Bearer <key>`) and print it once: only a "
+        "salted hash is stored in the keys file (written 0600). A running edge picks it up without a restart.",
+    )
+    create.add_argument("--name", required=True, help="who the key is for; appears in the audit log")
+    create.add_argument("--rpm", type=_count, default=0, help="requests per minute (default 0: unlimited)")
+    create.add_argument("--tpm", type=_count, default=0, help="prompt + completion tokens per minute (0: unlimited)")
+    create.add_argument(
+        "--models", type=_names, default=[], metavar="A,B", help="models the key may use (default: all)"
+    )
+    listing = keys_cmd.add_parser("list", help="list keys (names and limits; keys themselves are never stored)")
+    revoke = keys_cmd.add_parser("revoke", help="delete a key; the edge refuses it from its next request on")
+    revoke.add_argument("--name", required=True, help="the key to revoke")
+    for command in (create, listing, revoke):
+        add_config_flag(command)
+        add_setting_flags(command, "keys_file")
+
     model = commands.add_parser("model", help="manage model directories")
     model_cmd = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     minit = model_cmd.add_parser(
@@ -156,6 +179,16 @@ def _parser() -> argparse.ArgumentParser:
     minit.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
     minit.add_argument("--force", action="store_true", help="rebuild even if the directory exists")
     return parser
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 0")
+    return int(text)
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def _replicas(text: str) -> dict[str, int]:
@@ -192,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         for path in init_certs(settings.certs_dir, hostnames, force=args.force):
             print(path)
         return 0
+    if args.command == "keys":
+        return _keys(settings, args)
     if args.command == "up":
         from services.up import up
 
@@ -228,6 +263,33 @@ def _envoy_config(settings: Settings, args: argparse.Namespace) -> int:
             print(err, file=sys.stderr)
             return 1
         print(f"{args.out} written and validated by Envoy", file=sys.stderr)
+    return 0
+
+
+def _keys(settings: Settings, args: argparse.Namespace) -> int:
+    from services.edge_http import keys
+
+    path = settings.keys_file
+    if args.keys_command == "create":
+        try:
+            plain, record = keys.create(path, args.name, args.rpm, args.tpm, args.models)
+        except ValueError as err:
+            print(f"sluice keys create: {err}", file=sys.stderr)
+            return 1
+        print(plain)
+        print(f"key {record.name!r} added to {path}; it is shown only this once", file=sys.stderr)
+        return 0
+    if args.keys_command == "revoke":
+        try:
+            keys.revoke(path, args.name)
+        except KeyError as err:
+            print(f"sluice keys revoke: {err.args[0]}", file=sys.stderr)
+            return 1
+        print(f"key {args.name!r} revoked", file=sys.stderr)
+        return 0
+    for record in keys.load(path).keys:
+        limits = f"rpm={record.rpm or 'unlimited'} tpm={record.tpm or 'unlimited'}"
+        print(f"{record.name}\t{limits}\tmodels={','.join(record.models) or 'all'}")
     return 0
 
 

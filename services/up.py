@@ -20,6 +20,7 @@ import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 
+from services.edge_http import keys
 from services.ingress.envoy_runner import start_envoy
 from services.mesh.certs import ca_paths, certs_present, init_certs
 from services.mesh.channels import sync_channel
@@ -58,6 +59,14 @@ def ensure_prerequisites(settings: Settings) -> None:
         build_default_model(settings.model)
 
 
+def ensure_api_key(settings: Settings) -> str | None:
+    """With auth on and no key yet, create one named `default`: returns it (shown once)."""
+    if not settings.auth or keys.load(settings.keys_file).keys:
+        return None
+    plain, _ = keys.create(settings.keys_file, "default")
+    return plain
+
+
 def _wait_http_ready(url: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -81,6 +90,7 @@ def up(
 ) -> int:
     started = time.monotonic()
     ensure_prerequisites(settings)
+    new_key = ensure_api_key(settings)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -105,9 +115,12 @@ def up(
             curl = f"curl --cacert {ca_paths(settings.certs_dir).cert} {base_url}"
         if state_file is not None:
             state_file.write_text(json.dumps(state, indent=2))
+        if new_key:
+            print(f"Created API key 'default' (shown only now; more with `sluice keys create`):\n  {new_key}")
+        auth = f' -H "Authorization: Bearer {new_key or "$SLUICE_API_KEY"}"' if settings.auth else ""
         print(
             f"Sluice is up in {time.monotonic() - started:.1f}s: model {settings.model_name} at {base_url}\n"
-            f'  {curl}/chat/completions -H "Content-Type: application/json" '
+            f'  {curl}/chat/completions{auth} -H "Content-Type: application/json" '
             f'-d \'{{"model": "{settings.model_name}", "max_tokens": 32, '
             f'"messages": [{{"role": "user", "content": "Hello"}}]}}\'\n'
             "  Ctrl-C stops every service.",

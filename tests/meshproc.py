@@ -95,6 +95,8 @@ def start_mesh(
         "--state-file", str(state_file),
         "--log-dir", str(log_dir),
         "--drain-grace-s", "5",
+        # Tests of the mesh's other behaviour run without keys; test_auth.py passes --auth.
+        "--no-auth", "--keys-file", str(workdir / "keys.json"),
         *extra,
     ]  # fmt: skip
     process = subprocess.Popen(

@@ -10,12 +10,12 @@ a warning: the cache is an optimisation and must never fail a request.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
 import redis
 
 from services.cache.store import StoreStats
+from services.mesh.redis_client import ThrottledWarning, sync_client
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,6 @@ end
 return evicted
 """
 
-_WARN_EVERY_S = 30.0
-
 
 class RedisStore:
     def __init__(
@@ -73,23 +71,15 @@ class RedisStore:
         max_bytes: int,
         ttl_s: float,
         on_evict: Callable[[], None] = lambda: None,
-        timeout_s: float = 0.5,
     ) -> None:
-        self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        self._url = url
+        self._client = sync_client(url)
         self._max_entries = max_entries
         self._max_bytes = max_bytes
         self._ttl_ms = max(1, int(ttl_s * 1000))
         self._on_evict = on_evict
         self._get = self._client.register_script(_GET)
         self._put = self._client.register_script(_PUT)
-        self._warned_at = -_WARN_EVERY_S
-
-    def _unreachable(self, err: redis.RedisError) -> None:
-        now = time.monotonic()
-        if now - self._warned_at >= _WARN_EVERY_S:
-            self._warned_at = now
-            log.warning("Redis at %s unreachable (%s): answering cache misses", self._url, err)
+        self._unreachable = ThrottledWarning(log, f"Redis at {url} unreachable (%s): answering cache misses").emit
 
     def get(self, key: str) -> bytes | None:
         try:

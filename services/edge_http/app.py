@@ -6,12 +6,13 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 import grpc.aio
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.sse import EventSourceResponse
 from opentelemetry import trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
@@ -28,6 +29,8 @@ from services.edge_http.errors import (
     handle_openai_error,
     handle_validation_error,
 )
+from services.edge_http.guard import Guard, LimitBody, bearer, settled
+from services.edge_http.keys import KeyRecord
 from services.edge_http.metrics import CACHE_RESULTS, TIME_TO_FIRST_TOKEN
 from services.edge_http.observe import ObserveRequests, request_id, set_model
 from services.edge_http.openai_schema import (
@@ -50,7 +53,9 @@ from services.mesh.telemetry import shutdown_tracing, tracing_enabled
 
 BodyT = TypeVar("BodyT", bound=SamplingFields)
 
-ERROR_RESPONSES: dict[int | str, dict] = {code: {"model": ErrorBody} for code in (400, 404, 413, 429, 500, 503, 504)}
+ERROR_RESPONSES: dict[int | str, dict] = {
+    code: {"model": ErrorBody} for code in (400, 401, 404, 413, 429, 500, 503, 504)
+}
 
 
 class NormalizeSlashes:
@@ -65,6 +70,17 @@ class NormalizeSlashes:
         if scope["type"] == "http" and "//" in scope["path"]:
             scope = {**scope, "path": self._REPEATED.sub("/", scope["path"])}
         await self.app(scope, receive, send)
+
+
+async def _caller(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
+) -> KeyRecord | None:
+    guard: Guard = request.app.state.guard
+    return await guard.authenticate(request, credentials)
+
+
+# The caller's API key record (None when the edge runs --no-auth).
+Caller = Annotated[KeyRecord | None, Depends(_caller)]
 
 
 def _wants_no_cache(request: Request) -> bool:
@@ -97,26 +113,31 @@ def create_app(settings: Settings) -> FastAPI:
             Exception: _unexpected,
         },
     )
+    guard = app.state.guard = Guard(settings)
+    app.add_middleware(LimitBody, max_bytes=settings.max_request_bytes)
     app.add_middleware(ObserveRequests)
     app.add_middleware(NormalizeSlashes)
+
     if tracing_enabled():
         # Per-message send/receive spans would cost one span per SSE chunk.
         FastAPIInstrumentor.instrument_app(app, excluded_urls="health,metrics", exclude_spans=["receive", "send"])
 
     @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    async def chat_completions(body: ChatCompletionRequest, request: Request, key: Caller) -> Response:
         """OpenAI chat completions; `stream: true` answers with server-sent events."""
         pipeline: Pipeline = request.app.state.pipeline
-        return await _complete(request, body, pipeline.prepare_chat, "chatcmpl", chat_chunks, chat_completion)
+        prepare = pipeline.prepare_chat
+        return await _complete(request, guard, key, body, prepare, "chatcmpl", chat_chunks, chat_completion)
 
     @app.post("/v1/completions", responses=ERROR_RESPONSES)
-    async def completions(body: CompletionRequest, request: Request) -> Response:
+    async def completions(body: CompletionRequest, request: Request, key: Caller) -> Response:
         """OpenAI (legacy) text completions; `stream: true` answers with server-sent events."""
         pipeline: Pipeline = request.app.state.pipeline
-        return await _complete(request, body, pipeline.prepare_completion, "cmpl", completion_chunks, text_completion)
+        prepare = pipeline.prepare_completion
+        return await _complete(request, guard, key, body, prepare, "cmpl", completion_chunks, text_completion)
 
     @app.get("/v1/models", responses=ERROR_RESPONSES)
-    async def list_models(request: Request) -> ModelList:
+    async def list_models(request: Request, key: Caller) -> ModelList:
         upstreams: Upstreams = request.app.state.upstreams
         try:
             reply = await upstreams.unary(
@@ -125,7 +146,8 @@ def create_app(settings: Settings) -> FastAPI:
             )  # fmt: skip
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err, "inference") from err
-        return ModelList(data=[Model(id=m.id, created=m.created, owned_by=m.owned_by) for m in reply.models])
+        visible = [m for m in reply.models if key is None or key.allows(m.id)]
+        return ModelList(data=[Model(id=m.id, created=m.created, owned_by=m.owned_by) for m in visible])
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
@@ -148,6 +170,8 @@ def create_app(settings: Settings) -> FastAPI:
 
 async def _complete(
     request: Request,
+    guard: Guard,
+    key: KeyRecord | None,
     body: BodyT,
     prepare: Callable[[BodyT, str], Awaitable[preprocess_pb2.PreprocessReply]],
     id_prefix: str,
@@ -160,9 +184,22 @@ async def _complete(
     rid = request_id(request.scope)
     span = trace.get_current_span()
     span.set_attributes({"sluice.request_id": rid, "gen_ai.request.model": body.model, "sluice.stream": body.stream})
+    guard.check(key, body)
     prepared = await prepare(body, rid)
     set_model(request.scope, body.model)  # preprocess accepted it: a known model
-    run = await pipeline.open(body.model, prepared, rid, _wants_no_cache(request))
+    guard.fit(prepared)
+    settle = await guard.reserve(key, prepared)
+
+    async def account(used: int | None) -> None:
+        request.scope["state"]["tokens"] = used  # for the audit line
+        await settle(used)
+
+    try:
+        run = await pipeline.open(body.model, prepared, rid, _wants_no_cache(request))
+    except BaseException:
+        await account(0)  # nothing was generated: the reservation goes back
+        raise
+    run.rest = settled(run.rest, run.first, account)
     TIME_TO_FIRST_TOKEN.labels(body.model).observe(time.perf_counter() - started)
     CACHE_RESULTS.labels(run.cache_status).inc()
     span.set_attribute("sluice.cache", run.cache_status)

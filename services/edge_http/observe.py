@@ -1,6 +1,6 @@
 """ASGI middleware that gives every request an id and accounts for it: the X-Request-Id
 response header, the request id in the logging context, count/latency metrics and one
-log line per request.
+audit log line per request (logger `sluice.audit`).
 
 Pure ASGI, so streaming responses pass through unbuffered and are timed to their last byte.
 """
@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from services.edge_http.metrics import REQUEST_DURATION, REQUESTS
 from services.mesh.logs import request_scope
 
-log = logging.getLogger(__name__)
+audit = logging.getLogger("sluice.audit")
 
 REQUEST_ID_HEADER = b"x-request-id"
 _QUIET_ROUTES = ("/health", "/metrics")  # polled constantly; counted, not logged
@@ -67,8 +67,12 @@ class ObserveRequests:
                 REQUESTS.labels(*labels).inc()
                 REQUEST_DURATION.labels(*labels).observe(elapsed)
                 if route not in _QUIET_ROUTES:
-                    log.info(
-                        "%s %s %s %.1f ms", scope["method"], scope["path"], status, elapsed * 1e3,
+                    # The audit line: who, which model, how many tokens, outcome, latency; never the prompt.
+                    key, tokens = state.get("key_name", ""), state.get("tokens")
+                    audit.info(
+                        "%s %s %s %.1f ms key=%s model=%s tokens=%s", scope["method"], scope["path"], status,
+                        elapsed * 1e3, key or "-", state.get("model") or "-", "-" if tokens is None else tokens,
                         extra={"method": scope["method"], "path": scope["path"], "status": int(status),
-                               "duration_ms": round(elapsed * 1e3, 1)},
+                               "duration_ms": round(elapsed * 1e3, 1), "key": key, "model": state.get("model", ""),
+                               "tokens": tokens},
                     )  # fmt: skip

@@ -103,7 +103,7 @@ def plan(settings: Settings, edge_addr: str = "", internal_grpc: bool = False) -
         # A stream may last as long as the mesh lets a generation run, plus the unary hops before it.
         stream_timeout_s=settings.generate_timeout_s + 2 * settings.upstream_timeout_s,
         unary_timeout_s=settings.upstream_timeout_s + 5,
-        max_request_bytes=settings.envoy_max_request_bytes,
+        max_request_bytes=settings.max_request_bytes,
         rate_limit_rps=settings.envoy_rate_limit_rps,
         internal=internal,
         internal_listen=Address(settings.host, settings.envoy_grpc_port) if internal else None,

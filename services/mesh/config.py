@@ -82,8 +82,17 @@ class Settings(BaseSettings):
     envoy_admin_port: int = Field(0, description="Envoy admin port on 127.0.0.1 (0: a free port)")
     envoy_tls_cert: str = Field("", description="certificate Envoy presents to clients (default: certs/envoy.crt)")
     envoy_tls_key: str = Field("", description="its private key (default: certs/envoy.key)")
-    envoy_max_request_bytes: int = Field(1 << 20, ge=1024, description="largest request body Envoy accepts (413)")
     envoy_rate_limit_rps: int = Field(200, ge=0, description="requests per second Envoy admits, burst 2x (0: off)")
+
+    auth: bool = Field(
+        True, description="require an API key (Authorization: Bearer) at the edge; --no-auth serves anyone"
+    )
+    keys_file: Path = Field(Path("sluice-keys.json"), description="API keys (salted hashes) from `sluice keys create`")
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="largest request body the edge and Envoy accept (413)")
+    max_messages: int = Field(1024, ge=1, description="most chat messages one request may carry")
+    max_tokens_limit: int = Field(
+        4096, ge=1, description="most tokens one request may generate (max_tokens above it is refused)"
+    )
 
     upstream_timeout_s: float = Field(10.0, gt=0, description="deadline for unary calls between services")
     generate_timeout_s: float = Field(600.0, gt=0, description="deadline for one generation")

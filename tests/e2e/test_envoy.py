@@ -105,7 +105,7 @@ class EdgeBehindEnvoy:
         self.work = work
         self.edge_argv = [
             sys.executable, "-m", "services.cli", "serve", "edge", "--edge-port", str(_free_port()),
-            "--certs-dir", str(mesh.certs_dir), "--ready-file", str(work / "edge.ready"),
+            "--certs-dir", str(mesh.certs_dir), "--ready-file", str(work / "edge.ready"), "--no-auth",
             *(f"--{svc}-addr={mesh.address(svc)}" for svc in ("preprocess", "inference", "cache")),
         ]  # fmt: skip
         self.envoy_flags = envoy_flags

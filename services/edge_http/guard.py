@@ -1,0 +1,139 @@
+"""What a request must pass at the edge before it costs anything: an API key, access to the
+model, the key's request and token rates, and the deployment's size limits."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from fastapi import Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.edge_http.errors import OpenAIError
+from services.edge_http.keys import KeyRecord, KeyStore
+from services.edge_http.limits import Limiter, LocalBuckets, RedisBuckets, Refused
+from services.edge_http.openai_schema import ChatCompletionRequest, SamplingFields
+from services.edge_http.pipeline import Event
+from services.mesh.config import Settings
+from services.mesh.stubs import preprocess_pb2
+
+log = logging.getLogger(__name__)
+
+NO_AUTH_WARNING = "AUTHENTICATION IS OFF (--no-auth): anyone who reaches the edge can use every model without a key"
+Settle = Callable[[int | None], Awaitable[None]]
+bearer = HTTPBearer(auto_error=False, description="an API key from `sluice keys create`")
+
+
+def _rate_limited(refused: Refused) -> OpenAIError:
+    return OpenAIError(
+        429, f"rate limit reached: this key allows {refused.limit} {refused.what} per minute",
+        "rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": str(max(1, refused.retry_after_s))},
+    )  # fmt: skip
+
+
+class Guard:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._keys = KeyStore(settings.keys_file)
+        buckets = RedisBuckets(settings.redis_url) if settings.cache_backend == "redis" else LocalBuckets()
+        self._limiter = Limiter(buckets)
+        if not settings.auth:
+            log.warning(NO_AUTH_WARNING)
+
+    async def authenticate(
+        self, request: Request, credentials: HTTPAuthorizationCredentials | None
+    ) -> KeyRecord | None:
+        """The caller's key (None with --no-auth), after its request rate is charged."""
+        if not self._settings.auth:
+            return None
+        if credentials is None:
+            raise OpenAIError(
+                401, "no API key: send it as `Authorization: Bearer <key>`", code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )  # fmt: skip
+        key = self._keys.verify(credentials.credentials)
+        if key is None:
+            raise OpenAIError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        request.scope["state"]["key_name"] = key.name
+        refused = await self._limiter.admit(key.id, key.rpm)
+        if refused:
+            raise _rate_limited(refused)
+        return key
+
+    def check(self, key: KeyRecord | None, body: SamplingFields) -> None:
+        """Model access and the deployment's request-shape limits."""
+        if key is not None and not key.allows(body.model):
+            # As OpenAI does: a model the key may not use is indistinguishable from a missing one.
+            raise OpenAIError(
+                404, f"the model `{body.model}` does not exist or you do not have access to it",
+                param="model", code="model_not_found",
+            )  # fmt: skip
+        limit = self._settings.max_tokens_limit
+        if body.max_tokens is not None and body.max_tokens > limit:
+            raise OpenAIError(400, f"max_tokens: at most {limit} per request", param="max_tokens", code="invalid_value")
+        if isinstance(body, ChatCompletionRequest) and len(body.messages) > self._settings.max_messages:
+            raise OpenAIError(
+                400, f"messages: at most {self._settings.max_messages} per request", param="messages",
+                code="invalid_value",
+            )  # fmt: skip
+
+    def fit(self, prepared: preprocess_pb2.PreprocessReply) -> None:
+        """A completion left unbounded by the client stops at max_tokens_limit."""
+        prepared.sampling.max_tokens = min(prepared.sampling.max_tokens, self._settings.max_tokens_limit)
+
+    async def reserve(self, key: KeyRecord | None, prepared: preprocess_pb2.PreprocessReply) -> Settle:
+        """Charge prompt + max_tokens to the key's tokens per minute; returns the settlement, to
+        call with the tokens really used (None if unknown: nothing is given back)."""
+        reserved = len(prepared.token_ids) + prepared.sampling.max_tokens
+        if key is not None:
+            refused = await self._limiter.reserve(key.id, key.tpm, reserved)
+            if refused:
+                raise _rate_limited(refused)
+
+        async def settle(used: int | None) -> None:
+            if key is not None and used is not None:
+                await self._limiter.settle(key.id, key.tpm, reserved, used)
+
+        return settle
+
+
+async def settled(events: AsyncIterator[Event], first: Event, settle: Settle) -> AsyncIterator[Event]:
+    """A run's remaining events; once it ends, `settle` gets the tokens it used (None if it never finished)."""
+    last = first if first.finish_reason else None
+    try:
+        async for event in events:
+            last = event if event.finish_reason else last
+            yield event
+    finally:
+        await settle(None if last is None else last.prompt_tokens + last.completion_tokens)
+
+
+class LimitBody:
+    """413 for a body over the limit, by Content-Length or by what actually arrives (chunked)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self) -> OpenAIError:
+        return OpenAIError(413, f"the request body exceeds {self.max_bytes} bytes", code="request_too_large")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"0")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large().response()(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise self._too_large()
+            return message
+
+        await self.app(scope, counted, send)

@@ -1,0 +1,203 @@
+"""API keys and limits at the edge, on the real mesh, driven by the `openai` SDK and httpx:
+401 without a valid key, model restrictions, requests and tokens per minute (429 with
+Retry-After), global size limits, keys added and revoked while running, the audit line, and
+limits shared by two edges through Redis."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from meshproc import REPO_ROOT, Mesh, start_mesh, wait_for
+from redisproc import redis_server
+
+from services.edge_http import keys
+from services.mesh.ready import read_ready
+
+MODEL = "sluice-tiny"
+UPSTREAMS = ("preprocess", "inference", "cache")
+
+
+def _chat(max_tokens: int = 2, **extra: object) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens, **extra}
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path, model_dir: Path) -> Iterator[tuple[Mesh, dict]]:
+    work = tmp_path_factory.mktemp("secured")
+    issued = {
+        "open": keys.create(work / "keys.json", "open")[0],
+        "rpm": keys.create(work / "keys.json", "rpm", rpm=3)[0],
+        "tpm": keys.create(work / "keys.json", "tpm", tpm=100)[0],
+        "other-model": keys.create(work / "keys.json", "other-model", models=["some-other-model"])[0],
+    }
+    mesh = start_mesh(
+        work, certs_dir, model_dir, "--auth", "--max-tokens-limit", "64", "--max-messages", "8",
+        "--max-request-bytes", "4096",
+    )  # fmt: skip
+    try:
+        yield mesh, issued
+    finally:
+        mesh.stop()
+
+
+def _client(mesh: Mesh, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=mesh.base_url, api_key=key, max_retries=0)
+
+
+def test_valid_key_is_served(secured: tuple[Mesh, dict]) -> None:
+    mesh, issued = secured
+    reply = _client(mesh, issued["open"]).chat.completions.create(**_chat())
+    assert reply.usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("header", [None, "Bearer sk-sluice-000000000000-nope", "Bearer not-a-sluice-key", "Basic x"])
+def test_missing_or_invalid_key_is_401_with_an_openai_error(secured: tuple[Mesh, dict], header: str | None) -> None:
+    mesh, _ = secured
+    headers = {"Authorization": header} if header else {}
+    reply = httpx.post(f"{mesh.base_url}/chat/completions", json=_chat(), headers=headers, timeout=10)
+    assert reply.status_code == 401
+    assert reply.json()["error"]["code"] == "invalid_api_key"
+    # The SDK surfaces it as its authentication error.
+    with pytest.raises(openai.AuthenticationError):
+        _client(mesh, "sk-sluice-000000000000-wrong").models.list()
+
+
+def test_keys_file_holds_no_plain_key(secured: tuple[Mesh, dict]) -> None:
+    mesh, issued = secured
+    stored = (mesh.log_dir.parent / "keys.json").read_text()
+    for plain in issued.values():
+        assert plain not in stored
+        assert plain.rsplit("-", 1)[-1] not in stored
+    assert oct((mesh.log_dir.parent / "keys.json").stat().st_mode & 0o777) == "0o600"
+
+
+def test_key_restricted_to_other_models_gets_404_and_sees_none(secured: tuple[Mesh, dict]) -> None:
+    mesh, issued = secured
+    client = _client(mesh, issued["other-model"])
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(**_chat())
+    assert caught.value.body["code"] == "model_not_found"
+    assert [m.id for m in client.models.list()] == []
+    assert [m.id for m in _client(mesh, issued["open"]).models.list()] == [MODEL]
+
+
+def test_over_requests_per_minute_is_429_with_retry_after(secured: tuple[Mesh, dict]) -> None:
+    mesh, issued = secured
+    client = _client(mesh, issued["rpm"])
+    for _ in range(3):
+        client.chat.completions.create(**_chat())
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(**_chat())
+    assert int(caught.value.response.headers["retry-after"]) >= 1
+    assert caught.value.body["code"] == "rate_limit_exceeded"
+    assert "3 requests per minute" in caught.value.message
+
+
+def test_over_tokens_per_minute_is_429_with_retry_after(secured: tuple[Mesh, dict]) -> None:
+    mesh, issued = secured
+    client = _client(mesh, issued["tpm"])
+    # A request costs prompt + max_tokens (~15 + 40): one fits the 100 per minute, two do not.
+    first = client.chat.completions.create(**_chat(max_tokens=40), extra_body={"ignore_eos": True})
+    assert first.usage.prompt_tokens + 40 <= 100 < 2 * (first.usage.prompt_tokens + 40)
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.chat.completions.create(**_chat(max_tokens=40))
+    assert int(caught.value.response.headers["retry-after"]) >= 1
+    assert "100 tokens per minute" in caught.value.message
+    # A request larger than the whole budget could never pass: refused at once.
+    with pytest.raises(openai.RateLimitError):
+        client.completions.create(model=MODEL, prompt="x " * 200, max_tokens=1)
+
+
+def test_deployment_limits_on_size_messages_and_max_tokens(secured: tuple[Mesh, dict]) -> None:
+    mesh, issued = secured
+    auth = {"Authorization": f"Bearer {issued['open']}"}
+    url = f"{mesh.base_url}/chat/completions"
+    big = httpx.post(url, json=_chat(user="x" * 5000), headers=auth, timeout=10)
+    assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
+    many = _chat() | {"messages": [{"role": "user", "content": "m"}] * 9}
+    reply = httpx.post(url, json=many, headers=auth, timeout=10)
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages"
+    reply = httpx.post(url, json=_chat(max_tokens=65), headers=auth, timeout=10)
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "max_tokens"
+    # Left unset, max_tokens stops at the deployment's limit rather than at the context length.
+    reply = httpx.post(url, json=_chat() | {"max_tokens": None, "ignore_eos": True}, headers=auth, timeout=60)
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 64
+
+
+def test_keys_created_and_revoked_while_running_take_effect(secured: tuple[Mesh, dict]) -> None:
+    mesh, _ = secured
+    keys_file = mesh.log_dir.parent / "keys.json"
+    created = subprocess.run(
+        [sys.executable, "-m", "services.cli", "keys", "create", "--name", "late", "--keys-file", str(keys_file)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    late = created.stdout.strip()
+    assert late.startswith(keys.PREFIX) and "shown only this once" in created.stderr
+    assert _client(mesh, late).chat.completions.create(**_chat()).usage.completion_tokens == 2
+    keys.revoke(keys_file, "late")
+    with pytest.raises(openai.AuthenticationError):
+        _client(mesh, late).chat.completions.create(**_chat())
+
+
+def test_audit_line_names_key_model_tokens_and_status_but_not_the_prompt(secured: tuple[Mesh, dict]) -> None:
+    mesh, issued = secured
+    secret_prompt = "my-confidential-prompt-4711"
+    _client(mesh, issued["open"]).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": secret_prompt}], max_tokens=3
+    )
+    log_text = (mesh.log_dir / "edge.log").read_text()
+    assert secret_prompt not in log_text
+    audit = [json.loads(line) for line in log_text.splitlines() if '"sluice.audit"' in line]
+    mine = [a for a in audit if a["key"] == "open" and a["path"] == "/v1/chat/completions" and a["status"] == 200]
+    assert mine and mine[-1]["model"] == MODEL and mine[-1]["tokens"] > 3 and mine[-1]["duration_ms"] > 0
+    assert any(a["status"] == 401 and a["key"] == "" for a in audit)
+
+
+def _second_edge(mesh: Mesh, work: Path, redis_url: str) -> subprocess.Popen:
+    ready = work / "edge-2.ready"
+    argv = [
+        sys.executable, "-m", "services.cli", "serve", "edge", "--edge-port", "0", "--certs-dir", str(mesh.certs_dir),
+        "--ready-file", str(ready), "--keys-file", str(work / "keys.json"), "--cache-backend", "redis",
+        "--redis-url", redis_url, *(f"--{svc}-addr={mesh.address(svc)}" for svc in UPSTREAMS),
+    ]  # fmt: skip
+    process = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if not wait_for(lambda: read_ready(ready) is not None, timeout=60):
+        process.kill()
+        raise RuntimeError("the second edge never became ready")
+    return process
+
+
+def test_two_edges_share_one_limit_through_redis(tmp_path: Path, certs_dir: Path, model_dir: Path) -> None:
+    with redis_server(tmp_path) as redis_url:
+        plain, _ = keys.create(tmp_path / "keys.json", "shared", rpm=4)
+        mesh = start_mesh(
+            tmp_path, certs_dir, model_dir, "--auth", "--cache-backend", "redis", "--redis-url", redis_url
+        )
+        second = None
+        try:
+            second = _second_edge(mesh, tmp_path, redis_url)
+            urls = [mesh.base_url, f"http://{read_ready(tmp_path / 'edge-2.ready').address}/v1"]
+            statuses = [
+                _client_status(urls[i % 2], plain) for i in range(6)
+            ]  # alternating edges: 4 admitted in all, not 4 per edge
+            assert statuses == [200, 200, 200, 200, 429, 429]
+        finally:
+            if second is not None:
+                second.send_signal(signal.SIGTERM)
+                second.wait(timeout=30)
+            mesh.stop()
+
+
+def _client_status(base_url: str, key: str) -> int:
+    reply = httpx.post(
+        f"{base_url}/chat/completions", json=_chat(), headers={"Authorization": f"Bearer {key}"}, timeout=30
+    )
+    return reply.status_code
