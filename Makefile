@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test lint protos bench clean redis-server
+.PHONY: run test lint protos bench fuzz clean redis-server
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/concurrency.py --preset default
 	$(BIN)/python benchmarks/concurrency.py --preset bench --concurrency 1,16
 	$(BIN)/python benchmarks/tracing_overhead.py
+
+# A longer schemathesis run against the real mesh than the one in `make test`.
+fuzz: $(VENV)/.installed-test
+	SLUICE_FUZZ_EXAMPLES=300 $(BIN)/python -m pytest tests/e2e/test_fuzz.py -s
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -11,6 +11,7 @@ from typing import Annotated, TypeVar
 import grpc.aio
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.sse import EventSourceResponse
@@ -160,6 +161,23 @@ def create_app(settings: Settings) -> FastAPI:
             "upstreams": {name: "SERVING" if up else "NOT_SERVING" for name, up in states.items()},
         }
         return JSONResponse(body, status_code=200 if ready else 503)
+
+    def deployment_openapi() -> dict:
+        """FastAPI's document, plus the limits and model name this deployment was started with."""
+        if app.openapi_schema is None:
+            document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            schemas = document["components"]["schemas"]
+            for name in ("ChatCompletionRequest", "CompletionRequest"):
+                fields = schemas[name]["properties"]
+                fields["model"]["examples"] = [settings.model_name]
+                for limit in ("max_tokens", "max_completion_tokens"):
+                    if limit in fields:
+                        fields[limit]["anyOf"][0]["maximum"] = settings.max_tokens_limit
+            schemas["ChatCompletionRequest"]["properties"]["messages"]["maxItems"] = settings.max_messages
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = deployment_openapi  # type: ignore[method-assign]
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

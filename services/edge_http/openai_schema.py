@@ -84,16 +84,11 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Annotated[str | list[str], Field(description="one prompt (a string or a list of one string)")]
-    echo: bool | None = Field(False, description="not supported; must be false")
-
-    @model_validator(mode="after")
-    def _single_prompt(self) -> CompletionRequest:
-        if isinstance(self.prompt, list) and len(self.prompt) != 1:
-            raise ValueError("prompt: exactly one prompt per request is supported")
-        if self.echo:
-            raise ValueError("echo: true is not supported")
-        return self
+    prompt: Annotated[
+        str | Annotated[list[str], Field(min_length=1, max_length=1)],
+        Field(description="one prompt (a string or a list of one string)"),
+    ]
+    echo: Literal[False] | None = Field(False, description="not supported; must be false")
 
     @property
     def prompt_text(self) -> str:

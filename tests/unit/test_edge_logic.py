@@ -59,8 +59,10 @@ def test_unknown_fields_are_ignored() -> None:
 
 def test_completion_prompt_must_be_one_prompt() -> None:
     assert CompletionRequest(model="m", prompt=["only"]).prompt_text == "only"
-    with pytest.raises(ValidationError, match="exactly one prompt"):
+    with pytest.raises(ValidationError, match="at most 1 item"):
         CompletionRequest(model="m", prompt=["a", "b"])
+    with pytest.raises(ValidationError, match="echo"):
+        CompletionRequest(model="m", prompt="a", echo=True)
 
 
 @pytest.mark.parametrize(
