@@ -19,6 +19,7 @@ SERVICE_FLAGS = {
         "metrics_port",
         "model",
         "served_model_name",
+        "allow_missing_manifest",
         "device",
         "torch_threads",
         "stall_timeout_s",
@@ -78,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
         "--port", dest="edge_port", type=int, default=None, help="HTTP port of the OpenAI API (default 8000)"
     )
     add_setting_flags(
-        up, *MESH_FLAGS, "model", "served_model_name", "device", "torch_threads", "cache_enabled", "cache_backend",
+        up, *MESH_FLAGS, "model", "served_model_name", "allow_missing_manifest", "device", "torch_threads",
+        "cache_enabled", "cache_backend",
         "redis_url", "auth", "keys_file", "max_messages", "max_tokens_limit",
         "max_running", "max_waiting", "max_batched_tokens", "prefill_chunk", "kv_cache_bytes", "stall_timeout_s",
     )  # fmt: skip
@@ -178,6 +180,13 @@ def _parser() -> argparse.ArgumentParser:
     minit.add_argument("--out", type=Path, help="target directory (default: models/sluice-tiny, models/sluice-bench)")
     minit.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
     minit.add_argument("--force", action="store_true", help="rebuild even if the directory exists")
+    manifest = model_cmd.add_parser(
+        "manifest",
+        help="write the SHA-256 manifest the inference service checks",
+        description="Hash every file of a model directory (hidden files aside) into PATH/sluice-manifest.json. "
+        "The inference service verifies it before loading and refuses a changed, missing or added file.",
+    )
+    manifest.add_argument("path", type=Path, help="the model directory")
     return parser
 
 
@@ -208,6 +217,15 @@ def _replicas(text: str) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "model" and args.model_command == "manifest":
+        from services.inference.manifest import ManifestError, write_manifest
+
+        try:
+            print(write_manifest(args.path))
+        except (ManifestError, OSError) as err:
+            print(f"sluice model manifest: {err}", file=sys.stderr)
+            return 1
+        return 0
     if args.command == "model":
         from services.inference.default_model import build_default_model
 

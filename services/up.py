@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from services.edge_http import keys
+from services.inference.manifest import MANIFEST
 from services.ingress.envoy_runner import start_envoy
 from services.mesh.certs import ca_paths, certs_present, init_certs
 from services.mesh.channels import sync_channel
@@ -50,13 +51,15 @@ def ensure_prerequisites(settings: Settings) -> None:
     if not settings.insecure and not certs_present(settings.certs_dir):
         written = init_certs(settings.certs_dir)
         log.info("created dev certificates in %s (%d files)", settings.certs_dir, len(written))
-    if not settings.model.exists():
+    # The default model is ours to build: also when an older Sluice built it without a manifest.
+    stale_default = settings.model == DEFAULT_MODEL and not (settings.model / MANIFEST).exists()
+    if not settings.model.exists() or stale_default:
         if settings.model != DEFAULT_MODEL:
             raise FileNotFoundError(f"model directory {settings.model} does not exist")
         from services.inference.default_model import build_default_model
 
-        log.info("building the default model in %s (first start only)", settings.model)
-        build_default_model(settings.model)
+        log.info("building the default model in %s", settings.model)
+        build_default_model(settings.model, force=True)
 
 
 def ensure_api_key(settings: Settings) -> str | None:

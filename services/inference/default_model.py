@@ -2,7 +2,7 @@
 
 A Llama-architecture model with random weights under a fixed seed and a byte-level BPE
 tokenizer trained on Python's own standard library sources, saved as an ordinary Hugging
-Face directory (safetensors, tokenizer.json, chat template). Its text is gibberish, but it
+Face directory (safetensors, tokenizer.json, chat template, SHA-256 manifest). Its text is gibberish, but it
 is loaded and served through exactly the path a real model takes.
 """
 
@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
+
+from services.inference.manifest import write_manifest
 
 BOS, EOS, IM_START, IM_END = "<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [BOS, EOS, IM_START, IM_END]
@@ -132,6 +134,7 @@ def build_default_model(out: Path, seed: int = 0, shape: ModelShape = ModelShape
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        write_manifest(staging)
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)

@@ -12,6 +12,7 @@ import grpc
 
 from services.inference.engine import Engine, EngineLimits, GenerationRequest, Step
 from services.inference.loader import load_model
+from services.inference.manifest import ManifestError, verify_manifest
 from services.inference.sampling import SamplingConfig
 from services.inference.tracing import record_phases
 from services.mesh import finish_reasons
@@ -98,6 +99,11 @@ def engine_limits(settings: Settings) -> EngineLimits:
 
 
 def run(settings: Settings, ready_file: Path | None) -> int:
+    try:
+        verify_manifest(settings.model, settings.allow_missing_manifest)
+    except ManifestError as err:
+        log.error("refusing to serve %s: %s", settings.model, err)
+        return 1
     limits = engine_limits(settings)
     engine = Engine(load_model(settings.model, settings.device, settings.model_name, settings.torch_threads), limits)
     spec = GrpcService(

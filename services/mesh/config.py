@@ -33,6 +33,9 @@ class Settings(BaseSettings):
 
     model: Path = Field(Path("models/sluice-tiny"), description="Hugging Face model directory to serve")
     served_model_name: str = Field("", description="model id clients send (default: the directory name)")
+    allow_missing_manifest: bool = Field(
+        False, description="serve a model directory without sluice-manifest.json, unverified (warns)"
+    )
     device: str = Field("auto", description="torch device for inference: auto, cpu, cuda, cuda:N")
     torch_threads: int = Field(0, ge=0, description="CPU threads per torch op in inference (0: torch's default)")
 

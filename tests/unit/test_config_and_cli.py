@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from services.cli import _parser
+from services.inference.manifest import MANIFEST, verify_manifest
 from services.mesh.config import CONFIG_ENV, Settings, settings_from_args
 from services.mesh.ready import advertised_address
 from services.up import inference_env
@@ -70,6 +71,10 @@ def test_served_model_name_defaults_to_the_directory_name() -> None:
         ["serve", "cache"],
         ["certs", "init"],
         ["model", "init"],
+        ["model", "manifest"],
+        ["keys", "create"],
+        ["keys", "list"],
+        ["keys", "revoke"],
     ],
 )
 def test_every_command_explains_itself(command: list[str]) -> None:
@@ -103,3 +108,19 @@ def test_inference_replicas_on_one_machine_share_its_cores(monkeypatch: pytest.M
     assert inference_env(Settings(), env, 4)["SLUICE_TORCH_THREADS"] == "1"
     # A thread count the user chose is theirs.
     assert inference_env(Settings(torch_threads=3), {"SLUICE_TORCH_THREADS": "3"}, 2)["SLUICE_TORCH_THREADS"] == "3"
+
+
+def test_model_manifest_command_writes_a_manifest_the_service_accepts(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    result = subprocess.run(
+        [sys.executable, "-m", "services.cli", "model", "manifest", str(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(tmp_path / MANIFEST)
+    verify_manifest(tmp_path)
+    missing = subprocess.run(
+        [sys.executable, "-m", "services.cli", "model", "manifest", str(tmp_path / "nope")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert missing.returncode == 1 and "no files" in missing.stderr
