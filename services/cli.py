@@ -19,6 +19,8 @@ SERVICE_FLAGS = {
         "metrics_port",
         "model",
         "served_model_name",
+        "served_model_version",
+        "model_manifest",
         "allow_missing_manifest",
         "device",
         "torch_threads",
@@ -48,6 +50,7 @@ SERVICE_FLAGS = {
         "generate_timeout_s",
         "max_request_bytes",
         *("auth", "keys_file", "max_messages", "max_tokens_limit", "cache_backend", "redis_url"),
+        *("model_weights", "model_aliases"),
     ),
 }
 MESH_FLAGS = (
@@ -79,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
         "--port", dest="edge_port", type=int, default=None, help="HTTP port of the OpenAI API (default 8000)"
     )
     add_setting_flags(
-        up, *MESH_FLAGS, "model", "served_model_name", "allow_missing_manifest", "device", "torch_threads",
+        up, *MESH_FLAGS, "model", "served_model_name", "served_model_version", "model_manifest", "embedding_model",
+        "allow_missing_manifest", "device", "torch_threads", "model_weights", "model_aliases",
         "cache_enabled", "cache_backend",
         "redis_url", "auth", "keys_file", "max_messages", "max_tokens_limit",
         "max_running", "max_waiting", "max_batched_tokens", "prefill_chunk", "kv_cache_bytes", "stall_timeout_s",
@@ -92,6 +96,11 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--replicas", type=_replicas, default={}, metavar="SERVICE=N[,SERVICE=N]",
         help="run N processes of a backend service (e.g. inference=2); the edge balances across them",
+    )  # fmt: skip
+    up.add_argument(
+        "--extra-model", dest="extra_models", type=_model_spec, action="append", default=[], metavar="DIR[@VERSION]",
+        help="also serve this model directory (served as its directory name), e.g. a canary version of --model: "
+        "models/v2/sluice-tiny@2 (repeatable; split traffic with --model-weights)",
     )  # fmt: skip
     up.add_argument("--state-file", type=Path, help="write the base URL and every service's addresses here (JSON)")
     up.add_argument(
@@ -200,6 +209,13 @@ def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+def _model_spec(text: str) -> tuple[Path, str]:
+    path, _, version = text.partition("@")
+    if not Path(path).is_dir():
+        raise argparse.ArgumentTypeError(f"{path!r} is not a model directory")
+    return Path(path), version
+
+
 def _replicas(text: str) -> dict[str, int]:
     from services.mesh.discovery import UPSTREAM_SERVICES
 
@@ -250,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if any(args.replicas.get(svc, 1) > 1 and getattr(settings, f"{svc}_port") for svc in args.replicas):
             parser.error("--replicas needs the replicated services on free ports (leave their --*-port at 0)")
-        return up(settings, args.state_file, args.log_dir, args.startup_timeout, args.with_envoy, args.replicas)
+        return up(
+            settings, args.state_file, args.log_dir, args.startup_timeout, args.with_envoy, args.replicas,
+            args.extra_models,
+        )  # fmt: skip
     if args.command == "envoy-config":
         return _envoy_config(settings, args)
     return _serve(args.service, settings, args.ready_file)

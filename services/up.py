@@ -21,6 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from services.edge_http import keys
+from services.inference.embedding_default import resolve_embedding_model
 from services.inference.manifest import MANIFEST
 from services.ingress.envoy_runner import start_envoy
 from services.mesh.certs import ca_paths, certs_present, init_certs
@@ -90,6 +91,7 @@ def up(
     startup_timeout: float,
     with_envoy: bool = False,
     replicas: dict[str, int] | None = None,
+    extra_models: list[tuple[Path, str]] | None = None,
 ) -> int:
     started = time.monotonic()
     ensure_prerequisites(settings)
@@ -101,7 +103,7 @@ def up(
     with tempfile.TemporaryDirectory(prefix="sluice-up-") as run_dir:
         supervisor = Supervisor(Path(run_dir), log_dir)
         try:
-            ready = _start_mesh(settings, supervisor, env, startup_timeout, replicas or {})
+            ready = _start_mesh(settings, supervisor, env, startup_timeout, replicas or {}, extra_models or [])
             if with_envoy:
                 ready["envoy"] = start_envoy(
                     settings, supervisor, Path(run_dir), ready["edge"].address, startup_timeout
@@ -129,6 +131,9 @@ def up(
             "  Ctrl-C stops every service.",
             flush=True,
         )
+        embedding = resolve_embedding_model(settings.embedding_model)
+        if embedding is not None:
+            print(f"  Embeddings: model {embedding.name} at {base_url}/embeddings", flush=True)
         code = 0
         while not stop.wait(0.5) and not code:
             for dead in supervisor.newly_exited():
@@ -167,8 +172,9 @@ def inference_env(settings: Settings, env: dict[str, str], count: int) -> dict[s
 
 
 def _start_mesh(
-    settings: Settings, supervisor: Supervisor, env: dict[str, str], timeout: float, replicas: dict[str, int]
-) -> dict[str, ReadyInfo]:
+    settings: Settings, supervisor: Supervisor, env: dict[str, str], timeout: float, replicas: dict[str, int],
+    extra_models: list[tuple[Path, str]],
+) -> dict[str, ReadyInfo]:  # fmt: skip
     # The backends start together (the model load dominates); the edge needs their addresses.
     envs = {service: _child_env(env, service) for service in BACKENDS}
     envs["inference"] = inference_env(settings, envs["inference"], replicas.get("inference", 1))
@@ -177,6 +183,24 @@ def _start_mesh(
         for service in BACKENDS
         for name in replica_names(service, replicas.get(service, 1))
     }
+    embedding = resolve_embedding_model(settings.embedding_model)
+    if embedding is not None:
+        # One more inference instance, serving the embedding model; the edge routes by model.
+        embed_env = envs["inference"] | {
+            "SLUICE_MODEL": str(embedding.path), "SLUICE_SERVED_MODEL_NAME": embedding.name,
+            "SLUICE_SERVED_MODEL_VERSION": "", "SLUICE_INFERENCE_PORT": "0",
+        }  # fmt: skip
+        if embedding.manifest is not None:
+            embed_env["SLUICE_MODEL_MANIFEST"] = str(embedding.manifest)
+        children["inference-embed"] = supervisor.start("inference-embed", _serve_argv("inference"), embed_env)
+    for index, (path, version) in enumerate(extra_models, start=2):
+        # Another model, or another version of one (a canary), as one more inference instance.
+        extra_env = envs["inference"] | {
+            "SLUICE_MODEL": str(path), "SLUICE_SERVED_MODEL_NAME": path.resolve().name,
+            "SLUICE_SERVED_MODEL_VERSION": version, "SLUICE_INFERENCE_PORT": "0",
+        }  # fmt: skip
+        name = f"inference-m{index}"
+        children[name] = supervisor.start(name, _serve_argv("inference"), extra_env)
     ready = {name: supervisor.wait_ready(child, timeout) for name, child in children.items()}
     for name, info in ready.items():
         with sync_channel(settings, info.address, "edge") as channel:

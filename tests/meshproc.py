@@ -97,6 +97,8 @@ def start_mesh(
         "--drain-grace-s", "5",
         # Tests of the mesh's other behaviour run without keys; test_auth.py passes --auth.
         "--no-auth", "--keys-file", str(workdir / "keys.json"),
+        # The embedding model's instance only where a test asks for it (--embedding-model auto).
+        "--embedding-model", "none",
         *extra,
     ]  # fmt: skip
     process = subprocess.Popen(

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, TypeVar
 
-import grpc.aio
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -24,32 +23,35 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.edge_http.chat import chat_chunks, chat_completion
 from services.edge_http.completions import completion_chunks, text_completion
+from services.edge_http.embeddings import embed_inputs, embedding_list
 from services.edge_http.errors import (
+    RETRY_AFTER_S,
     OpenAIError,
-    from_rpc_error,
     handle_openai_error,
     handle_validation_error,
 )
 from services.edge_http.guard import Guard, LimitBody, bearer, settled
 from services.edge_http.keys import KeyRecord
 from services.edge_http.metrics import CACHE_RESULTS, TIME_TO_FIRST_TOKEN
+from services.edge_http.models import VERSION_HEADER, ModelRouter, Served, UnknownModel, UnknownVersion
 from services.edge_http.observe import ObserveRequests, request_id, set_model
 from services.edge_http.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
+    EmbeddingRequest,
     ErrorBody,
     Model,
     ModelList,
     ResponseMeta,
     SamplingFields,
 )
-from services.edge_http.pipeline import STUBS, Pipeline, Run
+from services.edge_http.pipeline import Pipeline, Run
 from services.edge_http.streaming import sse_stream
 from services.edge_http.upstreams import Upstreams
 from services.mesh.config import Settings
 from services.mesh.consul import ConsulDiscovery
 from services.mesh.discovery import StaticDiscovery
-from services.mesh.stubs import inference_pb2, preprocess_pb2
+from services.mesh.stubs import preprocess_pb2
 from services.mesh.telemetry import shutdown_tracing, tracing_enabled
 
 BodyT = TypeVar("BodyT", bound=SamplingFields)
@@ -115,6 +117,7 @@ def create_app(settings: Settings) -> FastAPI:
         },
     )
     guard = app.state.guard = Guard(settings)
+    router = app.state.router = ModelRouter(settings.model_weights, settings.model_aliases)
     app.add_middleware(LimitBody, max_bytes=settings.max_request_bytes)
     app.add_middleware(ObserveRequests)
     app.add_middleware(NormalizeSlashes)
@@ -139,16 +142,27 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/v1/models", responses=ERROR_RESPONSES)
     async def list_models(request: Request, key: Caller) -> ModelList:
+        """Every model id (and alias of one) with at least one healthy instance."""
         upstreams: Upstreams = request.app.state.upstreams
-        try:
-            reply = await upstreams.unary(
-                "inference", STUBS["inference"], "ListModels", inference_pb2.ListModelsRequest(),
-                timeout=settings.upstream_timeout_s,
-            )  # fmt: skip
-        except grpc.aio.AioRpcError as err:
-            raise from_rpc_error(err, "inference") from err
-        visible = [m for m in reply.models if key is None or key.allows(m.id)]
-        return ModelList(data=[Model(id=m.id, created=m.created, owned_by=m.owned_by) for m in visible])
+        await upstreams.describe_all()
+        serving = {s.id: s for s in upstreams.served() if s.healthy}
+        names = {model_id: model_id for model_id in serving}
+        names |= {alias: target for alias, target in router.aliases.items() if target in serving}
+        visible = [(name, serving[target]) for name, target in sorted(names.items())
+                   if key is None or key.allows(name) or key.allows(target)]  # fmt: skip
+        return ModelList(data=[Model(id=name, created=s.created, owned_by="sluice") for name, s in visible])
+
+    @app.post("/v1/embeddings", responses=ERROR_RESPONSES)
+    async def embeddings(body: EmbeddingRequest, request: Request, key: Caller) -> JSONResponse:
+        """OpenAI embeddings from an instance serving an embedding model; batched with other callers."""
+        pipeline: Pipeline = request.app.state.pipeline
+        target = await _route(request, key, body.model, "embedding")
+        settle = await guard.metered(key)
+        reply = await pipeline.embed(target, embed_inputs(body), request_id(request.scope))
+        request.scope["state"]["tokens"] = reply.prompt_tokens
+        await settle(reply.prompt_tokens)
+        result = embedding_list(body, target.id, reply)
+        return JSONResponse(result.model_dump(mode="json"), headers=_version_header(target))
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
@@ -202,9 +216,10 @@ async def _complete(
     rid = request_id(request.scope)
     span = trace.get_current_span()
     span.set_attributes({"sluice.request_id": rid, "gen_ai.request.model": body.model, "sluice.stream": body.stream})
-    guard.check(key, body)
+    guard.check(body)
+    target = await _route(request, key, body.model, "chat")
+    body.model = target.id  # aliases answer with the model they stand for, as OpenAI's do
     prepared = await prepare(body, rid)
-    set_model(request.scope, body.model)  # preprocess accepted it: a known model
     guard.fit(prepared)
     settle = await guard.reserve(key, prepared)
 
@@ -213,7 +228,7 @@ async def _complete(
         await settle(used)
 
     try:
-        run = await pipeline.open(body.model, prepared, rid, _wants_no_cache(request))
+        run = await pipeline.open(target, prepared, rid, _wants_no_cache(request))
     except BaseException:
         await account(0)  # nothing was generated: the reservation goes back
         raise
@@ -222,11 +237,49 @@ async def _complete(
     CACHE_RESULTS.labels(run.cache_status).inc()
     span.set_attribute("sluice.cache", run.cache_status)
     meta = ResponseMeta(f"{id_prefix}-{rid}", int(time.time()), body.model)
-    headers = {"X-Sluice-Cache": run.cache_status}
+    headers = {"X-Sluice-Cache": run.cache_status, **_version_header(target)}
     if body.stream:
         headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return EventSourceResponse(sse_stream(chunks(run, meta, body.include_usage)), headers=headers)
     return JSONResponse((await whole(run, meta)).model_dump(mode="json"), headers=headers)
+
+
+async def _route(request: Request, key: KeyRecord | None, name: str, kind: str) -> Served:
+    """The model version that serves this request (aliases, weights, the pin header), checked
+    against the key and the endpoint's kind; labels the request's metrics and trace with it."""
+    router: ModelRouter = request.app.state.router
+    upstreams: Upstreams = request.app.state.upstreams
+    guard: Guard = request.app.state.guard
+    model_id = router.resolve(name)
+    guard.allow_model(key, name, model_id)
+    pinned = request.headers.get(VERSION_HEADER)
+    try:
+        if not any(s.id == model_id for s in upstreams.served()):
+            await upstreams.describe_all()
+        target = router.choose(model_id, upstreams.served(), pinned)
+    except UnknownModel:
+        if any(e.info is None for e in upstreams.pools["inference"].endpoints):
+            raise OpenAIError(
+                503, "inference instances are still starting", "service_unavailable",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            ) from None  # fmt: skip
+        raise OpenAIError(
+            404, f"the model `{name}` does not exist", param="model", code="model_not_found"
+        ) from None  # fmt: skip
+    except UnknownVersion as err:
+        raise OpenAIError(404, str(err), param=VERSION_HEADER, code="model_version_not_found") from None
+    if target.kind != kind:
+        use = "/v1/embeddings" if target.kind == "embedding" else "/v1/chat/completions"
+        raise OpenAIError(400, f"`{name}` is a {target.kind} model: use {use}", param="model", code="wrong_model_kind")
+    set_model(request.scope, target.id)
+    trace.get_current_span().set_attributes(
+        {"gen_ai.response.model": target.id, "sluice.model.version": target.version}
+    )
+    return target
+
+
+def _version_header(target: Served) -> dict[str, str]:
+    return {VERSION_HEADER: target.version} if target.version else {}
 
 
 async def _http_exception(_: Request, exc: Exception) -> JSONResponse:

@@ -61,14 +61,17 @@ class Guard:
             raise _rate_limited(refused)
         return key
 
-    def check(self, key: KeyRecord | None, body: SamplingFields) -> None:
-        """Model access and the deployment's request-shape limits."""
-        if key is not None and not key.allows(body.model):
+    def allow_model(self, key: KeyRecord | None, name: str, model_id: str) -> None:
+        """A key restricted to some models may use them by id or by an alias it was given."""
+        if key is not None and not (key.allows(name) or key.allows(model_id)):
             # As OpenAI does: a model the key may not use is indistinguishable from a missing one.
             raise OpenAIError(
-                404, f"the model `{body.model}` does not exist or you do not have access to it",
+                404, f"the model `{name}` does not exist or you do not have access to it",
                 param="model", code="model_not_found",
             )  # fmt: skip
+
+    def check(self, body: SamplingFields) -> None:
+        """The deployment's request-shape limits."""
         limit = self._settings.max_tokens_limit
         if body.max_tokens is not None and body.max_tokens > limit:
             raise OpenAIError(400, f"max_tokens: at most {limit} per request", param="max_tokens", code="invalid_value")
@@ -94,6 +97,20 @@ class Guard:
         async def settle(used: int | None) -> None:
             if key is not None and used is not None:
                 await self._limiter.settle(key.id, key.tpm, reserved, used)
+
+        return settle
+
+    async def metered(self, key: KeyRecord | None) -> Settle:
+        """For calls whose token count is known only afterwards (embeddings): refused while the
+        key's tokens per minute are spent; the settlement charges what was used."""
+        if key is not None:
+            refused = await self._limiter.check(key.id, key.tpm)
+            if refused:
+                raise _rate_limited(refused)
+
+        async def settle(used: int | None) -> None:
+            if key is not None and used:
+                await self._limiter.settle(key.id, key.tpm, 0, used)
 
         return settle
 

@@ -35,19 +35,20 @@ class Bucket:
     level: float
     updated: float
 
-    def take(self, amount: float, now: float) -> float:
-        """Take `amount` (negative puts back); 0.0 on success, else the seconds to wait."""
+    def take(self, amount: float, now: float, force: bool = False) -> float:
+        """Take `amount` (negative puts back); 0.0 on success, else the seconds to wait. `force`
+        takes it anyway (usage learnt after the fact), leaving the bucket in debt."""
         rate = self.capacity / 60.0
         self.level = min(self.capacity, self.level + (now - self.updated) * rate)
         self.updated = now
-        if amount > self.level and amount > 0:
+        if amount > self.level and amount > 0 and not force:
             return (amount - self.level) / rate
         self.level = min(self.capacity, self.level - amount)
         return 0.0
 
 
 class Buckets(Protocol):
-    async def take(self, key: str, per_minute: int, amount: int) -> float: ...
+    async def take(self, key: str, per_minute: int, amount: int, force: bool = False) -> float: ...
 
 
 class LocalBuckets:
@@ -55,16 +56,17 @@ class LocalBuckets:
         self._clock = clock
         self._buckets: dict[str, Bucket] = {}
 
-    async def take(self, key: str, per_minute: int, amount: int) -> float:
+    async def take(self, key: str, per_minute: int, amount: int, force: bool = False) -> float:
         now = self._clock()
         bucket = self._buckets.get(key)
         if bucket is None or bucket.capacity != per_minute:  # a changed limit starts a full bucket
             bucket = self._buckets[key] = Bucket(per_minute, per_minute, now)
-        return bucket.take(amount, now)
+        return bucket.take(amount, now, force)
 
 
 # The same bucket in Redis, timed by Redis's clock so every edge agrees.
-# KEYS[1]: the bucket hash; ARGV: capacity, amount. Returns the wait in microseconds (0: taken).
+# KEYS[1]: the bucket hash; ARGV: capacity, amount, force (1: take even into debt).
+# Returns the wait in microseconds (0: taken).
 _TAKE = """
 local capacity = tonumber(ARGV[1])
 local amount = tonumber(ARGV[2])
@@ -78,7 +80,7 @@ if level == nil or tonumber(state[3]) ~= capacity then
 end
 level = math.min(capacity, level + (now - updated) * rate)
 local wait = 0
-if amount > 0 and amount > level then
+if amount > 0 and amount > level and ARGV[3] ~= '1' then
   wait = math.ceil((amount - level) / rate)
 else
   level = math.min(capacity, level - amount)
@@ -96,12 +98,12 @@ class RedisBuckets:
         self._fallback = fallback or LocalBuckets()
         self._warning = ThrottledWarning(log, f"Redis at {url} unreachable (%s): rate limits are per edge process")
 
-    async def take(self, key: str, per_minute: int, amount: int) -> float:
+    async def take(self, key: str, per_minute: int, amount: int, force: bool = False) -> float:
         try:
-            wait_us = await self._take(keys=[f"sluice:{{limits}}:{key}"], args=[per_minute, amount])
+            wait_us = await self._take(keys=[f"sluice:{{limits}}:{key}"], args=[per_minute, amount, int(force)])
         except redis.RedisError as err:
             self._warning.emit(err)
-            return await self._fallback.take(key, per_minute, amount)
+            return await self._fallback.take(key, per_minute, amount, force)
         return int(wait_us) / 1e6
 
 
@@ -134,4 +136,14 @@ class Limiter:
 
     async def settle(self, key_id: str, tpm: int, reserved: int, used: int) -> None:
         if tpm and reserved != used:
-            await self._buckets.take(f"{key_id}:tpm", tpm, used - reserved)
+            await self._buckets.take(f"{key_id}:tpm", tpm, used - reserved, force=True)
+
+    async def check(self, key_id: str, tpm: int) -> Refused | None:
+        """For calls whose size is known only afterwards: refused while the key is in debt."""
+        if not tpm:
+            return None
+        wait = await self._buckets.take(f"{key_id}:tpm", tpm, 1)
+        if wait:
+            return Refused("tokens", tpm, math.ceil(wait))
+        await self._buckets.take(f"{key_id}:tpm", tpm, -1)
+        return None

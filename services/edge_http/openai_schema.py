@@ -95,6 +95,23 @@ class CompletionRequest(SamplingFields):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own limit per request
+
+
+def _items(kind: type) -> type:
+    return Annotated[list[kind], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+
+
+class EmbeddingRequest(_Lenient):
+    model: str = Field(min_length=1)
+    input: str | _items(str) | _items(int) | _items(_items(int)) = Field(  # type: ignore[valid-type]
+        description="a string, a list of strings, a list of token ids, or a list of token id lists"
+    )
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, description="only the model's own dimension count is accepted")
+    user: str | None = None
+
+
 # ---------------------------------------------------------------- responses
 
 
@@ -176,6 +193,24 @@ class Model(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[Model]
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # base64 of little-endian float32 with encoding_format=base64
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
 
 
 class ErrorDetail(BaseModel):

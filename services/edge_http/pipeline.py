@@ -9,7 +9,7 @@ instance or becomes a proper HTTP error.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,9 +19,11 @@ from google.protobuf.message import Message
 
 from services.edge_http.errors import OpenAIError, from_rpc_error
 from services.edge_http.metrics import UPSTREAM_ERRORS
+from services.edge_http.models import Served
 from services.edge_http.openai_schema import ChatCompletionRequest, CompletionRequest, SamplingFields, Usage
 from services.edge_http.upstreams import Upstreams
 from services.mesh import finish_reasons
+from services.mesh.balancer import Endpoint
 from services.mesh.config import Settings
 from services.mesh.stubs import (
     cache_pb2,
@@ -127,6 +129,16 @@ class Pipeline:
             timeout=self._settings.upstream_timeout_s, metadata=self._metadata(request_id),
         )  # fmt: skip
 
+    async def embed(self, target: Served, inputs: list[inference_pb2.EmbedInput], request_id: str) -> Any:
+        request = inference_pb2.EmbedRequest(request_id=request_id, model=target.id, inputs=inputs)
+        try:
+            return await self._up.unary(
+                "inference", STUBS["inference"], "Embed", request, accept=_serves(target),
+                timeout=self._settings.upstream_timeout_s, metadata=self._metadata(request_id),
+            )  # fmt: skip
+        except grpc.aio.AioRpcError as err:
+            raise from_rpc_error(err, "inference") from err
+
     async def prepare_chat(self, body: ChatCompletionRequest, request_id: str) -> preprocess_pb2.PreprocessReply:
         request = preprocess_pb2.RenderChatRequest(
             request_id=request_id, model=body.model, messages=_chat_messages(body), sampling=sampling_params(body)
@@ -145,8 +157,12 @@ class Pipeline:
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err, "preprocess") from err
 
-    async def open(self, model: str, prepared: preprocess_pb2.PreprocessReply, request_id: str, no_cache: bool) -> Run:
-        key = prepared.cache_key
+    async def open(
+        self, target: Served, prepared: preprocess_pb2.PreprocessReply, request_id: str, no_cache: bool
+    ) -> Run:
+        """Answer from the cache or start generating on an instance of the chosen model version."""
+        # Versions differ in their weights: each caches its own completions.
+        key = f"{prepared.cache_key}@{target.version}" if prepared.cache_key else ""
         if not self._settings.cache_enabled:
             status = "off"
         elif not key or no_cache:
@@ -156,7 +172,7 @@ class Pipeline:
             if hit is not None:
                 return Run("hit", hit, _nothing())
             status = "miss"
-        rest = self._generate(model, prepared, request_id, store=status == "miss")
+        rest = self._generate(target, prepared, request_id, key if status == "miss" else "")
         try:
             first = await anext(rest)
         except BaseException:
@@ -189,13 +205,15 @@ class Pipeline:
             log.warning("cache store failed (%s)", err.code().name)
 
     async def _generate(
-        self, model: str, prepared: preprocess_pb2.PreprocessReply, request_id: str, store: bool
+        self, target: Served, prepared: preprocess_pb2.PreprocessReply, request_id: str, store_as: str
     ) -> AsyncIterator[Event]:
+        """The generation's events; with `store_as`, the finished completion is cached under it."""
         chunks = self._up.stream(
             "inference", STUBS["inference"], "Generate",
             inference_pb2.GenerateRequest(
-                request_id=request_id, model=model, token_ids=prepared.token_ids, sampling=prepared.sampling
+                request_id=request_id, model=target.id, token_ids=prepared.token_ids, sampling=prepared.sampling
             ),
+            accept=_serves(target),
             # A chunk with no text yet (the detokenizer holds a partial character) shows the
             # client nothing, so a failure after it can still be retried elsewhere.
             commits=lambda chunk: bool(chunk.text or chunk.finish_reason),
@@ -212,8 +230,8 @@ class Pipeline:
                     continue
                 completion.finish_reason = chunk.finish_reason
                 completion.usage.CopyFrom(chunk.usage)
-                if store:
-                    await self._store(prepared.cache_key, completion, request_id)
+                if store_as:
+                    await self._store(store_as, completion, request_id)
                 yield Event(
                     chunk.text,
                     finish_reasons.FROM_PROTO[chunk.finish_reason],
@@ -228,6 +246,11 @@ class Pipeline:
             await chunks.aclose()  # cancels the call upstream if the client left early
         if not completion.finish_reason:
             raise OpenAIError(502, "inference ended the stream without a finish reason", "server_error")
+
+
+def _serves(target: Served) -> Callable[[Endpoint], bool]:
+    """Instances of exactly the chosen model version."""
+    return lambda e: e.info is not None and (e.info.id, e.info.version) == (target.id, target.version)
 
 
 async def _nothing() -> AsyncIterator[Event]:

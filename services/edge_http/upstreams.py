@@ -21,15 +21,19 @@ from grpc_health.v1.health_pb2_grpc import HealthStub
 
 from services.edge_http.errors import RETRY_AFTER_S, OpenAIError
 from services.edge_http.metrics import UPSTREAM_EJECTIONS, UPSTREAM_RETRIES
+from services.edge_http.models import Served
 from services.mesh.balancer import RETRYABLE, Endpoint, NoInstance, Pool
 from services.mesh.channels import aio_channel
 from services.mesh.config import Settings
 from services.mesh.discovery import UPSTREAM_SERVICES, Discovery, Instance
 from services.mesh.health import SERVING, check_async
+from services.mesh.stubs.inference_pb2 import ListModelsRequest
+from services.mesh.stubs.inference_pb2_grpc import InferenceStub
 
 log = logging.getLogger(__name__)
 
 IDENTITY = "edge"
+Accept = Callable[[Endpoint], bool] | None
 HEALTH_INTERVAL_S = 1.0
 
 
@@ -83,6 +87,8 @@ class Upstreams:
         try:
             async for reply in HealthStub(endpoint.channel).Watch(HealthCheckRequest()):
                 healthy = reply.status == SERVING
+                if healthy and endpoint.instance.service == "inference":
+                    await self._describe(endpoint)  # routing needs to know what it serves first
                 self._set_health(endpoint, healthy)
         except grpc.aio.AioRpcError:
             pass
@@ -98,28 +104,51 @@ class Upstreams:
                         "SERVING again" if healthy else "not SERVING")  # fmt: skip
         endpoint.healthy = healthy
 
-    def _pick(self, service: str, tried: list[str]) -> Endpoint:
+    @staticmethod
+    async def _describe(endpoint: Endpoint) -> None:
+        if endpoint.info is None:
+            described = await endpoint.stub(InferenceStub).ListModels(ListModelsRequest(), timeout=10)
+            endpoint.info = described.models[0]
+
+    async def describe_all(self) -> bool:
+        """Ask inference instances not yet described what they serve (a request that arrives before
+        their health watch did); False while some cannot answer."""
+        pending = [e for e in self.pools["inference"].endpoints if e.info is None]
+        results = await asyncio.gather(*(self._describe(e) for e in pending), return_exceptions=True)
+        return not any(isinstance(r, Exception) for r in results)
+
+    def served(self) -> list[Served]:
+        """What every inference instance that has described itself serves."""
+        return [
+            Served(e.info.id, e.info.version, e.info.kind or "chat", e.info.context_length, e.info.created, e.healthy)
+            for e in self.pools["inference"].endpoints
+            if e.info is not None
+        ]
+
+    def _pick(self, service: str, tried: list[str], accept: Accept) -> Endpoint:
         try:
-            return self.pools[service].pick(tried)
+            return self.pools[service].pick(tried, accept)
         except NoInstance as err:
             raise OpenAIError(
                 503, str(err), "service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}
             ) from err
 
-    def _retry(self, service: str, endpoint: Endpoint, code: grpc.StatusCode, tried: list[str]) -> bool:
+    def _retry(self, service: str, endpoint: Endpoint, code: grpc.StatusCode, tried: list[str], accept: Accept) -> bool:
         tried.append(endpoint.instance.key)
-        if code in RETRYABLE and self.pools[service].alternatives(tried):
+        if code in RETRYABLE and self.pools[service].alternatives(tried, accept):
             log.warning("%s at %s failed (%s); retrying on another instance",
                         service, endpoint.instance.address, code.name)  # fmt: skip
             UPSTREAM_RETRIES.labels(service).inc()
             return True
         return False
 
-    async def unary(self, service: str, stub_class: type, method: str, request: Message, **call: Any) -> Any:
-        """One unary call (keyword arguments go to the stub: timeout, metadata)."""
+    async def unary(
+        self, service: str, stub_class: type, method: str, request: Message, accept: Accept = None, **call: Any
+    ) -> Any:
+        """One unary call to an instance `accept` allows (keyword arguments go to the stub: timeout, metadata)."""
         tried: list[str] = []
         while True:
-            endpoint = self._pick(service, tried)
+            endpoint = self._pick(service, tried, accept)
             pool = self.pools[service]
             pool.started(endpoint)
             code = None
@@ -127,21 +156,21 @@ class Upstreams:
                 return await getattr(endpoint.stub(stub_class), method)(request, **call)
             except grpc.aio.AioRpcError as err:
                 code = err.code()
-                if not self._retry(service, endpoint, code, tried):
+                if not self._retry(service, endpoint, code, tried, accept):
                     raise
             finally:
                 pool.finished(endpoint, code)
 
     async def stream(
         self, service: str, stub_class: type, method: str, request: Message,
-        commits: Callable[[Any], bool] = lambda _: True, **call: Any,
+        commits: Callable[[Any], bool] = lambda _: True, accept: Accept = None, **call: Any,
     ) -> AsyncIterator:  # fmt: skip
         """A server-streaming call, retried on another instance if it fails before a message that
         `commits` it: messages before that one (e.g. tokens whose text is still held back) are
         kept back too, so a retry is invisible to the caller."""
         tried: list[str] = []
         while True:
-            endpoint = self._pick(service, tried)
+            endpoint = self._pick(service, tried, accept)
             pool = self.pools[service]
             pool.started(endpoint)
             code, held, committed = None, [], False
@@ -162,7 +191,7 @@ class Upstreams:
                 return
             except grpc.aio.AioRpcError as err:
                 code = err.code()
-                if committed or not self._retry(service, endpoint, code, tried):
+                if committed or not self._retry(service, endpoint, code, tried, accept):
                     raise
             finally:
                 # Client gone or stream abandoned: cancelling the call stops generation upstream.

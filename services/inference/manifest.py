@@ -77,9 +77,10 @@ def _verified_record(model_dir: Path) -> Path:
     return cache / f"{key}.json"
 
 
-def verify_manifest(model_dir: Path, allow_missing: bool = False) -> None:
-    """Raise ManifestError naming the first file that differs from the manifest."""
-    manifest_path = model_dir / MANIFEST
+def verify_manifest(model_dir: Path, allow_missing: bool = False, manifest_path: Path | None = None) -> None:
+    """Raise ManifestError naming the first file that differs from the manifest (by default the one
+    inside the directory; one kept elsewhere can vouch for a directory Sluice may not write to)."""
+    manifest_path = manifest_path or model_dir / MANIFEST
     if not manifest_path.is_file():
         if allow_missing:
             log.warning("%s has no %s: serving it UNVERIFIED (--allow-missing-manifest)", model_dir, MANIFEST)

@@ -25,3 +25,5 @@ BATCH_TOKENS = Histogram("sluice_inference_batch_tokens", "Tokens packed into on
                          buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))  # fmt: skip
 BATCH_SEQUENCES = Histogram("sluice_inference_batch_sequences", "Sequences advanced by one forward pass",
                             buckets=(1, 2, 4, 8, 16, 32, 64))  # fmt: skip
+EMBEDDING_PASSES = Counter("sluice_inference_embedding_passes_total", "Forward passes of the embedding model")
+EMBEDDED_INPUTS = Counter("sluice_inference_embedded_inputs_total", "Inputs embedded (several share one pass)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from transformers import AutoConfig
@@ -26,3 +27,13 @@ def context_length(path: Path) -> int:
         if isinstance(value, int) and value > 0:
             return value
     raise ValueError(f"{path}/config.json names no context length (looked for {', '.join(_CONTEXT_KEYS)})")
+
+
+def model_kind(path: Path) -> str:
+    """ "chat" for a generative model, "embedding" for an encoder (sentence-transformers layout or a bare *Model)."""
+    architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    if any(a.endswith(("ForCausalLM", "ForConditionalGeneration")) for a in architectures):
+        return "chat"
+    if (path / "modules.json").is_file() or any(a.endswith("Model") for a in architectures):
+        return "embedding"
+    return "chat"

@@ -1,4 +1,5 @@
-"""gRPC wiring of the inference service: Generate streams engine steps, ListModels describes the model."""
+"""gRPC wiring of the inference service: Generate streams engine steps (chat models), Embed embeds
+(embedding models), ListModels describes the one model this instance serves."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ from pathlib import Path
 
 import grpc
 
+from services.inference.embedder import Embedder
 from services.inference.engine import Engine, EngineLimits, GenerationRequest, Step
 from services.inference.loader import load_model
 from services.inference.manifest import ManifestError, verify_manifest
+from services.inference.model_dir import context_length, model_kind
 from services.inference.sampling import SamplingConfig
 from services.inference.tracing import record_phases
 from services.mesh import finish_reasons
 from services.mesh.config import Settings
-from services.mesh.errors import grpc_errors
+from services.mesh.errors import InvalidArgument, grpc_errors
 from services.mesh.grpc_service import GrpcService, serve
 from services.mesh.stubs import common_pb2, inference_pb2, inference_pb2_grpc
 
@@ -46,16 +49,24 @@ def _chunk(step: Step) -> inference_pb2.GenerateChunk:
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
+    """One model per instance: Generate for a chat model (engine), Embed for an embedding model."""
+
+    def __init__(self, info: inference_pb2.ModelInfo, engine: Engine | None, embedder: Embedder | None) -> None:
+        self._info, self._engine, self._embedder = info, engine, embedder
+
+    def _check_model(self, model: str, context: grpc.ServicerContext) -> None:
+        if model and model != self._info.id:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"this instance serves {self._info.id}, not {model}")
 
     @grpc_errors
     def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[inference_pb2.GenerateChunk]:
-        loaded = self._engine.loaded
-        if request.model and request.model != loaded.model_id:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"this instance serves {loaded.model_id}, not {request.model}")
+        self._check_model(request.model, context)
+        if self._engine is None:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"{self._info.id} is an embedding model: it generates no text"
+            )
         remaining = context.time_remaining()
         handle = self._engine.submit(
             GenerationRequest(
@@ -83,14 +94,25 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                        "prompt_tokens": len(request.token_ids)},
             )  # fmt: skip
 
+    @grpc_errors
+    def Embed(self, request: inference_pb2.EmbedRequest, context: grpc.ServicerContext) -> inference_pb2.EmbedReply:
+        self._check_model(request.model, context)
+        if self._embedder is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self._info.id} generates text: it has no embeddings")
+        if not request.inputs:
+            raise InvalidArgument("input must hold at least one item", "input")
+        texts = [item.text for item in request.inputs if not item.token_ids]
+        tokenized = iter(self._embedder.tokenize(texts))
+        ids = [list(item.token_ids) if item.token_ids else next(tokenized) for item in request.inputs]
+        result = self._embedder.embed(ids)
+        return inference_pb2.EmbedReply(
+            embeddings=[inference_pb2.Embedding(values=v) for v in result.vectors], prompt_tokens=result.prompt_tokens
+        )
+
     def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: grpc.ServicerContext
     ) -> inference_pb2.ListModelsReply:
-        loaded = self._engine.loaded
-        info = inference_pb2.ModelInfo(
-            id=loaded.model_id, context_length=loaded.context_length, created=loaded.created, owned_by="sluice"
-        )
-        return inference_pb2.ListModelsReply(models=[info])
+        return inference_pb2.ListModelsReply(models=[self._info])
 
 
 def engine_limits(settings: Settings) -> EngineLimits:
@@ -100,19 +122,35 @@ def engine_limits(settings: Settings) -> EngineLimits:
 
 def run(settings: Settings, ready_file: Path | None) -> int:
     try:
-        verify_manifest(settings.model, settings.allow_missing_manifest)
+        verify_manifest(settings.model, settings.allow_missing_manifest, settings.model_manifest)
     except ManifestError as err:
         log.error("refusing to serve %s: %s", settings.model, err)
         return 1
-    limits = engine_limits(settings)
-    engine = Engine(load_model(settings.model, settings.device, settings.model_name, settings.torch_threads), limits)
+    kind = model_kind(settings.model)
+    info = inference_pb2.ModelInfo(
+        id=settings.model_name, version=settings.served_model_version, kind=kind, owned_by="sluice",
+        created=int(time.time()), context_length=context_length(settings.model),
+    )  # fmt: skip
+    engine, embedder, live = None, None, lambda: True
+    if kind == "embedding":
+        embedder = Embedder(settings.model, settings.device)
+        info.context_length = embedder.max_tokens
+        workers = 32
+    else:
+        limits = engine_limits(settings)
+        engine = Engine(
+            load_model(settings.model, settings.device, settings.model_name, settings.torch_threads), limits
+        )
+        live = lambda: not engine.stalled(settings.stall_timeout_s)  # noqa: E731
+        # Every running or queued stream holds a worker thread while it waits for tokens.
+        workers = limits.max_running + limits.max_waiting + 8
+    servicer = InferenceServicer(info, engine, embedder)
     spec = GrpcService(
         name="inference",
         service_names=[inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name],
-        register=lambda server: inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(engine), server),
-        # Every running or queued stream holds a worker thread while it waits for tokens.
-        max_workers=limits.max_running + limits.max_waiting + 8,
-        live=lambda: not engine.stalled(settings.stall_timeout_s),
-        tags=(engine.loaded.model_id,),
+        register=lambda server: inference_pb2_grpc.add_InferenceServicer_to_server(servicer, server),
+        max_workers=workers,
+        live=live,
+        tags=(f"model={info.id}", *([f"version={info.version}"] if info.version else []), f"kind={kind}"),
     )
     return serve(settings, spec, settings.inference_port, ready_file)

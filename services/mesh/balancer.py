@@ -41,6 +41,7 @@ class Endpoint:
     failures: int = 0  # consecutive
     ejected_until: float = 0.0
     healthy: bool = True  # from health checks
+    info: Any = None  # what the instance says it serves (set by the pool's owner)
     _stubs: dict[type, Any] = field(default_factory=dict)
 
     def stub(self, stub_class: type) -> Any:
@@ -83,9 +84,10 @@ class Pool:
                 self._endpoints[key] = Endpoint(instance, self._make_channel(instance.address))
         log.info("%s instances: %s", self.service, ", ".join(e.instance.address for e in self.endpoints) or "none")
 
-    def pick(self, exclude: Iterable[str] = ()) -> Endpoint:
+    def pick(self, exclude: Iterable[str] = (), accept: Callable[[Endpoint], bool] | None = None) -> Endpoint:
+        """The endpoint for the next call, among those `accept` allows (all by default)."""
         excluded = set(exclude)
-        candidates = [e for key, e in self._endpoints.items() if key not in excluded]
+        candidates = [e for key, e in self._endpoints.items() if key not in excluded and (accept is None or accept(e))]
         if not candidates:
             raise NoInstance(f"no {self.service} instance available")
         now = self._clock()
@@ -98,8 +100,9 @@ class Pool:
         # Panic: everything is ejected or unhealthy; the one whose ejection ends first is the best bet.
         return min(candidates, key=lambda e: (not e.healthy, e.ejected_until, e.outstanding))
 
-    def alternatives(self, tried: Iterable[str]) -> bool:
-        return bool(set(self._endpoints) - set(tried))
+    def alternatives(self, tried: Iterable[str], accept: Callable[[Endpoint], bool] | None = None) -> bool:
+        untried = set(self._endpoints) - set(tried)
+        return any(accept is None or accept(self._endpoints[key]) for key in untried)
 
     def started(self, endpoint: Endpoint) -> None:
         endpoint.outstanding += 1

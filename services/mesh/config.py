@@ -33,6 +33,11 @@ class Settings(BaseSettings):
 
     model: Path = Field(Path("models/sluice-tiny"), description="Hugging Face model directory to serve")
     served_model_name: str = Field("", description="model id clients send (default: the directory name)")
+    served_model_version: str = Field("", description="version of the model this instance serves (e.g. 2)")
+    model_manifest: Path | None = Field(None, description="SHA-256 manifest (default: <model>/sluice-manifest.json)")
+    embedding_model: str = Field(
+        "auto", description="sluice up: embedding model directory to serve too (auto: all-MiniLM-L6-v2; none: off)"
+    )
     allow_missing_manifest: bool = Field(
         False, description="serve a model directory without sluice-manifest.json, unverified (warns)"
     )
@@ -97,6 +102,9 @@ class Settings(BaseSettings):
         4096, ge=1, description="most tokens one request may generate (max_tokens above it is refused)"
     )
 
+    model_weights: str = Field("", description="edge: traffic shares of model versions, e.g. m@1=90,m@2=10")
+    model_aliases: str = Field("", description="edge: other names for model ids, e.g. deepseek-chat=qwen2.5-7b")
+
     upstream_timeout_s: float = Field(10.0, gt=0, description="deadline for unary calls between services")
     generate_timeout_s: float = Field(600.0, gt=0, description="deadline for one generation")
     drain_grace_s: float = Field(10.0, ge=0, description="seconds in-flight work may finish after SIGTERM")
@@ -128,6 +136,8 @@ class Settings(BaseSettings):
         """The settings as SLUICE_* variables, so child processes see exactly these values."""
         env = {}
         for name, value in self.model_dump().items():
+            if value is None:
+                continue  # unset: the child's default, as here
             env[ENV_PREFIX + name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
         return env
 

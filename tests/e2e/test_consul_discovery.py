@@ -86,7 +86,7 @@ def test_the_mesh_finds_itself_through_consul_and_leaves_it_when_stopped(
         # Every check passing means the stand-in's own mTLS gRPC checks reached every service.
         assert all(c.status == "passing" for c in standin.checks.values())
         inference = standin.healthy("sluice-inference", True)
-        assert {tuple(e["Service"]["Tags"]) for e in inference} == {(model_dir.name,)}
+        assert {tuple(e["Service"]["Tags"]) for e in inference} == {(f"model={model_dir.name}", "kind=chat")}
         with httpx.Client(base_url=mesh.base_url, timeout=30) as http:
             assert wait_for(lambda: http.get(mesh.base_url.removesuffix("/v1") + "/health").status_code == 200)
             reply = http.post(

@@ -26,7 +26,8 @@ if _version_not_supported:
 
 
 class InferenceStub:
-    """Generates tokens with a Hugging Face causal LM. Cancelling Generate aborts the sequence.
+    """Generates tokens with a Hugging Face causal LM (cancelling Generate aborts the sequence), or
+    embeds texts with an embedding model: an instance serves one model, of one kind.
     """
 
     def __init__(self, channel):
@@ -40,6 +41,11 @@ class InferenceStub:
                 request_serializer=sluice_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=sluice_dot_v1_dot_inference__pb2.GenerateChunk.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/sluice.v1.Inference/Embed',
+                request_serializer=sluice_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_inference__pb2.EmbedReply.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/sluice.v1.Inference/ListModels',
                 request_serializer=sluice_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
@@ -48,10 +54,17 @@ class InferenceStub:
 
 
 class InferenceServicer:
-    """Generates tokens with a Hugging Face causal LM. Cancelling Generate aborts the sequence.
+    """Generates tokens with a Hugging Face causal LM (cancelling Generate aborts the sequence), or
+    embeds texts with an embedding model: an instance serves one model, of one kind.
     """
 
     def Generate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Embed(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -71,6 +84,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     request_deserializer=sluice_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
                     response_serializer=sluice_dot_v1_dot_inference__pb2.GenerateChunk.SerializeToString,
             ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=sluice_dot_v1_dot_inference__pb2.EmbedRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_inference__pb2.EmbedReply.SerializeToString,
+            ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
                     request_deserializer=sluice_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
@@ -85,7 +103,8 @@ def add_InferenceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Inference:
-    """Generates tokens with a Hugging Face causal LM. Cancelling Generate aborts the sequence.
+    """Generates tokens with a Hugging Face causal LM (cancelling Generate aborts the sequence), or
+    embeds texts with an embedding model: an instance serves one model, of one kind.
     """
 
     @staticmethod
@@ -105,6 +124,33 @@ class Inference:
             '/sluice.v1.Inference/Generate',
             sluice_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
             sluice_dot_v1_dot_inference__pb2.GenerateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.Inference/Embed',
+            sluice_dot_v1_dot_inference__pb2.EmbedRequest.SerializeToString,
+            sluice_dot_v1_dot_inference__pb2.EmbedReply.FromString,
             options,
             channel_credentials,
             insecure,
