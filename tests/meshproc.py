@@ -120,3 +120,40 @@ def start_mesh(
     mesh.base_url = state["base_url"]
     mesh.services = state["services"]
     return mesh
+
+
+@dataclass
+class Edge:
+    process: subprocess.Popen
+    base_url: str
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_edge(mesh: Mesh, workdir: Path, *flags: str, **addresses: str) -> Edge:
+    """One more edge process in front of the mesh's services (or of `<service>=host:port` overrides)."""
+    from services.mesh.ready import read_ready
+
+    ready = workdir / f"edge-{time.monotonic_ns()}.ready"
+    upstreams = {svc: addresses.get(svc, mesh.address(svc)) for svc in ("preprocess", "inference", "cache")}
+    argv = [
+        sys.executable, "-m", "services.cli", "serve", "edge", "--edge-port", "0", "--certs-dir", str(mesh.certs_dir),
+        "--ready-file", str(ready), *(f"--{svc}-addr={address}" for svc, address in upstreams.items()), *flags,
+    ]  # fmt: skip
+    log = (workdir / f"{ready.stem}.log").open("wb")
+    process = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    edge = Edge(process, "")
+    if not wait_for(lambda: read_ready(ready) is not None or process.poll() is not None, timeout=60) or (
+        process.poll() is not None
+    ):
+        edge.stop()
+        raise RuntimeError(f"the edge did not start:\n{(workdir / f'{ready.stem}.log').read_text()[-3000:]}")
+    edge.base_url = f"http://{read_ready(ready).address}/v1"
+    return edge

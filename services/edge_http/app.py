@@ -236,7 +236,7 @@ async def _complete(
     TIME_TO_FIRST_TOKEN.labels(body.model).observe(time.perf_counter() - started)
     CACHE_RESULTS.labels(run.cache_status).inc()
     span.set_attribute("sluice.cache", run.cache_status)
-    meta = ResponseMeta(f"{id_prefix}-{rid}", int(time.time()), body.model)
+    meta = ResponseMeta(f"{id_prefix}-{rid}", int(time.time()), body.model, target.reasoning)
     headers = {"X-Sluice-Cache": run.cache_status, **_version_header(target)}
     if body.stream:
         headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -13,17 +13,42 @@ from services.edge_http.openai_schema import (
     ResponseMeta,
 )
 from services.edge_http.pipeline import Run
+from services.edge_http.reasoning import ReasoningSplitter
+
+
+def _splitter(meta: ResponseMeta) -> ReasoningSplitter | None:
+    return ReasoningSplitter(*meta.reasoning) if meta.reasoning else None
 
 
 async def chat_completion(run: Run, meta: ResponseMeta) -> ChatCompletion:
     text, last = await run.collect()
+    message = AssistantMessage(content=text)
+    if splitter := _splitter(meta):
+        parts = [splitter.feed(text), splitter.finish()]
+        message = AssistantMessage(
+            content="".join(p.content for p in parts), reasoning_content="".join(p.reasoning for p in parts)
+        )
     return ChatCompletion(
         id=meta.id,
         created=meta.created,
         model=meta.model,
-        choices=[ChatChoice(message=AssistantMessage(content=text), finish_reason=last.finish_reason or "stop")],
+        choices=[ChatChoice(message=message, finish_reason=last.finish_reason or "stop")],
         usage=last.usage,
     )
+
+
+def _deltas(text: str, splitter: ReasoningSplitter | None, final: bool) -> list[dict[str, str]]:
+    """The content deltas for a piece of text: reasoning and answer apart for reasoning models."""
+    if splitter is None:
+        return [{"content": text}] if text else []
+    parts = [splitter.feed(text), *([splitter.finish()] if final else [])]
+    deltas = []
+    for part in parts:
+        if part.reasoning:
+            deltas.append({"reasoning_content": part.reasoning})
+        if part.content:
+            deltas.append({"content": part.content})
+    return deltas
 
 
 async def chat_chunks(run: Run, meta: ResponseMeta, include_usage: bool) -> AsyncIterator[ChatCompletionChunk]:
@@ -37,9 +62,10 @@ async def chat_chunks(run: Run, meta: ResponseMeta, include_usage: bool) -> Asyn
 
     # OpenAI opens with the role and an empty content; clients key on it.
     yield chunk({"role": "assistant", "content": ""})
+    splitter = _splitter(meta)
     async for event in run.events():
-        if event.text:
-            yield chunk({"content": event.text})
+        for delta in _deltas(event.text, splitter, final=bool(event.finish_reason)):
+            yield chunk(delta)
         if event.finish_reason:
             yield chunk({}, event.finish_reason)
             if include_usage:

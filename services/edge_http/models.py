@@ -27,6 +27,7 @@ class Served:
     context_length: int
     created: int
     healthy: bool
+    reasoning: tuple[str, str] | None = None  # the tags around the block its output opens with
 
 
 class UnknownModel(LookupError):

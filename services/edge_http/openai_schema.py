@@ -122,6 +122,7 @@ class ResponseMeta:
     id: str
     created: int
     model: str
+    reasoning: tuple[str, str] | None = None  # the model's reasoning tags, when it has them
 
 
 class Usage(BaseModel):
@@ -133,6 +134,8 @@ class Usage(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    # Only for reasoning models (DeepSeek's field name, which Dify shows apart from the answer).
+    reasoning_content: str | None = Field(None, exclude_if=lambda value: value is None)
 
 
 class ChatChoice(BaseModel):

@@ -37,6 +37,14 @@ Accept = Callable[[Endpoint], bool] | None
 HEALTH_INTERVAL_S = 1.0
 
 
+def _served(endpoint: Endpoint) -> Served:
+    info = endpoint.info
+    reasoning = (info.reasoning_open, info.reasoning_close) if info.reasoning_open else None
+    return Served(
+        info.id, info.version, info.kind or "chat", info.context_length, info.created, endpoint.healthy, reasoning
+    )
+
+
 class Upstreams:
     def __init__(self, settings: Settings, discovery: Discovery) -> None:
         self._settings = settings
@@ -119,11 +127,7 @@ class Upstreams:
 
     def served(self) -> list[Served]:
         """What every inference instance that has described itself serves."""
-        return [
-            Served(e.info.id, e.info.version, e.info.kind or "chat", e.info.context_length, e.info.created, e.healthy)
-            for e in self.pools["inference"].endpoints
-            if e.info is not None
-        ]
+        return [_served(e) for e in self.pools["inference"].endpoints if e.info is not None]
 
     def _pick(self, service: str, tried: list[str], accept: Accept) -> Endpoint:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Container
 from pathlib import Path
 
 from transformers import AutoConfig
@@ -37,3 +38,16 @@ def model_kind(path: Path) -> str:
     if (path / "modules.json").is_file() or any(a.endswith("Model") for a in architectures):
         return "embedding"
     return "chat"
+
+
+def reasoning_tags(setting: str, vocabulary: Container[str]) -> tuple[str, str] | None:
+    """The tags around the reasoning block: `auto` finds `<think>` in the tokenizer's vocabulary
+    (DeepSeek-R1, Qwen3), `none` turns it off, `OPEN,CLOSE` names them."""
+    if setting.lower() in ("", "none", "off"):
+        return None
+    if setting.lower() == "auto":
+        return ("<think>", "</think>") if "<think>" in vocabulary else None
+    open_tag, sep, close_tag = setting.partition(",")
+    if not sep or not open_tag.strip() or not close_tag.strip():
+        raise ValueError(f"reasoning_tags: expected OPEN,CLOSE (e.g. <think>,</think>), not {setting!r}")
+    return open_tag.strip(), close_tag.strip()

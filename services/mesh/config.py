@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     served_model_name: str = Field("", description="model id clients send (default: the directory name)")
     served_model_version: str = Field("", description="version of the model this instance serves (e.g. 2)")
     model_manifest: Path | None = Field(None, description="SHA-256 manifest (default: <model>/sluice-manifest.json)")
+    reasoning_tags: str = Field(
+        "auto",
+        description="OPEN,CLOSE tags of the reasoning block outputs open with (auto: <think> if the "
+        "tokenizer knows it; none: off)",
+    )
     embedding_model: str = Field(
         "auto", description="sluice up: embedding model directory to serve too (auto: all-MiniLM-L6-v2; none: off)"
     )

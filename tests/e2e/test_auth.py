@@ -6,7 +6,6 @@ limits shared by two edges through Redis."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,11 +14,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from meshproc import REPO_ROOT, Mesh, start_mesh, wait_for
+from meshproc import REPO_ROOT, Mesh, start_edge, start_mesh
 from redisproc import redis_server
 
 from services.edge_http import keys
-from services.mesh.ready import read_ready
 
 MODEL = "sluice-tiny"
 UPSTREAMS = ("preprocess", "inference", "cache")
@@ -161,20 +159,6 @@ def test_audit_line_names_key_model_tokens_and_status_but_not_the_prompt(secured
     assert any(a["status"] == 401 and a["key"] == "" for a in audit)
 
 
-def _second_edge(mesh: Mesh, work: Path, redis_url: str) -> subprocess.Popen:
-    ready = work / "edge-2.ready"
-    argv = [
-        sys.executable, "-m", "services.cli", "serve", "edge", "--edge-port", "0", "--certs-dir", str(mesh.certs_dir),
-        "--ready-file", str(ready), "--keys-file", str(work / "keys.json"), "--cache-backend", "redis",
-        "--redis-url", redis_url, *(f"--{svc}-addr={mesh.address(svc)}" for svc in UPSTREAMS),
-    ]  # fmt: skip
-    process = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if not wait_for(lambda: read_ready(ready) is not None, timeout=60):
-        process.kill()
-        raise RuntimeError("the second edge never became ready")
-    return process
-
-
 def test_two_edges_share_one_limit_through_redis(tmp_path: Path, certs_dir: Path, model_dir: Path) -> None:
     with redis_server(tmp_path) as redis_url:
         plain, _ = keys.create(tmp_path / "keys.json", "shared", rpm=4)
@@ -183,16 +167,17 @@ def test_two_edges_share_one_limit_through_redis(tmp_path: Path, certs_dir: Path
         )
         second = None
         try:
-            second = _second_edge(mesh, tmp_path, redis_url)
-            urls = [mesh.base_url, f"http://{read_ready(tmp_path / 'edge-2.ready').address}/v1"]
-            statuses = [
-                _client_status(urls[i % 2], plain) for i in range(6)
-            ]  # alternating edges: 4 admitted in all, not 4 per edge
+            second = start_edge(
+                mesh, tmp_path, "--keys-file", str(tmp_path / "keys.json"), "--cache-backend", "redis",
+                "--redis-url", redis_url,
+            )  # fmt: skip
+            urls = [mesh.base_url, second.base_url]
+            # Alternating edges: 4 admitted in all, not 4 per edge.
+            statuses = [_client_status(urls[i % 2], plain) for i in range(6)]
             assert statuses == [200, 200, 200, 200, 429, 429]
         finally:
             if second is not None:
-                second.send_signal(signal.SIGTERM)
-                second.wait(timeout=30)
+                second.stop()
             mesh.stop()
 
 

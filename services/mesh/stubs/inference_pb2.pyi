@@ -32,20 +32,24 @@ class GenerateChunk(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "context_length", "created", "owned_by", "version", "kind")
+    __slots__ = ("id", "context_length", "created", "owned_by", "version", "kind", "reasoning_open", "reasoning_close")
     ID_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     OWNED_BY_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
+    REASONING_OPEN_FIELD_NUMBER: _ClassVar[int]
+    REASONING_CLOSE_FIELD_NUMBER: _ClassVar[int]
     id: str
     context_length: int
     created: int
     owned_by: str
     version: str
     kind: str
-    def __init__(self, id: _Optional[str] = ..., context_length: _Optional[int] = ..., created: _Optional[int] = ..., owned_by: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[str] = ...) -> None: ...
+    reasoning_open: str
+    reasoning_close: str
+    def __init__(self, id: _Optional[str] = ..., context_length: _Optional[int] = ..., created: _Optional[int] = ..., owned_by: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[str] = ..., reasoning_open: _Optional[str] = ..., reasoning_close: _Optional[str] = ...) -> None: ...
 
 class EmbedInput(_message.Message):
     __slots__ = ("text", "token_ids")

@@ -1,0 +1,72 @@
+"""Split a reasoning model's output into its reasoning and its answer, as text streams in.
+
+A model whose output opens with a reasoning block (`<think>…</think>` for DeepSeek-R1 and
+Qwen3; the tags are per model) has that block sent as `reasoning_content` and only the rest
+as `content`. The tags may arrive split across chunks: text that could still be the start of
+a tag is held back until the next chunk decides it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Split:
+    reasoning: str = ""
+    content: str = ""
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest end of `text` that is a proper start of `tag`."""
+    for size in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-size:]):
+            return size
+    return 0
+
+
+class ReasoningSplitter:
+    def __init__(self, open_tag: str, close_tag: str) -> None:
+        self._open, self._close = open_tag, close_tag
+        self._state = "start"  # start → reasoning → after (the close tag) → answer, or start → answer
+        self._held = ""
+
+    def feed(self, text: str) -> Split:
+        self._held += text
+        if self._state == "start":
+            leading = self._held.lstrip()
+            if leading.startswith(self._open):
+                self._state, self._held = "reasoning", leading[len(self._open) :]
+            elif self._open.startswith(leading):
+                return Split()  # whitespace or part of the opening tag so far
+            else:
+                self._state = "answer"
+        if self._state == "reasoning":
+            end = self._held.find(self._close)
+            if end >= 0:
+                reasoning, self._held = self._held[:end], self._held[end + len(self._close) :]
+                self._state = "after"
+                return Split(reasoning=reasoning, content=self._answer())
+            keep = _partial_suffix(self._held, self._close)
+            reasoning, self._held = self._held[: len(self._held) - keep], self._held[len(self._held) - keep :]
+            return Split(reasoning=reasoning)
+        return Split(content=self._answer())
+
+    def _answer(self) -> str:
+        if self._state == "after":  # the blank lines between the block and the answer are no answer
+            self._held = self._held.lstrip()
+            if not self._held:
+                return ""
+            self._state = "answer"
+        return self._take_all()
+
+    def finish(self) -> Split:
+        """What is still held when the output ends (an unfinished tag is just text)."""
+        held, self._held = self._held, ""
+        if self._state == "after":
+            return Split()  # only blank lines followed the block
+        return Split(reasoning=held) if self._state == "reasoning" else Split(content=held)
+
+    def _take_all(self) -> str:
+        text, self._held = self._held, ""
+        return text

@@ -1,0 +1,87 @@
+"""Reasoning output reaches clients as `reasoning_content`, apart from the answer.
+
+The default model's gibberish never opens a reasoning block, so a scripted inference service
+(a test fixture: real gRPC over the mesh's mTLS, announcing `<think>` tags as a reasoning
+model's instance does) streams one, with the tags split across chunks, to a real edge and
+preprocess. The real default model is then checked to answer well-formed without the field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import openai
+import pytest
+from grpc_health.v1 import health, health_pb2_grpc
+from meshproc import Edge, Mesh, start_edge
+
+from services.mesh.config import Settings
+from services.mesh.stubs import common_pb2, inference_pb2, inference_pb2_grpc
+from services.mesh.tls import server_credentials
+
+SCRIPT = ["<th", "ink>Two plus", " two is four.</thi", "nk>\n\n", "It is ", "4."]
+
+
+class ScriptedReasoner(inference_pb2_grpc.InferenceServicer):
+    def ListModels(self, request, context):
+        info = inference_pb2.ModelInfo(
+            id="sluice-tiny", kind="chat", context_length=2048, reasoning_open="<think>", reasoning_close="</think>"
+        )
+        return inference_pb2.ListModelsReply(models=[info])
+
+    def Generate(self, request, context):
+        for index, text in enumerate(SCRIPT):
+            yield inference_pb2.GenerateChunk(token_ids=[index], text=text)
+        yield inference_pb2.GenerateChunk(
+            finish_reason=common_pb2.FINISH_REASON_STOP,
+            usage=common_pb2.Usage(prompt_tokens=len(request.token_ids), completion_tokens=len(SCRIPT)),
+        )
+
+
+@pytest.fixture(scope="module")
+def reasoning_edge(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
+    server = grpc.server(ThreadPoolExecutor(max_workers=8))
+    inference_pb2_grpc.add_InferenceServicer_to_server(ScriptedReasoner(), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    port = server.add_secure_port("127.0.0.1:0", server_credentials(Settings(certs_dir=mesh.certs_dir), "inference"))
+    server.start()
+    edge = None
+    try:
+        edge = start_edge(mesh, tmp_path_factory.mktemp("reasoning"), "--no-auth", inference=f"127.0.0.1:{port}")
+        yield edge
+    finally:
+        if edge is not None:
+            edge.stop()
+        server.stop(0)
+
+
+def _chat(base_url: str, **extra: object):
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
+    return client.chat.completions.create(
+        model="sluice-tiny", messages=[{"role": "user", "content": "2+2?"}], max_tokens=16,
+        extra_headers={"Cache-Control": "no-cache"}, **extra,
+    )  # fmt: skip
+
+
+def test_streamed_reasoning_arrives_as_reasoning_content_never_as_content(reasoning_edge: Edge) -> None:
+    reasoning, content = "", ""
+    for chunk in _chat(reasoning_edge.base_url, stream=True):
+        for choice in chunk.choices:
+            reasoning += getattr(choice.delta, "reasoning_content", None) or ""
+            content += choice.delta.content or ""
+    assert reasoning == "Two plus two is four."
+    assert content == "It is 4."
+
+
+def test_whole_response_carries_message_reasoning_content(reasoning_edge: Edge) -> None:
+    message = _chat(reasoning_edge.base_url).choices[0].message
+    assert message.content == "It is 4."
+    assert message.reasoning_content == "Two plus two is four."  # type: ignore[attr-defined]
+
+
+def test_a_model_without_reasoning_tags_answers_without_the_field(mesh: Mesh) -> None:
+    reply = _chat(mesh.base_url, temperature=0)
+    assert reply.choices[0].message.content
+    assert "reasoning_content" not in reply.choices[0].message.model_dump(exclude_unset=True)

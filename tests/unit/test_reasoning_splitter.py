@@ -1,0 +1,45 @@
+"""The reasoning splitter: tags anywhere in the chunking, whitespace, no reasoning block."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.edge_http.reasoning import ReasoningSplitter
+
+OUTPUT = "<think>Let me see: 2+2.\nIt is 4.</think>\n\nThe answer is 4."
+
+
+def _run(chunks: list[str]) -> tuple[str, str]:
+    splitter = ReasoningSplitter("<think>", "</think>")
+    reasoning = content = ""
+    for chunk in chunks:
+        part = splitter.feed(chunk)
+        reasoning, content = reasoning + part.reasoning, content + part.content
+    tail = splitter.finish()
+    return reasoning + tail.reasoning, content + tail.content
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 100])
+def test_any_chunking_gives_the_same_split(size: int) -> None:
+    chunks = [OUTPUT[i : i + size] for i in range(0, len(OUTPUT), size)]
+    assert _run(chunks) == ("Let me see: 2+2.\nIt is 4.", "The answer is 4.")
+
+
+def test_output_without_a_reasoning_block_is_all_content() -> None:
+    assert _run(["The ", "answer", " is <b>4</b>."]) == ("", "The answer is <b>4</b>.")
+    assert _run(["<thi", "s is not a tag"]) == ("", "<this is not a tag")
+
+
+def test_leading_whitespace_before_the_block_is_dropped() -> None:
+    assert _run(["\n ", "<think>", "x", "</think>", "y"]) == ("x", "y")
+
+
+def test_an_unfinished_block_stays_reasoning_and_partial_tags_are_released_at_the_end() -> None:
+    assert _run(["<think>still thinking </th"]) == ("still thinking </th", "")
+
+
+def test_reasoning_reaches_the_caller_before_the_block_closes() -> None:
+    splitter = ReasoningSplitter("<think>", "</think>")
+    assert splitter.feed("<think>step one").reasoning == "step one"
+    assert splitter.feed(" and two</").reasoning == " and two"  # "</" could start the closing tag
+    assert splitter.feed("think>done").content == "done"
