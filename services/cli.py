@@ -50,7 +50,7 @@ SERVICE_FLAGS = {
         "generate_timeout_s",
         "max_request_bytes",
         *("auth", "keys_file", "max_messages", "max_tokens_limit", "cache_backend", "redis_url"),
-        *("model_weights", "model_aliases"),
+        *("model_weights", "model_aliases", "sse_keepalive_s"),
     ),
 }
 MESH_FLAGS = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -46,7 +47,7 @@ from services.edge_http.openai_schema import (
     SamplingFields,
 )
 from services.edge_http.pipeline import Pipeline, Run
-from services.edge_http.streaming import sse_stream
+from services.edge_http.streaming import kept_alive, sse_stream
 from services.edge_http.upstreams import Upstreams
 from services.mesh.config import Settings
 from services.mesh.consul import ConsulDiscovery
@@ -116,6 +117,7 @@ def create_app(settings: Settings) -> FastAPI:
             Exception: _unexpected,
         },
     )
+    app.state.settings = settings
     guard = app.state.guard = Guard(settings)
     router = app.state.router = ModelRouter(settings.model_weights, settings.model_aliases)
     app.add_middleware(LimitBody, max_bytes=settings.max_request_bytes)
@@ -227,20 +229,34 @@ async def _complete(
         request.scope["state"]["tokens"] = used  # for the audit line
         await settle(used)
 
-    try:
-        run = await pipeline.open(target, prepared, rid, _wants_no_cache(request))
-    except BaseException:
-        await account(0)  # nothing was generated: the reservation goes back
-        raise
-    run.rest = settled(run.rest, run.first, account)
-    TIME_TO_FIRST_TOKEN.labels(body.model).observe(time.perf_counter() - started)
-    CACHE_RESULTS.labels(run.cache_status).inc()
-    span.set_attribute("sluice.cache", run.cache_status)
+    async def opened() -> Run:
+        try:
+            run = await pipeline.open(target, prepared, rid, _wants_no_cache(request))
+        except BaseException:
+            await account(0)  # nothing was generated: the reservation goes back
+            raise
+        run.rest = settled(run.rest, run.first, account)
+        TIME_TO_FIRST_TOKEN.labels(body.model).observe(time.perf_counter() - started)
+        CACHE_RESULTS.labels(run.cache_status).inc()
+        span.set_attribute("sluice.cache", run.cache_status)
+        return run
+
     meta = ResponseMeta(f"{id_prefix}-{rid}", int(time.time()), body.model, target.reasoning)
-    headers = {"X-Sluice-Cache": run.cache_status, **_version_header(target)}
+    opening = asyncio.ensure_future(opened())
     if body.stream:
-        headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **_version_header(target)}
+        interval = request.app.state.settings.sse_keepalive_s
+        await asyncio.wait({opening}, timeout=interval)
+        if not opening.done():
+            # A long wait in the queue or in prefill: answer now and keep the connection alive with
+            # comments; a failure from here on becomes an error event, as after the first token.
+            stream = kept_alive(opening, interval, lambda run: chunks(run, meta, body.include_usage))
+            return EventSourceResponse(stream, headers=headers)
+        run = await opening
+        headers["X-Sluice-Cache"] = run.cache_status
         return EventSourceResponse(sse_stream(chunks(run, meta, body.include_usage)), headers=headers)
+    run = await opening
+    headers = {"X-Sluice-Cache": run.cache_status, **_version_header(target)}
     return JSONResponse((await whole(run, meta)).model_dump(mode="json"), headers=headers)
 
 

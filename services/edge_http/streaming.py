@@ -7,8 +7,10 @@ without `choices`, then [DONE] — the HTTP status is already 200 by then.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi.sse import format_sse_event
 from pydantic import BaseModel
@@ -18,12 +20,36 @@ from services.edge_http.errors import OpenAIError
 log = logging.getLogger(__name__)
 
 DONE = format_sse_event(data_str="[DONE]")
+PING = b": ping\n\n"
 
 
 def sse_event(payload: BaseModel) -> bytes:
     # OpenAI leaves `usage` out of chunks that have none; `finish_reason: null` stays.
     exclude = {"usage"} if getattr(payload, "usage", True) is None else None
     return format_sse_event(data_str=payload.model_dump_json(exclude=exclude))
+
+
+async def kept_alive(
+    opening: asyncio.Future, interval_s: float, chunks: Callable[[Any], AsyncIterator[BaseModel]]
+) -> AsyncIterator[bytes]:
+    """A `: ping` comment every `interval_s` until the run opens (the caller already waited one
+    interval), then its stream; a client that leaves meanwhile cancels the run."""
+    try:
+        yield PING
+        while not opening.done():
+            await asyncio.wait({opening}, timeout=interval_s)
+            if not opening.done():
+                yield PING
+        run = opening.result()
+    except OpenAIError as err:
+        log.warning("stream failed before its first token: %s", err.message)
+        yield sse_event(err.body())
+        yield DONE
+        return
+    finally:
+        opening.cancel()  # no-op once it finished
+    async for data in sse_stream(chunks(run)):
+        yield data
 
 
 async def sse_stream(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:

@@ -110,6 +110,9 @@ class Settings(BaseSettings):
     model_weights: str = Field("", description="edge: traffic shares of model versions, e.g. m@1=90,m@2=10")
     model_aliases: str = Field("", description="edge: other names for model ids, e.g. deepseek-chat=qwen2.5-7b")
 
+    sse_keepalive_s: float = Field(
+        15.0, gt=0, description="edge: a `: ping` SSE comment this often while a stream waits for its first token"
+    )
     upstream_timeout_s: float = Field(10.0, gt=0, description="deadline for unary calls between services")
     generate_timeout_s: float = Field(600.0, gt=0, description="deadline for one generation")
     drain_grace_s: float = Field(10.0, ge=0, description="seconds in-flight work may finish after SIGTERM")

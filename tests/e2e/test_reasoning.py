@@ -9,17 +9,13 @@ preprocess. The real default model is then checked to answer well-formed without
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
-import grpc
 import openai
 import pytest
-from grpc_health.v1 import health, health_pb2_grpc
 from meshproc import Edge, Mesh, start_edge
+from scripted_inference import scripted_inference
 
-from services.mesh.config import Settings
 from services.mesh.stubs import common_pb2, inference_pb2, inference_pb2_grpc
-from services.mesh.tls import server_credentials
 
 SCRIPT = ["<th", "ink>Two plus", " two is four.</thi", "nk>\n\n", "It is ", "4."]
 
@@ -42,19 +38,12 @@ class ScriptedReasoner(inference_pb2_grpc.InferenceServicer):
 
 @pytest.fixture(scope="module")
 def reasoning_edge(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
-    server = grpc.server(ThreadPoolExecutor(max_workers=8))
-    inference_pb2_grpc.add_InferenceServicer_to_server(ScriptedReasoner(), server)
-    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
-    port = server.add_secure_port("127.0.0.1:0", server_credentials(Settings(certs_dir=mesh.certs_dir), "inference"))
-    server.start()
-    edge = None
-    try:
-        edge = start_edge(mesh, tmp_path_factory.mktemp("reasoning"), "--no-auth", inference=f"127.0.0.1:{port}")
-        yield edge
-    finally:
-        if edge is not None:
+    with scripted_inference(ScriptedReasoner(), mesh.certs_dir) as address:
+        edge = start_edge(mesh, tmp_path_factory.mktemp("reasoning"), "--no-auth", inference=address)
+        try:
+            yield edge
+        finally:
             edge.stop()
-        server.stop(0)
 
 
 def _chat(base_url: str, **extra: object):
