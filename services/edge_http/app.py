@@ -43,16 +43,18 @@ from services.edge_http.openai_schema import (
     ErrorBody,
     Model,
     ModelList,
+    RerankRequest,
     ResponseMeta,
     SamplingFields,
 )
 from services.edge_http.pipeline import Pipeline, Run
+from services.edge_http.rerank import ranked, rerank_inputs
 from services.edge_http.streaming import kept_alive, sse_stream
 from services.edge_http.upstreams import Upstreams
 from services.mesh.config import Settings
 from services.mesh.consul import ConsulDiscovery
 from services.mesh.discovery import StaticDiscovery
-from services.mesh.stubs import preprocess_pb2
+from services.mesh.stubs import inference_pb2, preprocess_pb2
 from services.mesh.telemetry import shutdown_tracing, tracing_enabled
 
 BodyT = TypeVar("BodyT", bound=SamplingFields)
@@ -157,14 +159,15 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/v1/embeddings", responses=ERROR_RESPONSES)
     async def embeddings(body: EmbeddingRequest, request: Request, key: Caller) -> JSONResponse:
         """OpenAI embeddings from an instance serving an embedding model; batched with other callers."""
-        pipeline: Pipeline = request.app.state.pipeline
-        target = await _route(request, key, body.model, "embedding")
-        settle = await guard.metered(key)
-        reply = await pipeline.embed(target, embed_inputs(body), request_id(request.scope))
-        request.scope["state"]["tokens"] = reply.prompt_tokens
-        await settle(reply.prompt_tokens)
+        target, reply = await _embed(request, key, body.model, embed_inputs(body))
         result = embedding_list(body, target.id, reply)
         return JSONResponse(result.model_dump(mode="json"), headers=_version_header(target))
+
+    @app.post("/v1/rerank", responses=ERROR_RESPONSES)
+    async def rerank(body: RerankRequest, request: Request, key: Caller) -> JSONResponse:
+        """Documents ordered by relevance to the query (Jina/Cohere shape), scored by an embedding model."""
+        target, reply = await _embed(request, key, body.model, rerank_inputs(body))
+        return JSONResponse(ranked(body, target.id, reply).model_dump(mode="json"), headers=_version_header(target))
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
@@ -292,6 +295,20 @@ async def _route(request: Request, key: KeyRecord | None, name: str, kind: str) 
         {"gen_ai.response.model": target.id, "sluice.model.version": target.version}
     )
     return target
+
+
+async def _embed(
+    request: Request, key: KeyRecord | None, model: str, inputs: list[inference_pb2.EmbedInput]
+) -> tuple[Served, inference_pb2.EmbedReply]:
+    """One Embed call on an instance of the embedding model, charged to the key's tokens."""
+    pipeline: Pipeline = request.app.state.pipeline
+    guard: Guard = request.app.state.guard
+    target = await _route(request, key, model, "embedding")
+    settle = await guard.metered(key)
+    reply = await pipeline.embed(target, inputs, request_id(request.scope))
+    request.scope["state"]["tokens"] = reply.prompt_tokens  # for the audit line
+    await settle(reply.prompt_tokens)
+    return target, reply
 
 
 def _version_header(target: Served) -> dict[str, str]:

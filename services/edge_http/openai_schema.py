@@ -112,6 +112,24 @@ class EmbeddingRequest(_Lenient):
     user: str | None = None
 
 
+class RerankDocument(_Lenient):
+    text: str
+
+
+class RerankRequest(_Lenient):
+    """Jina/Cohere shape, as Dify sends it."""
+
+    model: str = Field(min_length=1)
+    query: str = Field(min_length=1)
+    documents: Annotated[list[str | RerankDocument], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS - 1)]
+    top_n: int | None = Field(None, ge=1, description="return only the best n (null: all)")
+    return_documents: bool = True
+
+    @property
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+
 # ---------------------------------------------------------------- responses
 
 
@@ -214,6 +232,22 @@ class EmbeddingList(BaseModel):
     data: list[EmbeddingData]
     model: str
     usage: EmbeddingUsage
+
+
+class RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: RerankDocument | None = Field(None, exclude_if=lambda value: value is None)
+
+
+class RerankUsage(BaseModel):
+    total_tokens: int
+
+
+class RerankResponse(BaseModel):
+    model: str
+    results: list[RerankResult]
+    usage: RerankUsage
 
 
 class ErrorDetail(BaseModel):

@@ -176,3 +176,34 @@ def test_a_version_taken_down_gets_nothing_and_nothing_fails(two_versions: Mesh)
     assert wait_for(lambda: "inference-m2 exited with code 0" in up_log.read_text(), timeout=30)
     after = _versions(two_versions, 40)
     assert after == Counter({"1": 40})
+
+
+def test_rerank_orders_documents_by_meaning(models_mesh: Mesh) -> None:
+    documents = [
+        "Bananas are a good source of potassium.",
+        "To reset your password, open Settings and choose Security.",
+        {"text": "Our office is closed on public holidays."},
+    ]
+    body = {"model": EMBED, "query": "How can I change my password?", "documents": documents, "top_n": None}
+    reply = httpx.post(f"{models_mesh.base_url}/rerank", json=body, timeout=30)
+    assert reply.status_code == 200
+    results = reply.json()["results"]
+    assert results[0]["index"] == 1 and len(results) == 3
+    scores = [r["relevance_score"] for r in results]
+    assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
+    assert results[0]["document"] == {"text": documents[1]}
+    assert reply.json()["usage"]["total_tokens"] > 10
+
+    top = httpx.post(
+        f"{models_mesh.base_url}/rerank", timeout=30,
+        json=body | {"top_n": 1, "return_documents": False, "model": "text-embedding-3-small"},
+    ).json()  # fmt: skip
+    assert top["results"] == [{"index": 1, "relevance_score": pytest.approx(scores[0], abs=1e-6)}]
+
+
+def test_rerank_refuses_what_it_cannot_do(models_mesh: Mesh) -> None:
+    url = f"{models_mesh.base_url}/rerank"
+    assert httpx.post(url, json={"model": EMBED, "query": "q", "documents": []}, timeout=30).status_code == 400
+    assert httpx.post(url, json={"model": CHAT, "query": "q", "documents": ["d"]}, timeout=30).status_code == 400
+    missing = httpx.post(url, json={"model": "nope", "query": "q", "documents": ["d"]}, timeout=30)
+    assert missing.status_code == 404 and "nope" in missing.json()["error"]["message"]
