@@ -50,6 +50,7 @@ from services.edge_http.openai_schema import (
 from services.edge_http.pipeline import Pipeline, Run
 from services.edge_http.rerank import ranked, rerank_inputs
 from services.edge_http.streaming import kept_alive, sse_stream
+from services.edge_http.tools import forced_prefix
 from services.edge_http.upstreams import Upstreams
 from services.mesh.config import Settings
 from services.mesh.consul import ConsulDiscovery
@@ -210,7 +211,7 @@ async def _complete(
     guard: Guard,
     key: KeyRecord | None,
     body: BodyT,
-    prepare: Callable[[BodyT, str], Awaitable[preprocess_pb2.PreprocessReply]],
+    prepare: Callable[[BodyT, str, str], Awaitable[preprocess_pb2.PreprocessReply]],
     id_prefix: str,
     chunks: Callable[[Run, ResponseMeta, bool], AsyncIterator[BaseModel]],
     whole: Callable[[Run, ResponseMeta], Awaitable[BaseModel]],
@@ -224,7 +225,8 @@ async def _complete(
     guard.check(body)
     target = await _route(request, key, body.model, "chat")
     body.model = target.id  # aliases answer with the model they stand for, as OpenAI's do
-    prepared = await prepare(body, rid)
+    tools = _tool_mode(body, target)
+    prepared = await prepare(body, rid, tools[1] if tools else "")
     guard.fit(prepared)
     settle = await guard.reserve(key, prepared)
 
@@ -244,7 +246,7 @@ async def _complete(
         span.set_attribute("sluice.cache", run.cache_status)
         return run
 
-    meta = ResponseMeta(f"{id_prefix}-{rid}", int(time.time()), body.model, target.reasoning)
+    meta = ResponseMeta(f"{id_prefix}-{rid}", int(time.time()), body.model, target.reasoning, tools)
     opening = asyncio.ensure_future(opened())
     if body.stream:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **_version_header(target)}
@@ -309,6 +311,16 @@ async def _embed(
     request.scope["state"]["tokens"] = reply.prompt_tokens  # for the audit line
     await settle(reply.prompt_tokens)
     return target, reply
+
+
+def _tool_mode(body: SamplingFields, target: Served) -> tuple[str, str] | None:
+    """(parser, forced start of the assistant's turn) when the request offers tools."""
+    if not isinstance(body, ChatCompletionRequest) or not body.calls_tools:
+        return None
+    if not target.tool_parser:
+        raise OpenAIError(400, f"`{target.id}` does not call tools (its chat template has no tools)", param="tools")
+    forced = body.tool_choice == "required" or body.forced_function is not None
+    return target.tool_parser, forced_prefix(target.tool_parser, body.forced_function) if forced else ""
 
 
 def _version_header(target: Served) -> dict[str, str]:

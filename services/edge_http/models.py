@@ -28,6 +28,7 @@ class Served:
     created: int
     healthy: bool
     reasoning: tuple[str, str] | None = None  # the tags around the block its output opens with
+    tool_parser: str = ""  # how its output carries tool calls (hermes, json; empty: no tools)
 
 
 class UnknownModel(LookupError):

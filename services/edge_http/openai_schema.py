@@ -7,11 +7,11 @@ field they do use, with the field named in the error.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class _Lenient(BaseModel):
@@ -32,11 +32,44 @@ class ContentPart(_Lenient):
     image_url: ImageURL | None = None
 
 
+class FunctionCall(_Lenient):
+    name: str = Field(min_length=1)
+    arguments: str = Field("{}", description="JSON text")
+
+
+class ToolCallIn(_Lenient):
+    id: str = ""
+    type: str = "function"
+    function: FunctionCall | None = None  # some clients echo calls without it; those are skipped
+
+
 class ChatMessage(_Lenient):
     role: str
     # null is valid for assistant messages that carry tool_calls.
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionSpec(_Lenient):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(_Lenient):
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+
+class NamedFunction(_Lenient):
+    name: str
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class StreamOptions(_Lenient):
@@ -75,12 +108,36 @@ class SamplingFields(_Lenient):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="newer name for max_tokens")
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    functions: list[FunctionSpec] | None = Field(None, description="legacy form of tools")
+    function_call: Literal["none", "auto"] | NamedFunction | None = Field(None, description="legacy tool_choice")
 
     @model_validator(mode="after")
-    def _max_completion_tokens(self) -> ChatCompletionRequest:
+    def _aliases(self) -> ChatCompletionRequest:
         if self.max_tokens is None and self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
+        if self.tools is None and self.functions:
+            self.tools = [Tool(function=f) for f in self.functions]
+        if self.tool_choice is None and self.function_call is not None:
+            call = self.function_call
+            self.tool_choice = call if isinstance(call, str) else NamedToolChoice(function=call)
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = {t.function.name for t in self.tools or []}
+            if self.tool_choice.function.name not in names:
+                raise ValueError(f"tool_choice: no tool named {self.tool_choice.function.name!r} in tools")
+        if self.tool_choice == "required" and not self.tools:
+            raise ValueError("tool_choice: required needs tools")
         return self
+
+    @property
+    def forced_function(self) -> str | None:
+        return self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+
+    @property
+    def calls_tools(self) -> bool:
+        """Tools are offered to the model (tool_choice none withdraws them)."""
+        return bool(self.tools) and self.tool_choice != "none"
 
 
 class CompletionRequest(SamplingFields):
@@ -141,6 +198,7 @@ class ResponseMeta:
     created: int
     model: str
     reasoning: tuple[str, str] | None = None  # the model's reasoning tags, when it has them
+    tools: tuple[str, str] | None = None  # (tool call parser, forced start of the turn) when tools are offered
 
 
 class Usage(BaseModel):
@@ -149,9 +207,16 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    tool_calls: list[ToolCallOut] | None = Field(None, exclude_if=lambda value: value is None)
     # Only for reasoning models (DeepSeek's field name, which Dify shows apart from the answer).
     reasoning_content: str | None = Field(None, exclude_if=lambda value: value is None)
 
@@ -174,7 +239,7 @@ class ChatCompletion(BaseModel):
 
 class ChatChunkChoice(BaseModel):
     index: int = 0
-    delta: dict[str, str]  # {"role", "content"} first, {"content"} next, {} last
+    delta: dict[str, Any]  # {"role", "content"} first, then content, reasoning or tool call pieces, {} last
     logprobs: None = None
     finish_reason: FinishReason | None = None
 

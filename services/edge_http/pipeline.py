@@ -8,6 +8,7 @@ instance or becomes a proper HTTP error.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -20,7 +21,13 @@ from google.protobuf.message import Message
 from services.edge_http.errors import OpenAIError, from_rpc_error
 from services.edge_http.metrics import UPSTREAM_ERRORS
 from services.edge_http.models import Served
-from services.edge_http.openai_schema import ChatCompletionRequest, CompletionRequest, SamplingFields, Usage
+from services.edge_http.openai_schema import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    SamplingFields,
+    Usage,
+)
 from services.edge_http.upstreams import Upstreams
 from services.mesh import finish_reasons
 from services.mesh.balancer import Endpoint
@@ -98,10 +105,18 @@ def sampling_params(body: SamplingFields) -> common_pb2.SamplingParams:
     return params
 
 
+def _tool_calls_json(message: ChatMessage) -> str:
+    calls = [c.model_dump() for c in message.tool_calls or () if c.function is not None]
+    return json.dumps(calls) if calls else ""
+
+
 def _chat_messages(body: ChatCompletionRequest) -> list[preprocess_pb2.ChatMessage]:
     messages = []
     for message in body.messages:
-        out = preprocess_pb2.ChatMessage(role=message.role, name=message.name or "")
+        out = preprocess_pb2.ChatMessage(
+            role=message.role, name=message.name or "", tool_call_id=message.tool_call_id or "",
+            tool_calls_json=_tool_calls_json(message),
+        )  # fmt: skip
         if isinstance(message.content, str):
             out.content.add(type="text", text=message.content)
         elif message.content is not None:
@@ -139,13 +154,22 @@ class Pipeline:
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err, "inference") from err
 
-    async def prepare_chat(self, body: ChatCompletionRequest, request_id: str) -> preprocess_pb2.PreprocessReply:
+    async def prepare_chat(
+        self, body: ChatCompletionRequest, request_id: str, assistant_prefix: str = ""
+    ) -> preprocess_pb2.PreprocessReply:
+        """The prompt tokens: messages and (unless tool_choice is none) tools through the chat
+        template, then the start of the assistant's turn (`assistant_prefix` forces a tool call)."""
         request = preprocess_pb2.RenderChatRequest(
-            request_id=request_id, model=body.model, messages=_chat_messages(body), sampling=sampling_params(body)
-        )
+            request_id=request_id, model=body.model, messages=_chat_messages(body), sampling=sampling_params(body),
+            tools_json=json.dumps([t.model_dump(exclude_none=True) for t in body.tools]) if body.calls_tools else "",
+            assistant_prefix=assistant_prefix,
+        )  # fmt: skip
         return await self._preprocess("RenderChat", request, request_id)
 
-    async def prepare_completion(self, body: CompletionRequest, request_id: str) -> preprocess_pb2.PreprocessReply:
+    async def prepare_completion(
+        self, body: CompletionRequest, request_id: str, assistant_prefix: str = ""
+    ) -> preprocess_pb2.PreprocessReply:
+        """The prompt tokens (`assistant_prefix` is for chat: a completion has no assistant turn)."""
         request = preprocess_pb2.TokenizeRequest(
             request_id=request_id, model=body.model, prompt=body.prompt_text, sampling=sampling_params(body)
         )

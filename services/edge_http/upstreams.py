@@ -40,8 +40,9 @@ HEALTH_INTERVAL_S = 1.0
 def _served(endpoint: Endpoint) -> Served:
     info = endpoint.info
     reasoning = (info.reasoning_open, info.reasoning_close) if info.reasoning_open else None
+    kind = info.kind or "chat"
     return Served(
-        info.id, info.version, info.kind or "chat", info.context_length, info.created, endpoint.healthy, reasoning
+        info.id, info.version, kind, info.context_length, info.created, endpoint.healthy, reasoning, info.tool_parser
     )
 
 

@@ -51,3 +51,19 @@ def reasoning_tags(setting: str, vocabulary: Container[str]) -> tuple[str, str] 
     if not sep or not open_tag.strip() or not close_tag.strip():
         raise ValueError(f"reasoning_tags: expected OPEN,CLOSE (e.g. <think>,</think>), not {setting!r}")
     return open_tag.strip(), close_tag.strip()
+
+
+def tool_parser(setting: str, chat_template: str | None) -> str:
+    """How the model writes tool calls: `auto` reads its chat template (`<tool_call>` → hermes,
+    another template that takes `tools` → json), or hermes, json, none."""
+    choice = setting.lower()
+    if choice in ("", "none", "off"):
+        return ""
+    if choice in ("hermes", "json"):
+        return choice
+    if choice != "auto":
+        raise ValueError(f"tool_parser: expected auto, hermes, json or none, not {setting!r}")
+    template = chat_template or ""
+    if "<tool_call>" in template:
+        return "hermes"
+    return "json" if "tools" in template else ""

@@ -15,7 +15,7 @@ from services.inference.embedder import Embedder
 from services.inference.engine import Engine, EngineLimits, GenerationRequest, Step
 from services.inference.loader import load_model
 from services.inference.manifest import ManifestError, verify_manifest
-from services.inference.model_dir import context_length, model_kind, reasoning_tags
+from services.inference.model_dir import context_length, model_kind, reasoning_tags, tool_parser
 from services.inference.sampling import SamplingConfig
 from services.inference.tracing import record_phases
 from services.mesh import finish_reasons
@@ -142,6 +142,7 @@ def run(settings: Settings, ready_file: Path | None) -> int:
         tags = reasoning_tags(settings.reasoning_tags, loaded.tokenizer.get_vocab())
         if tags:
             info.reasoning_open, info.reasoning_close = tags
+        info.tool_parser = tool_parser(settings.tool_parser, loaded.tokenizer.chat_template)
         engine = Engine(loaded, limits)
         live = lambda: not engine.stalled(settings.stall_timeout_s)  # noqa: E731
         # Every running or queued stream holds a worker thread while it waits for tokens.

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
         description="OPEN,CLOSE tags of the reasoning block outputs open with (auto: <think> if the "
         "tokenizer knows it; none: off)",
     )
+    tool_parser: str = Field(
+        "auto", description="how the model writes tool calls: hermes, json, none (auto: from its chat template)"
+    )
     embedding_model: str = Field(
         "auto", description="sluice up: embedding model directory to serve too (auto: all-MiniLM-L6-v2; none: off)"
     )

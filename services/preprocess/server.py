@@ -53,8 +53,11 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServicer):
     ) -> preprocess_pb2.PreprocessReply:
         REQUESTS.labels("chat").inc()
         self._check_model(request.model)
-        messages = [Message(m.role, tuple(Part(p.type, p.text) for p in m.content), m.name) for m in request.messages]
-        prompt = render_chat(self._tokenizer, messages, self._model_id)
+        messages = [
+            Message(m.role, tuple(Part(p.type, p.text) for p in m.content), m.name, m.tool_calls_json, m.tool_call_id)
+            for m in request.messages
+        ]
+        prompt = render_chat(self._tokenizer, messages, self._model_id, request.tools_json, request.assistant_prefix)
         # The template already placed any BOS/special tokens the model expects.
         token_ids = self._tokenizer(prompt, add_special_tokens=False)["input_ids"]
         return self._reply(token_ids, request.sampling)

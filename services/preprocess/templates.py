@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import jinja2
@@ -23,6 +24,29 @@ class Message:
     role: str
     parts: tuple[Part, ...]
     name: str = ""
+    tool_calls_json: str = ""  # an assistant turn's calls, OpenAI shape
+    tool_call_id: str = ""  # a tool turn: the call it answers
+
+
+def _template_tool_calls(message: Message, index: int) -> list[dict]:
+    """OpenAI tool calls as chat templates take them: arguments as an object, not a JSON string."""
+    try:
+        calls = json.loads(message.tool_calls_json)
+        rendered = []
+        for call in calls:
+            function = call["function"]
+            arguments = function.get("arguments") or "{}"
+            rendered.append({
+                "id": call.get("id", ""), "type": "function",
+                "function": {"name": function["name"],
+                             "arguments": json.loads(arguments) if isinstance(arguments, str) else arguments},
+            })  # fmt: skip
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise InvalidArgument(
+            f"messages[{index}].tool_calls: each needs function.name and JSON arguments ({err})",
+            f"messages[{index}].tool_calls",
+        ) from err
+    return rendered
 
 
 def _content(message: Message, index: int, model: str) -> str:
@@ -51,20 +75,31 @@ def to_template_messages(messages: list[Message], model: str) -> list[dict[str, 
                 f"messages[{i}].role {message.role!r} is not one of {', '.join(sorted(KNOWN_ROLES))}",
                 f"messages[{i}].role",
             )
-        item = {"role": message.role, "content": _content(message, i, model)}
+        item: dict = {"role": message.role, "content": _content(message, i, model)}
         if message.name:
             item["name"] = message.name
+        if message.tool_calls_json:
+            item["tool_calls"] = _template_tool_calls(message, i)
+        if message.tool_call_id:
+            item["tool_call_id"] = message.tool_call_id
         rendered.append(item)
     return rendered
 
 
-def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[Message], model: str) -> str:
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: list[Message], model: str, tools_json: str = "",
+    assistant_prefix: str = "",
+) -> str:  # fmt: skip
+    """The prompt: the template over the messages (and the tools, handed to it as the model
+    expects them), then the start of the assistant's turn (plus `assistant_prefix`)."""
     if not tokenizer.chat_template:
         raise InvalidArgument(f"model {model} has no chat template; use /v1/completions with a prompt", "messages")
+    tools = json.loads(tools_json) if tools_json else None
     try:
-        return tokenizer.apply_chat_template(
-            to_template_messages(messages, model), tokenize=False, add_generation_prompt=True
+        prompt = tokenizer.apply_chat_template(
+            to_template_messages(messages, model), tools=tools, tokenize=False, add_generation_prompt=True
         )
+        return prompt + assistant_prefix
     except jinja2.TemplateError as err:
         # Templates reject what the model cannot take (e.g. roles out of order) with raise_exception.
         raise InvalidArgument(f"the chat template of {model} rejected the messages: {err}", "messages") from err

@@ -32,7 +32,7 @@ class GenerateChunk(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "context_length", "created", "owned_by", "version", "kind", "reasoning_open", "reasoning_close")
+    __slots__ = ("id", "context_length", "created", "owned_by", "version", "kind", "reasoning_open", "reasoning_close", "tool_parser")
     ID_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class ModelInfo(_message.Message):
     KIND_FIELD_NUMBER: _ClassVar[int]
     REASONING_OPEN_FIELD_NUMBER: _ClassVar[int]
     REASONING_CLOSE_FIELD_NUMBER: _ClassVar[int]
+    TOOL_PARSER_FIELD_NUMBER: _ClassVar[int]
     id: str
     context_length: int
     created: int
@@ -49,7 +50,8 @@ class ModelInfo(_message.Message):
     kind: str
     reasoning_open: str
     reasoning_close: str
-    def __init__(self, id: _Optional[str] = ..., context_length: _Optional[int] = ..., created: _Optional[int] = ..., owned_by: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[str] = ..., reasoning_open: _Optional[str] = ..., reasoning_close: _Optional[str] = ...) -> None: ...
+    tool_parser: str
+    def __init__(self, id: _Optional[str] = ..., context_length: _Optional[int] = ..., created: _Optional[int] = ..., owned_by: _Optional[str] = ..., version: _Optional[str] = ..., kind: _Optional[str] = ..., reasoning_open: _Optional[str] = ..., reasoning_close: _Optional[str] = ..., tool_parser: _Optional[str] = ...) -> None: ...
 
 class EmbedInput(_message.Message):
     __slots__ = ("text", "token_ids")
