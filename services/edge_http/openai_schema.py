@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 FinishReason = Literal["stop", "length", "tool_calls"]
 
@@ -89,10 +89,21 @@ class SamplingFields(_Lenient):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past the end-of-sequence token")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, max_length=300, description="token id (as a string) → bias added to its logit, -100 to 100"
+    )
     n: int | None = Field(None, ge=1, le=1, description="only one choice per request is supported")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key in bias or {}:
+            if not key.isdigit():
+                raise ValueError(f"keys are token ids; {key!r} is not one")
+        return bias
 
     @property
     def stop_list(self) -> list[str]:

@@ -102,6 +102,7 @@ def sampling_params(body: SamplingFields) -> common_pb2.SamplingParams:
     )
     if body.seed is not None:
         params.seed = body.seed
+    params.logit_bias.update({int(token): bias for token, bias in (body.logit_bias or {}).items()})
     return params
 
 

@@ -163,6 +163,9 @@ class Engine:
             raise InvalidArgument(f"token id {bad} is outside the vocabulary (0..{self._vocab_size - 1})", "token_ids")
         if request.max_tokens < 1:
             raise InvalidArgument("max_tokens must be at least 1", "max_tokens")
+        biased = next((t for t, _ in request.sampling.logit_bias if not 0 <= t < self._vocab_size), None)
+        if biased is not None:
+            raise InvalidArgument(f"logit_bias: token id {biased} is outside the vocabulary", "logit_bias")
         total = len(request.prompt_ids) + request.max_tokens
         if total > self.loaded.context_length:
             raise ContextLengthExceeded(

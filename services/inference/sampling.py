@@ -16,6 +16,7 @@ class SamplingConfig:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     ignore_eos: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
 
     @property
     def greedy(self) -> bool:
@@ -28,7 +29,7 @@ class SamplingConfig:
     @property
     def plain_greedy(self) -> bool:
         """Argmax of the raw logits: can be decided for many sequences in one batched op."""
-        return self.greedy and not self.penalized
+        return self.greedy and not self.penalized and not self.logit_bias
 
 
 class Sampler:
@@ -45,6 +46,11 @@ class Sampler:
                 self._generator.manual_seed(config.seed)
         # Token counts cost an indexing op per token, so only penalised sequences keep them.
         self._counts = torch.zeros(vocab_size, dtype=torch.float32, device=device) if config.penalized else None
+        self._bias: torch.Tensor | None = None
+        if config.logit_bias:
+            self._bias = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+            ids, values = zip(*config.logit_bias, strict=True)
+            self._bias[list(ids)] = torch.tensor(values, dtype=torch.float32, device=device)
 
     def observe(self, token_id: int) -> None:
         """Record a generated token for presence/frequency penalties."""
@@ -54,6 +60,8 @@ class Sampler:
     def next_token(self, logits: torch.Tensor) -> int:
         """Pick the next token from a 1-D logits vector."""
         logits = logits.float()
+        if self._bias is not None:
+            logits = logits + self._bias[: logits.numel()]
         if self._counts is not None:
             logits = apply_penalties(logits, self._counts, self.config)
         if self.config.greedy:

@@ -36,6 +36,7 @@ def sampling_config(params: common_pb2.SamplingParams) -> SamplingConfig:
         presence_penalty=params.presence_penalty,
         frequency_penalty=params.frequency_penalty,
         ignore_eos=params.ignore_eos,
+        logit_bias=tuple(sorted(params.logit_bias.items())),
     )
 
 

@@ -175,3 +175,16 @@ def test_sampled_requests_are_never_cached(client: openai.OpenAI) -> None:
         model=MODEL, messages=MESSAGES, max_tokens=4, temperature=0.7
     )
     assert reply.headers["x-sluice-cache"] == "bypass"
+
+
+def test_logit_bias_steers_generation_and_is_validated(client: openai.OpenAI, tokenizer) -> None:
+    token = tokenizer.convert_tokens_to_ids("def")
+    forced = client.completions.create(
+        model="sluice-tiny", prompt="x = 1", max_tokens=4, temperature=0, logit_bias={str(token): 100},
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    assert forced.choices[0].text == tokenizer.decode([token] * 4)
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.completions.create(model="sluice-tiny", prompt="x", max_tokens=2, logit_bias={"999999": 5})
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.completions.create(model="sluice-tiny", prompt="x", max_tokens=2, logit_bias={"7": 101})

@@ -59,3 +59,15 @@ def test_same_seed_same_tokens_and_different_seed_differs() -> None:
 def test_sampling_respects_top_k() -> None:
     sampler = Sampler(SamplingConfig(temperature=5.0, top_k=2, seed=0), 5, torch.device("cpu"))
     assert {sampler.next_token(LOGITS) for _ in range(200)} == {1, 2}
+
+
+def test_logit_bias_forces_or_bans_tokens_even_when_greedy() -> None:
+    logits = torch.tensor([0.0, 5.0, 1.0, 2.0])
+    config = SamplingConfig(temperature=0.0, logit_bias=((2, 100.0),))
+    assert not config.plain_greedy  # the batched argmax would not see the bias
+    assert Sampler(config, 4, torch.device("cpu")).next_token(logits) == 2
+    banned = SamplingConfig(temperature=0.0, logit_bias=((1, -100.0),))
+    assert Sampler(banned, 4, torch.device("cpu")).next_token(logits) == 3
+    sampled = SamplingConfig(temperature=1.0, seed=3, logit_bias=((0, 100.0),))
+    sampler = Sampler(sampled, 4, torch.device("cpu"))
+    assert {sampler.next_token(logits) for _ in range(20)} == {0}
