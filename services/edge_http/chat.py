@@ -10,12 +10,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.edge_http.logprobs import chat_logprobs
 from services.edge_http.openai_schema import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
+    ChatLogprobs,
     FunctionCall,
     ResponseMeta,
     ToolCallOut,
@@ -65,7 +67,7 @@ def _tool_call(call: ToolCall) -> ToolCallOut:
 
 
 async def chat_completion(run: Run, meta: ResponseMeta) -> ChatCompletion:
-    text, last = await run.collect()
+    text, last, logprobs = await run.collect()
     shaper = OutputShaper(meta)
     shaped = shaper.feed(text, final=True)
     message = AssistantMessage(
@@ -77,7 +79,13 @@ async def chat_completion(run: Run, meta: ResponseMeta) -> ChatCompletion:
         id=meta.id,
         created=meta.created,
         model=meta.model,
-        choices=[ChatChoice(message=message, finish_reason=shaper.finish_reason(last.finish_reason))],
+        choices=[
+            ChatChoice(
+                message=message,
+                logprobs=chat_logprobs(logprobs),
+                finish_reason=shaper.finish_reason(last.finish_reason),
+            )
+        ],
         usage=last.usage,
     )
 
@@ -97,12 +105,14 @@ def _deltas(shaped: Shaped, first_index: int) -> list[dict[str, Any]]:
 
 
 async def chat_chunks(run: Run, meta: ResponseMeta, include_usage: bool) -> AsyncIterator[ChatCompletionChunk]:
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> ChatCompletionChunk:
+    def chunk(
+        delta: dict[str, Any], finish_reason: str | None = None, logprobs: ChatLogprobs | None = None
+    ) -> ChatCompletionChunk:
         return ChatCompletionChunk(
             id=meta.id,
             created=meta.created,
             model=meta.model,
-            choices=[ChatChunkChoice(delta=delta, finish_reason=finish_reason)],
+            choices=[ChatChunkChoice(delta=delta, logprobs=logprobs, finish_reason=finish_reason)],
         )
 
     # OpenAI opens with the role and an empty content; clients key on it.
@@ -110,8 +120,13 @@ async def chat_chunks(run: Run, meta: ResponseMeta, include_usage: bool) -> Asyn
     shaper = OutputShaper(meta)
     async for event in run.events():
         calls_before = shaper.calls_made
-        for delta in _deltas(shaper.feed(event.text, final=bool(event.finish_reason)), calls_before):
-            yield chunk(delta)
+        deltas = _deltas(shaper.feed(event.text, final=bool(event.finish_reason)), calls_before)
+        logprobs = chat_logprobs(event.logprobs)
+        if logprobs and not deltas:
+            deltas = [{"content": ""}]  # tokens whose text is still held back: their log probabilities go now
+        for delta in deltas:
+            yield chunk(delta, logprobs=logprobs)
+            logprobs = None
         if event.finish_reason:
             yield chunk({}, shaper.finish_reason(event.finish_reason))
             if include_usage:

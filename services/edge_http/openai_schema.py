@@ -112,6 +112,11 @@ class SamplingFields(_Lenient):
         return [self.stop] if isinstance(self.stop, str) else self.stop
 
     @property
+    def wanted_logprobs(self) -> int | None:
+        """Log probabilities with this many alternatives per token, or None (set by each endpoint)."""
+        return None
+
+    @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
@@ -119,6 +124,8 @@ class SamplingFields(_Lenient):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="newer name for max_tokens")
+    logprobs: bool | None = Field(False, description="report each token's log probability")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs: this many alternatives")
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     functions: list[FunctionSpec] | None = Field(None, description="legacy form of tools")
@@ -139,7 +146,13 @@ class ChatCompletionRequest(SamplingFields):
                 raise ValueError(f"tool_choice: no tool named {self.tool_choice.function.name!r} in tools")
         if self.tool_choice == "required" and not self.tools:
             raise ValueError("tool_choice: required needs tools")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs: true")
         return self
+
+    @property
+    def wanted_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def forced_function(self) -> str | None:
@@ -157,6 +170,11 @@ class CompletionRequest(SamplingFields):
         Field(description="one prompt (a string or a list of one string)"),
     ]
     echo: Literal[False] | None = Field(False, description="not supported; must be false")
+    logprobs: int | None = Field(None, ge=0, le=5, description="report log probabilities with this many alternatives")
+
+    @property
+    def wanted_logprobs(self) -> int | None:
+        return self.logprobs
 
     @property
     def prompt_text(self) -> str:
@@ -232,10 +250,33 @@ class AssistantMessage(BaseModel):
     reasoning_content: str | None = Field(None, exclude_if=lambda value: value is None)
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -251,7 +292,7 @@ class ChatCompletion(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: dict[str, Any]  # {"role", "content"} first, then content, reasoning or tool call pieces, {} last
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -267,7 +308,7 @@ class ChatCompletionChunk(BaseModel):
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 

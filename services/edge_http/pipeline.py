@@ -57,6 +57,7 @@ class Event:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: tuple[inference_pb2.TokenLogprob, ...] = ()  # when the request asked for them
 
     @property
     def usage(self) -> Usage:
@@ -80,13 +81,15 @@ class Run:
         async for event in self.rest:
             yield event
 
-    async def collect(self) -> tuple[str, Event]:
-        """The whole text and the finishing event, for non-streaming responses."""
-        text, last = "", self.first
+    async def collect(self) -> tuple[str, Event, list[inference_pb2.TokenLogprob]]:
+        """The whole text, the finishing event and every token's log probability (if asked for),
+        for non-streaming responses."""
+        text, last, logprobs = "", self.first, []
         async for event in self.events():
             text += event.text
+            logprobs += event.logprobs
             last = event
-        return text, last
+        return text, last, logprobs
 
 
 def sampling_params(body: SamplingFields) -> common_pb2.SamplingParams:
@@ -102,6 +105,8 @@ def sampling_params(body: SamplingFields) -> common_pb2.SamplingParams:
     )
     if body.seed is not None:
         params.seed = body.seed
+    if body.wanted_logprobs is not None:
+        params.top_logprobs = body.wanted_logprobs
     params.logit_bias.update({int(token): bias for token, bias in (body.logit_bias or {}).items()})
     return params
 
@@ -190,8 +195,8 @@ class Pipeline:
         key = f"{prepared.cache_key}@{target.version}" if prepared.cache_key else ""
         if not self._settings.cache_enabled:
             status = "off"
-        elif not key or no_cache:
-            status = "bypass"
+        elif not key or no_cache or prepared.sampling.HasField("top_logprobs"):
+            status = "bypass"  # the cache keeps text, not log probabilities
         else:
             hit = await self._lookup(key, request_id)
             if hit is not None:
@@ -251,7 +256,7 @@ class Pipeline:
                 completion.text += chunk.text
                 completion.token_ids.extend(chunk.token_ids)
                 if not chunk.finish_reason:
-                    yield Event(chunk.text)
+                    yield Event(chunk.text, logprobs=tuple(chunk.logprobs))
                     continue
                 completion.finish_reason = chunk.finish_reason
                 completion.usage.CopyFrom(chunk.usage)
@@ -262,6 +267,7 @@ class Pipeline:
                     finish_reasons.FROM_PROTO[chunk.finish_reason],
                     chunk.usage.prompt_tokens,
                     chunk.usage.completion_tokens,
+                    tuple(chunk.logprobs),
                 )
                 # The stream ends right after its finishing chunk; reading to its end lets the
                 # call (and its trace span) complete normally instead of being cancelled.

@@ -53,6 +53,14 @@ class GenerationRequest:
     max_tokens: int
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stop: tuple[str, ...] = ()
+    top_logprobs: int | None = None  # set: report log probabilities with this many alternatives
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log probability), best first
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,7 @@ class Step:
     finish_reason: str | None = None  # "stop" or "length" on the last step
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when asked for
 
 
 @dataclass
@@ -108,7 +117,7 @@ class SequenceHandle:
                     ended = True
                     break
                 step = Step(step.token_ids + more.token_ids, step.text + more.text, more.finish_reason,
-                            more.prompt_tokens, more.completion_tokens)  # fmt: skip
+                            more.prompt_tokens, more.completion_tokens, step.logprobs + more.logprobs)  # fmt: skip
             yield step
             ended = ended or step.finish_reason is not None
 
@@ -163,6 +172,8 @@ class Engine:
             raise InvalidArgument(f"token id {bad} is outside the vocabulary (0..{self._vocab_size - 1})", "token_ids")
         if request.max_tokens < 1:
             raise InvalidArgument("max_tokens must be at least 1", "max_tokens")
+        if request.top_logprobs is not None and not 0 <= request.top_logprobs <= 20:
+            raise InvalidArgument("top_logprobs must be between 0 and 20", "top_logprobs")
         biased = next((t for t, _ in request.sampling.logit_bias if not 0 <= t < self._vocab_size), None)
         if biased is not None:
             raise InvalidArgument(f"logit_bias: token id {biased} is outside the vocabulary", "logit_bias")
@@ -324,9 +335,10 @@ class Engine:
         now = time.monotonic()
         for index, (seq, _) in enumerate(sampled):
             token = tokens[index] if index in tokens else seq.sampler.next_token(logits[index])
-            self._advance(seq, token, now)
+            wanted = seq.request.top_logprobs
+            self._advance(seq, token, now, None if wanted is None else _logprob(logits[index], token, wanted))
 
-    def _advance(self, seq: _Sequence, token: int, now: float) -> None:
+    def _advance(self, seq: _Sequence, token: int, now: float, logprob: TokenLogprob | None = None) -> None:
         seq.sampler.observe(token)
         seq.generated += 1
         metrics.TOKENS_GENERATED.inc()
@@ -348,6 +360,15 @@ class Engine:
             finish = "stop" if tail.stopped else finish
         if finish:
             seq.handle.finished_at = now  # before the last step is seen
-        seq.handle._steps.put(Step([token], text, finish, len(seq.request.prompt_ids), seq.generated))
+        logprobs = (logprob,) if logprob is not None else ()
+        seq.handle._steps.put(Step([token], text, finish, len(seq.request.prompt_ids), seq.generated, logprobs))
         if finish:
             self._release(seq, finish)
+
+
+def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """The model's own log probability of the chosen token (before sampling settings) and its `top` best."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    best = torch.topk(logprobs, top) if top else None
+    alternatives = tuple(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if best is not None else ()
+    return TokenLogprob(token, float(logprobs[token]), alternatives)

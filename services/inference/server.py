@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -40,8 +40,13 @@ def sampling_config(params: common_pb2.SamplingParams) -> SamplingConfig:
     )
 
 
-def _chunk(step: Step) -> inference_pb2.GenerateChunk:
+def _chunk(step: Step, token_text: Callable[[int], str]) -> inference_pb2.GenerateChunk:
     chunk = inference_pb2.GenerateChunk(token_ids=step.token_ids, text=step.text)
+    for entry in step.logprobs:
+        chunk.logprobs.add(
+            token_id=entry.token_id, token=token_text(entry.token_id), logprob=entry.logprob,
+            top=[inference_pb2.TopLogprob(token_id=t, token=token_text(t), logprob=lp) for t, lp in entry.top],
+        )  # fmt: skip
     if step.finish_reason:
         chunk.finish_reason = finish_reasons.TO_PROTO[step.finish_reason]
         chunk.usage.prompt_tokens = step.prompt_tokens
@@ -54,6 +59,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     def __init__(self, info: inference_pb2.ModelInfo, engine: Engine | None, embedder: Embedder | None) -> None:
         self._info, self._engine, self._embedder = info, engine, embedder
+
+    def _token_text(self, token_id: int) -> str:
+        assert self._engine is not None
+        return self._engine.loaded.tokenizer.decode([token_id])
 
     def _check_model(self, model: str, context: grpc.ServicerContext) -> None:
         if model and model != self._info.id:
@@ -76,6 +85,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 max_tokens=request.sampling.max_tokens,
                 sampling=sampling_config(request.sampling),
                 stop=tuple(request.sampling.stop),
+                top_logprobs=request.sampling.top_logprobs if request.sampling.HasField("top_logprobs") else None,
             ),
             deadline=None if remaining is None else time.monotonic() + remaining,
         )
@@ -85,7 +95,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         try:
             for step in handle:
                 tokens, finish = tokens + len(step.token_ids), step.finish_reason
-                yield _chunk(step)
+                yield _chunk(step, self._token_text)
         finally:
             handle.cancel()
             record_phases(handle, tokens, finish)

@@ -188,3 +188,44 @@ def test_logit_bias_steers_generation_and_is_validated(client: openai.OpenAI, to
         client.completions.create(model="sluice-tiny", prompt="x", max_tokens=2, logit_bias={"999999": 5})
     with pytest.raises(openai.BadRequestError, match="logit_bias"):
         client.completions.create(model="sluice-tiny", prompt="x", max_tokens=2, logit_bias={"7": 101})
+
+
+def test_chat_logprobs_whole_and_streamed(client: openai.OpenAI) -> None:
+    ask = {"model": "sluice-tiny", "messages": [{"role": "user", "content": "logprobs"}], "max_tokens": 6,
+           "temperature": 0, "logprobs": True, "top_logprobs": 3, "extra_body": {"ignore_eos": True}}  # fmt: skip
+    raw = client.chat.completions.with_raw_response.create(**ask)
+    assert raw.headers["x-sluice-cache"] == "bypass"  # the cache keeps no log probabilities
+    choice = raw.parse().choices[0]
+    entries = choice.logprobs.content
+    assert len(entries) == 6
+    for entry in entries:
+        alternatives = [t.logprob for t in entry.top_logprobs]
+        assert len(alternatives) == 3 and alternatives == sorted(alternatives, reverse=True)
+        # Greedy: the chosen token is the most likely one.
+        assert entry.logprob == alternatives[0] <= 0 and entry.token == entry.top_logprobs[0].token
+        assert entry.bytes == list(entry.token.encode())
+
+    streamed = [e for chunk in client.chat.completions.create(**ask, stream=True)
+                for c in chunk.choices if c.logprobs for e in c.logprobs.content]  # fmt: skip
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in entries]
+
+
+def test_completion_logprobs_in_the_legacy_shape(client: openai.OpenAI) -> None:
+    reply = client.completions.create(
+        model="sluice-tiny", prompt="def main", max_tokens=5, temperature=0, logprobs=2, extra_body={"ignore_eos": True}
+    )
+    logprobs = reply.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.text_offset) == 5
+    assert all(len(top) <= 2 for top in logprobs.top_logprobs)
+    assert logprobs.text_offset == sorted(logprobs.text_offset) and logprobs.text_offset[0] == 0
+    assert all(lp <= 0 for lp in logprobs.token_logprobs)
+
+
+def test_logprob_options_are_validated(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "x"}]
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model="sluice-tiny", messages=messages, max_tokens=2, top_logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(
+            model="sluice-tiny", messages=messages, max_tokens=2, logprobs=True, top_logprobs=21
+        )
