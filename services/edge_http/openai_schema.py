@@ -14,6 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 FinishReason = Literal["stop", "length", "tool_calls"]
 
 
+# Integers travel in protobuf int32/int64 fields: out-of-range values are a 400 here, not a
+# ValueError while the gRPC request is built.
+INT32_MAX = 2**31 - 1
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+
+
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -80,12 +87,12 @@ class SamplingFields(_Lenient):
     """Fields shared by chat and text completions."""
 
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, description="vLLM extension; -1 or 0 disables")
+    top_k: int | None = Field(None, ge=-1, le=INT32_MAX, description="vLLM extension; -1 or 0 disables")
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past the end-of-sequence token")
@@ -101,7 +108,7 @@ class SamplingFields(_Lenient):
     @classmethod
     def _token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
         for key in bias or {}:
-            if not key.isdigit():
+            if not key.isdigit() or int(key) > INT32_MAX:
                 raise ValueError(f"keys are token ids; {key!r} is not one")
         return bias
 
@@ -123,7 +130,7 @@ class SamplingFields(_Lenient):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, description="newer name for max_tokens")
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX, description="newer name for max_tokens")
     logprobs: bool | None = Field(False, description="report each token's log probability")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs: this many alternatives")
     tools: list[Tool] | None = None
@@ -190,7 +197,7 @@ def _items(kind: type) -> type:
 
 class EmbeddingRequest(_Lenient):
     model: str = Field(min_length=1)
-    input: str | _items(str) | _items(int) | _items(_items(int)) = Field(  # type: ignore[valid-type]
+    input: str | _items(str) | _items(TokenId) | _items(_items(TokenId)) = Field(  # type: ignore[valid-type]
         description="a string, a list of strings, a list of token ids, or a list of token id lists"
     )
     encoding_format: Literal["float", "base64"] = "float"

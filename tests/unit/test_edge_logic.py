@@ -8,8 +8,9 @@ import grpc
 import pytest
 from pydantic import BaseModel, ValidationError
 
+from services.edge_http.embeddings import embed_inputs
 from services.edge_http.errors import OpenAIError, from_rpc_error
-from services.edge_http.openai_schema import ChatCompletionRequest, CompletionRequest
+from services.edge_http.openai_schema import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from services.edge_http.pipeline import sampling_params
 from services.edge_http.streaming import sse_stream
 
@@ -48,6 +49,26 @@ def test_max_completion_tokens_is_an_alias_and_stop_string_becomes_a_list() -> N
     )
     params = sampling_params(body)
     assert params.max_tokens == 7 and list(params.stop) == ["END"] and params.seed == 0
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_tokens", 2**31), ("max_completion_tokens", 2**31), ("top_k", 2**31), ("seed", 2**63),
+     ("logit_bias", {str(2**31): 1.0})],
+)  # fmt: skip
+def test_integers_beyond_the_wire_fields_are_refused_by_the_schema(field: str, value: object) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    with pytest.raises(ValidationError, match=field):
+        ChatCompletionRequest.model_validate(body | {field: value})
+    just_inside = {field: {str(2**31 - 1): 1.0}} if field == "logit_bias" else {field: value - 1}
+    sampling_params(ChatCompletionRequest.model_validate(body | just_inside))  # fits the protobuf fields
+
+
+@pytest.mark.parametrize("tokens", [[2**31], [-1], [[1, 2], [9070731803021]]])
+def test_embedding_token_ids_must_fit_the_wire(tokens: list) -> None:
+    with pytest.raises(ValidationError, match="input"):
+        EmbeddingRequest(model="m", input=tokens)
+    embed_inputs(EmbeddingRequest(model="m", input=[[2**31 - 1, 0]]))
 
 
 def test_unknown_fields_are_ignored() -> None:
