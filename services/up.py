@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from services.edge_http import keys
-from services.inference.embedding_default import resolve_embedding_model
+from services.inference.embedding_default import EmbeddingModel, resolve_embedding_model
 from services.inference.manifest import MANIFEST
 from services.ingress.envoy_runner import start_envoy
 from services.mesh.certs import ca_paths, certs_present, init_certs
@@ -96,6 +96,7 @@ def up(
     started = time.monotonic()
     ensure_prerequisites(settings)
     new_key = ensure_api_key(settings)
+    embedding = resolve_embedding_model(settings.embedding_model)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -103,7 +104,9 @@ def up(
     with tempfile.TemporaryDirectory(prefix="sluice-up-") as run_dir:
         supervisor = Supervisor(Path(run_dir), log_dir)
         try:
-            ready = _start_mesh(settings, supervisor, env, startup_timeout, replicas or {}, extra_models or [])
+            ready = _start_mesh(
+                settings, supervisor, env, startup_timeout, replicas or {}, extra_models or [], embedding
+            )
             if with_envoy:
                 ready["envoy"] = start_envoy(
                     settings, supervisor, Path(run_dir), ready["edge"].address, startup_timeout
@@ -131,7 +134,6 @@ def up(
             "  Ctrl-C stops every service.",
             flush=True,
         )
-        embedding = resolve_embedding_model(settings.embedding_model)
         if embedding is not None:
             print(f"  Embeddings: model {embedding.name} at {base_url}/embeddings", flush=True)
         code = 0
@@ -173,7 +175,7 @@ def inference_env(settings: Settings, env: dict[str, str], count: int) -> dict[s
 
 def _start_mesh(
     settings: Settings, supervisor: Supervisor, env: dict[str, str], timeout: float, replicas: dict[str, int],
-    extra_models: list[tuple[Path, str]],
+    extra_models: list[tuple[Path, str]], embedding: EmbeddingModel | None,
 ) -> dict[str, ReadyInfo]:  # fmt: skip
     # The backends start together (the model load dominates); the edge needs their addresses.
     envs = {service: _child_env(env, service) for service in BACKENDS}
@@ -183,24 +185,20 @@ def _start_mesh(
         for service in BACKENDS
         for name in replica_names(service, replicas.get(service, 1))
     }
-    embedding = resolve_embedding_model(settings.embedding_model)
+    # More inference instances, each serving one more model (the embedding model, other models,
+    # canary versions); the edge routes between them by model.
+    more = {f"inference-m{i}": (path, path.resolve().name, version, None)
+            for i, (path, version) in enumerate(extra_models, start=2)}  # fmt: skip
     if embedding is not None:
-        # One more inference instance, serving the embedding model; the edge routes by model.
-        embed_env = envs["inference"] | {
-            "SLUICE_MODEL": str(embedding.path), "SLUICE_SERVED_MODEL_NAME": embedding.name,
-            "SLUICE_SERVED_MODEL_VERSION": "", "SLUICE_INFERENCE_PORT": "0",
-        }  # fmt: skip
-        if embedding.manifest is not None:
-            embed_env["SLUICE_MODEL_MANIFEST"] = str(embedding.manifest)
-        children["inference-embed"] = supervisor.start("inference-embed", _serve_argv("inference"), embed_env)
-    for index, (path, version) in enumerate(extra_models, start=2):
-        # Another model, or another version of one (a canary), as one more inference instance.
-        extra_env = envs["inference"] | {
-            "SLUICE_MODEL": str(path), "SLUICE_SERVED_MODEL_NAME": path.resolve().name,
+        more["inference-embed"] = (embedding.path, embedding.name, "", embedding.manifest)
+    for name, (path, served_name, version, manifest) in more.items():
+        child_env = {k: v for k, v in envs["inference"].items() if k != "SLUICE_MODEL_MANIFEST"} | {
+            "SLUICE_MODEL": str(path), "SLUICE_SERVED_MODEL_NAME": served_name,
             "SLUICE_SERVED_MODEL_VERSION": version, "SLUICE_INFERENCE_PORT": "0",
         }  # fmt: skip
-        name = f"inference-m{index}"
-        children[name] = supervisor.start(name, _serve_argv("inference"), extra_env)
+        if manifest is not None:
+            child_env["SLUICE_MODEL_MANIFEST"] = str(manifest)
+        children[name] = supervisor.start(name, _serve_argv("inference"), child_env)
     ready = {name: supervisor.wait_ready(child, timeout) for name, child in children.items()}
     for name, info in ready.items():
         with sync_channel(settings, info.address, "edge") as channel:

@@ -1,19 +1,45 @@
 """A scripted inference service for tests: real gRPC over the mesh's mTLS with grpc.health.v1,
-answering with whatever servicer a test scripts (behaviour the default model cannot show)."""
+announcing a model and streaming whatever a test scripts (behaviour the default model, whose
+text is gibberish, cannot show), optionally behind a real edge of its own."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
+from meshproc import Edge, Mesh, start_edge
 
 from services.mesh.config import Settings
-from services.mesh.stubs import inference_pb2_grpc
+from services.mesh.stubs import common_pb2, inference_pb2, inference_pb2_grpc
 from services.mesh.tls import server_credentials
+
+Script = Callable[[inference_pb2.GenerateRequest, grpc.ServicerContext], list[str]]
+
+
+class ScriptedModel(inference_pb2_grpc.InferenceServicer):
+    """Announces `info`; Generate records the prompt's token ids and streams the texts `script`
+    returns for the request, one chunk each, then a finishing chunk with usage."""
+
+    def __init__(self, info: inference_pb2.ModelInfo, script: Script) -> None:
+        self.info, self.script = info, script
+        self.prompts: list[list[int]] = []
+
+    def ListModels(self, request, context):
+        return inference_pb2.ListModelsReply(models=[self.info])
+
+    def Generate(self, request, context):
+        self.prompts.append(list(request.token_ids))
+        texts = self.script(request, context)
+        for index, text in enumerate(texts):
+            yield inference_pb2.GenerateChunk(token_ids=[index], text=text)
+        yield inference_pb2.GenerateChunk(
+            finish_reason=common_pb2.FINISH_REASON_STOP,
+            usage=common_pb2.Usage(prompt_tokens=len(request.token_ids), completion_tokens=len(texts)),
+        )
 
 
 @contextmanager
@@ -28,3 +54,14 @@ def scripted_inference(servicer: inference_pb2_grpc.InferenceServicer, certs_dir
         yield f"127.0.0.1:{port}"
     finally:
         server.stop(0)
+
+
+@contextmanager
+def scripted_edge(mesh: Mesh, workdir: Path, servicer: ScriptedModel, *flags: str) -> Iterator[Edge]:
+    """A real edge (no keys) in front of the mesh's preprocess and cache and of `servicer`."""
+    with scripted_inference(servicer, mesh.certs_dir) as address:
+        edge = start_edge(mesh, workdir, "--no-auth", *flags, inference=address)
+        try:
+            yield edge
+        finally:
+            edge.stop()

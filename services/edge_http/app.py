@@ -121,7 +121,7 @@ def create_app(settings: Settings) -> FastAPI:
         },
     )
     app.state.settings = settings
-    guard = app.state.guard = Guard(settings)
+    app.state.guard = Guard(settings)
     router = app.state.router = ModelRouter(settings.model_weights, settings.model_aliases)
     app.add_middleware(LimitBody, max_bytes=settings.max_request_bytes)
     app.add_middleware(ObserveRequests)
@@ -136,14 +136,14 @@ def create_app(settings: Settings) -> FastAPI:
         """OpenAI chat completions; `stream: true` answers with server-sent events."""
         pipeline: Pipeline = request.app.state.pipeline
         prepare = pipeline.prepare_chat
-        return await _complete(request, guard, key, body, prepare, "chatcmpl", chat_chunks, chat_completion)
+        return await _complete(request, key, body, prepare, "chatcmpl", chat_chunks, chat_completion)
 
     @app.post("/v1/completions", responses=ERROR_RESPONSES)
     async def completions(body: CompletionRequest, request: Request, key: Caller) -> Response:
         """OpenAI (legacy) text completions; `stream: true` answers with server-sent events."""
         pipeline: Pipeline = request.app.state.pipeline
         prepare = pipeline.prepare_completion
-        return await _complete(request, guard, key, body, prepare, "cmpl", completion_chunks, text_completion)
+        return await _complete(request, key, body, prepare, "cmpl", completion_chunks, text_completion)
 
     @app.get("/v1/models", responses=ERROR_RESPONSES)
     async def list_models(request: Request, key: Caller) -> ModelList:
@@ -208,7 +208,6 @@ def create_app(settings: Settings) -> FastAPI:
 
 async def _complete(
     request: Request,
-    guard: Guard,
     key: KeyRecord | None,
     body: BodyT,
     prepare: Callable[[BodyT, str, str], Awaitable[preprocess_pb2.PreprocessReply]],
@@ -218,6 +217,7 @@ async def _complete(
 ) -> Response:
     """Shared by both completion endpoints: run the pipeline, answer as SSE or one JSON object."""
     pipeline: Pipeline = request.app.state.pipeline
+    guard: Guard = request.app.state.guard
     started = time.perf_counter()
     rid = request_id(request.scope)
     span = trace.get_current_span()
@@ -228,7 +228,7 @@ async def _complete(
     tools = _tool_mode(body, target)
     prepared = await prepare(body, rid, tools[1] if tools else "")
     guard.fit(prepared)
-    settle = await guard.reserve(key, prepared)
+    settle = await guard.reserve(key, len(prepared.token_ids) + prepared.sampling.max_tokens)
 
     async def account(used: int | None) -> None:
         request.scope["state"]["tokens"] = used  # for the audit line
@@ -247,22 +247,27 @@ async def _complete(
         return run
 
     meta = ResponseMeta(f"{id_prefix}-{rid}", int(time.time()), body.model, target.reasoning, tools)
-    opening = asyncio.ensure_future(opened())
-    if body.stream:
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **_version_header(target)}
-        interval = request.app.state.settings.sse_keepalive_s
-        await asyncio.wait({opening}, timeout=interval)
-        if not opening.done():
-            # A long wait in the queue or in prefill: answer now and keep the connection alive with
-            # comments; a failure from here on becomes an error event, as after the first token.
-            stream = kept_alive(opening, interval, lambda run: chunks(run, meta, body.include_usage))
-            return EventSourceResponse(stream, headers=headers)
-        run = await opening
+    headers = _version_header(target)
+    if not body.stream:
+        run = await opened()
         headers["X-Sluice-Cache"] = run.cache_status
-        return EventSourceResponse(sse_stream(chunks(run, meta, body.include_usage)), headers=headers)
-    run = await opening
-    headers = {"X-Sluice-Cache": run.cache_status, **_version_header(target)}
-    return JSONResponse((await whole(run, meta)).model_dump(mode="json"), headers=headers)
+        return JSONResponse((await whole(run, meta)).model_dump(mode="json"), headers=headers)
+    headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    interval = request.app.state.settings.sse_keepalive_s
+    opening = asyncio.ensure_future(opened())
+    try:
+        await asyncio.wait({opening}, timeout=interval)
+    except asyncio.CancelledError:
+        opening.cancel()  # the client left while waiting: stop the request upstream too
+        raise
+    if not opening.done():
+        # A long wait in the queue or in prefill: answer now and keep the connection alive with
+        # comments; a failure from here on becomes an error event, as after the first token.
+        stream = kept_alive(opening, interval, lambda run: chunks(run, meta, body.include_usage))
+        return EventSourceResponse(stream, headers=headers)
+    run = opening.result()
+    headers["X-Sluice-Cache"] = run.cache_status
+    return EventSourceResponse(sse_stream(chunks(run, meta, body.include_usage)), headers=headers)
 
 
 async def _route(request: Request, key: KeyRecord | None, name: str, kind: str) -> Served:
@@ -306,7 +311,7 @@ async def _embed(
     pipeline: Pipeline = request.app.state.pipeline
     guard: Guard = request.app.state.guard
     target = await _route(request, key, model, "embedding")
-    settle = await guard.metered(key)
+    settle = await guard.reserve(key, 1)
     reply = await pipeline.embed(target, inputs, request_id(request.scope))
     request.scope["state"]["tokens"] = reply.prompt_tokens  # for the audit line
     await settle(reply.prompt_tokens)

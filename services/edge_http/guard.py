@@ -85,32 +85,19 @@ class Guard:
         """A completion left unbounded by the client stops at max_tokens_limit."""
         prepared.sampling.max_tokens = min(prepared.sampling.max_tokens, self._settings.max_tokens_limit)
 
-    async def reserve(self, key: KeyRecord | None, prepared: preprocess_pb2.PreprocessReply) -> Settle:
-        """Charge prompt + max_tokens to the key's tokens per minute; returns the settlement, to
-        call with the tokens really used (None if unknown: nothing is given back)."""
-        reserved = len(prepared.token_ids) + prepared.sampling.max_tokens
+    async def reserve(self, key: KeyRecord | None, tokens: int) -> Settle:
+        """Charge `tokens` to the key's tokens per minute; returns the settlement, to call with the
+        tokens really used (None if unknown: nothing is given back). A generation reserves
+        prompt + max_tokens; an embedding, whose size is known only afterwards, reserves 1 and
+        settles with its usage."""
         if key is not None:
-            refused = await self._limiter.reserve(key.id, key.tpm, reserved)
+            refused = await self._limiter.reserve(key.id, key.tpm, tokens)
             if refused:
                 raise _rate_limited(refused)
 
         async def settle(used: int | None) -> None:
             if key is not None and used is not None:
-                await self._limiter.settle(key.id, key.tpm, reserved, used)
-
-        return settle
-
-    async def metered(self, key: KeyRecord | None) -> Settle:
-        """For calls whose token count is known only afterwards (embeddings): refused while the
-        key's tokens per minute are spent; the settlement charges what was used."""
-        if key is not None:
-            refused = await self._limiter.check(key.id, key.tpm)
-            if refused:
-                raise _rate_limited(refused)
-
-        async def settle(used: int | None) -> None:
-            if key is not None and used:
-                await self._limiter.settle(key.id, key.tpm, 0, used)
+                await self._limiter.settle(key.id, key.tpm, tokens, used)
 
         return settle
 

@@ -137,13 +137,3 @@ class Limiter:
     async def settle(self, key_id: str, tpm: int, reserved: int, used: int) -> None:
         if tpm and reserved != used:
             await self._buckets.take(f"{key_id}:tpm", tpm, used - reserved, force=True)
-
-    async def check(self, key_id: str, tpm: int) -> Refused | None:
-        """For calls whose size is known only afterwards: refused while the key is in debt."""
-        if not tpm:
-            return None
-        wait = await self._buckets.take(f"{key_id}:tpm", tpm, 1)
-        if wait:
-            return Refused("tokens", tpm, math.ceil(wait))
-        await self._buckets.take(f"{key_id}:tpm", tpm, -1)
-        return None

@@ -28,7 +28,7 @@ from services.edge_http.openai_schema import (
     SamplingFields,
     Usage,
 )
-from services.edge_http.upstreams import Upstreams
+from services.edge_http.upstreams import Accept, Upstreams
 from services.mesh import finish_reasons
 from services.mesh.balancer import Endpoint
 from services.mesh.config import Settings
@@ -142,21 +142,18 @@ class Pipeline:
     def _metadata(self, request_id: str) -> tuple[tuple[str, str], ...]:
         return (("x-request-id", request_id),)
 
-    async def _unary(self, service: str, method: str, request: Message, request_id: str) -> Any:
+    async def _unary(self, service: str, method: str, request: Message, request_id: str, accept: Accept = None) -> Any:
         """A balanced unary call with the mesh's deadline and the request id; the caller decides what a
         failure means."""
         return await self._up.unary(
-            service, STUBS[service], method, request,
+            service, STUBS[service], method, request, accept=accept,
             timeout=self._settings.upstream_timeout_s, metadata=self._metadata(request_id),
         )  # fmt: skip
 
     async def embed(self, target: Served, inputs: list[inference_pb2.EmbedInput], request_id: str) -> Any:
         request = inference_pb2.EmbedRequest(request_id=request_id, model=target.id, inputs=inputs)
         try:
-            return await self._up.unary(
-                "inference", STUBS["inference"], "Embed", request, accept=_serves(target),
-                timeout=self._settings.upstream_timeout_s, metadata=self._metadata(request_id),
-            )  # fmt: skip
+            return await self._unary("inference", "Embed", request, request_id, accept=_serves(target))
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err, "inference") from err
 

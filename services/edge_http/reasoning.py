@@ -10,19 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.mesh.partial_match import partial_match
+
 
 @dataclass(frozen=True)
 class Split:
     reasoning: str = ""
     content: str = ""
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest end of `text` that is a proper start of `tag`."""
-    for size in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-size:]):
-            return size
-    return 0
 
 
 class ReasoningSplitter:
@@ -47,7 +41,7 @@ class ReasoningSplitter:
                 reasoning, self._held = self._held[:end], self._held[end + len(self._close) :]
                 self._state = "after"
                 return Split(reasoning=reasoning, content=self._answer())
-            keep = _partial_suffix(self._held, self._close)
+            keep = partial_match(self._held, self._close)
             reasoning, self._held = self._held[: len(self._held) - keep], self._held[len(self._held) - keep :]
             return Split(reasoning=reasoning)
         return Split(content=self._answer())

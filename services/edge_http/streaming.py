@@ -40,15 +40,14 @@ async def kept_alive(
             await asyncio.wait({opening}, timeout=interval_s)
             if not opening.done():
                 yield PING
-        run = opening.result()
-    except OpenAIError as err:
-        log.warning("stream failed before its first token: %s", err.message)
-        yield sse_event(err.body())
-        yield DONE
-        return
     finally:
         opening.cancel()  # no-op once it finished
-    async for data in sse_stream(chunks(run)):
+
+    async def opened_chunks() -> AsyncIterator[BaseModel]:
+        async for chunk in chunks(opening.result()):  # a failed opening ends as sse_stream's error event
+            yield chunk
+
+    async for data in sse_stream(opened_chunks()):
         yield data
 
 

@@ -15,6 +15,8 @@ import json
 import uuid
 from dataclasses import dataclass, field
 
+from services.mesh.partial_match import partial_match
+
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 PARSERS = ("hermes", "json")
 
@@ -51,10 +53,6 @@ def _call(payload: object) -> ToolCall | None:
     return ToolCall(payload["name"], json.dumps(arguments, ensure_ascii=False))
 
 
-def _partial_suffix(text: str, tag: str) -> int:
-    return next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-n:])), 0)
-
-
 class HermesParser:
     def __init__(self) -> None:
         self._held, self._in_call = "", False
@@ -66,7 +64,7 @@ class HermesParser:
             if not self._in_call:
                 start = self._held.find(HERMES_OPEN)
                 if start < 0:
-                    keep = _partial_suffix(self._held, HERMES_OPEN)
+                    keep = partial_match(self._held, HERMES_OPEN)
                     out.content += self._held[: len(self._held) - keep]
                     self._held = self._held[len(self._held) - keep :]
                     return out

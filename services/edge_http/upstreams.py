@@ -102,8 +102,6 @@ class Upstreams:
         except grpc.aio.AioRpcError:
             pass
         # The stream ended: the instance stopped or is unreachable; watched again after HEALTH_INTERVAL_S.
-        # (The stream stays open through a drain: new calls to a stopping server stall grpc's aio
-        # client for every channel until that server exits, so none are made.)
         self._set_health(endpoint, False)
 
     @staticmethod
@@ -119,12 +117,11 @@ class Upstreams:
             described = await endpoint.stub(InferenceStub).ListModels(ListModelsRequest(), timeout=10)
             endpoint.info = described.models[0]
 
-    async def describe_all(self) -> bool:
+    async def describe_all(self) -> None:
         """Ask inference instances not yet described what they serve (a request that arrives before
-        their health watch did); False while some cannot answer."""
+        their health watch did); one that cannot answer stays undescribed."""
         pending = [e for e in self.pools["inference"].endpoints if e.info is None]
-        results = await asyncio.gather(*(self._describe(e) for e in pending), return_exceptions=True)
-        return not any(isinstance(r, Exception) for r in results)
+        await asyncio.gather(*(self._describe(e) for e in pending), return_exceptions=True)
 
     def served(self) -> list[Served]:
         """What every inference instance that has described itself serves."""

@@ -59,7 +59,7 @@ class Embedder:
         threading.Thread(target=self._run, name="embedder", daemon=True).start()
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
-        return [self.tokenizer(text, add_special_tokens=True)["input_ids"] for text in texts]
+        return self.tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
 
     def embed(self, inputs: list[list[int]]) -> EmbedResult:
         """Unit-length vectors for token id lists (special tokens included), in order."""

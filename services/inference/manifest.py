@@ -94,29 +94,29 @@ def verify_manifest(model_dir: Path, allow_missing: bool = False, manifest_path:
     except (ValueError, KeyError, TypeError) as err:
         raise ManifestError(f"{manifest_path} is not a Sluice manifest: {err}") from err
     present = {p.relative_to(model_dir).as_posix(): p for p in _files(model_dir)}
-    for name in sorted(set(listed) - set(present)):
-        raise ManifestError(f"{model_dir}/{name} is listed in {MANIFEST} but missing")
-    for name in sorted(set(present) - set(listed)):
-        raise ManifestError(f"{model_dir}/{name} is not listed in {MANIFEST}: refusing a file nobody vouched for")
+    if missing := sorted(set(listed) - set(present)):
+        raise ManifestError(f"{model_dir}/{missing[0]} is listed in {MANIFEST} but missing")
+    if unlisted := sorted(set(present) - set(listed)):
+        raise ManifestError(f"{model_dir}/{unlisted[0]} is not listed in {MANIFEST}: refusing an unvouched file")
     record_path = _verified_record(model_dir)
     try:
         verified: dict[str, list] = json.loads(record_path.read_text())
     except (OSError, ValueError):
         verified = {}
-    todo = []
-    for name, path in present.items():
-        if path.stat().st_size != listed[name]["size"]:
-            raise ManifestError(f"{path} has {path.stat().st_size} bytes, the manifest says {listed[name]['size']}")
-        if verified.get(name) != [*_stamp(path), listed[name]["sha256"]]:
-            todo.append(name)
-    with _progress(sum(present[n].stat().st_size for n in todo), f"verifying {model_dir.name}") as progress:
+    stamps = {name: _stamp(path) for name, path in present.items()}  # [size, mtime, inode]
+    for name, (size, *_) in stamps.items():
+        if size != listed[name]["size"]:
+            raise ManifestError(f"{present[name]} has {size} bytes, the manifest says {listed[name]['size']}")
+    todo = [name for name in present if verified.get(name) != [*stamps[name], listed[name]["sha256"]]]
+    with _progress(sum(stamps[n][0] for n in todo), f"verifying {model_dir.name}") as progress:
         for name in todo:
             if _sha256(present[name], progress) != listed[name]["sha256"]:
                 raise ManifestError(f"{present[name]} does not match its SHA-256 in {MANIFEST}")
-            verified[name] = [*_stamp(present[name]), listed[name]["sha256"]]
     log.info("%s matches its manifest (%d files, %d hashed now)", model_dir, len(present), len(todo))
+    if not todo:
+        return
     try:
         record_path.parent.mkdir(parents=True, exist_ok=True)
-        record_path.write_text(json.dumps({n: verified[n] for n in present}))
+        record_path.write_text(json.dumps({n: [*stamps[n], listed[n]["sha256"]] for n in present}))
     except OSError as err:  # only the fast path is lost
         log.warning("cannot record the verification in %s: %s", record_path, err)

@@ -15,7 +15,7 @@ from services.inference.embedder import Embedder
 from services.inference.engine import Engine, EngineLimits, GenerationRequest, Step
 from services.inference.loader import load_model
 from services.inference.manifest import ManifestError, verify_manifest
-from services.inference.model_dir import context_length, model_kind, reasoning_tags, tool_parser
+from services.inference.model_dir import model_kind, reasoning_tags, tool_parser
 from services.inference.sampling import SamplingConfig
 from services.inference.tracing import record_phases
 from services.mesh import finish_reasons
@@ -140,7 +140,7 @@ def run(settings: Settings, ready_file: Path | None) -> int:
     kind = model_kind(settings.model)
     info = inference_pb2.ModelInfo(
         id=settings.model_name, version=settings.served_model_version, kind=kind, owned_by="sluice",
-        created=int(time.time()), context_length=context_length(settings.model),
+        created=int(time.time()),
     )  # fmt: skip
     engine, embedder, live = None, None, lambda: True
     if kind == "embedding":
@@ -150,6 +150,7 @@ def run(settings: Settings, ready_file: Path | None) -> int:
     else:
         limits = engine_limits(settings)
         loaded = load_model(settings.model, settings.device, settings.model_name, settings.torch_threads)
+        info.context_length = loaded.context_length
         tags = reasoning_tags(settings.reasoning_tags, loaded.tokenizer.get_vocab())
         if tags:
             info.reasoning_open, info.reasoning_close = tags

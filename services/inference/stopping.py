@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.mesh.partial_match import partial_match
+
 
 @dataclass
 class StopResult:
@@ -28,7 +30,7 @@ class StopMatcher:
         if hits:
             self._held = ""
             return StopResult(text[: min(hits)], True)
-        keep = self._longest_partial_stop(text)
+        keep = partial_match(text, *self._stops)
         self._held = text[len(text) - keep :] if keep else ""
         return StopResult(text[: len(text) - keep], False)
 
@@ -36,13 +38,3 @@ class StopMatcher:
         """Release held text when generation ends for another reason."""
         held, self._held = self._held, ""
         return held
-
-    def _longest_partial_stop(self, text: str) -> int:
-        """Length of the longest suffix of text that is a proper prefix of some stop string."""
-        best = 0
-        for stop in self._stops:
-            for n in range(min(len(stop) - 1, len(text)), best, -1):
-                if text.endswith(stop[:n]):
-                    best = n
-                    break
-        return best

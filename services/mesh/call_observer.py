@@ -36,7 +36,7 @@ def _record(method: str, context: grpc.ServicerContext, outcome: str, started: f
 
 class CallObserver(grpc.ServerInterceptor):
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
         self._active = 0
 
     @property
@@ -44,9 +44,15 @@ class CallObserver(grpc.ServerInterceptor):
         """Calls running now, health checks excluded."""
         return self._active
 
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Block until no call is running (True) or `timeout_s` passed (False)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._active == 0, timeout=max(0.0, timeout_s))
+
     def _track(self, delta: int) -> None:
-        with self._lock:
+        with self._changed:
             self._active += delta
+            self._changed.notify_all()
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],

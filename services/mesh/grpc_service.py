@@ -131,10 +131,8 @@ def _drain(server: grpc.Server, observer: CallObserver, grace_s: float) -> None:
     callers learn NOT_SERVING (DRAIN_NOTICE_S) and until its own calls are done; the health
     watches still open then are cancelled by stop(0).
     """
-    started = time.monotonic()
-    deadline, notice_end = started + grace_s, started + min(DRAIN_NOTICE_S, grace_s)
-    while (now := time.monotonic()) < deadline and (observer.active or now < notice_end):
-        time.sleep(0.05)
-    if observer.active:
+    notice_s = min(DRAIN_NOTICE_S, grace_s)
+    time.sleep(notice_s)  # a fixed notice period: callers react to NOT_SERVING within it
+    if not observer.wait_idle(grace_s - notice_s):
         log.warning("%d calls still running after the %.1fs grace period: cancelled", observer.active, grace_s)
     server.stop(0).wait()

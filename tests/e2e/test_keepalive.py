@@ -10,40 +10,29 @@ from collections.abc import Iterator
 import grpc
 import httpx
 import pytest
-from meshproc import Edge, Mesh, start_edge
-from scripted_inference import scripted_inference
+from meshproc import Edge, Mesh
+from scripted_inference import ScriptedModel, scripted_edge
 
-from services.mesh.stubs import common_pb2, inference_pb2, inference_pb2_grpc
+from services.mesh.stubs import inference_pb2
 
 FIRST_TOKEN_AFTER_S = 2.0
 INTERVAL_S = 0.4
 
 
-class SlowStarter(inference_pb2_grpc.InferenceServicer):
-    """The first token after FIRST_TOKEN_AFTER_S; a prompt of one token fails instead."""
-
-    def ListModels(self, request, context):
-        return inference_pb2.ListModelsReply(models=[inference_pb2.ModelInfo(id="sluice-tiny", kind="chat")])
-
-    def Generate(self, request, context):
-        time.sleep(FIRST_TOKEN_AFTER_S)
-        if request.sampling.max_tokens == 1:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "scripted failure after a long prefill")
-        yield inference_pb2.GenerateChunk(token_ids=[1], text="late")
-        yield inference_pb2.GenerateChunk(
-            finish_reason=common_pb2.FINISH_REASON_LENGTH, usage=common_pb2.Usage(prompt_tokens=3, completion_tokens=1)
-        )
+def _slow_start(request: inference_pb2.GenerateRequest, context: grpc.ServicerContext) -> list[str]:
+    """The first token after FIRST_TOKEN_AFTER_S; with max_tokens 1, a failure instead."""
+    time.sleep(FIRST_TOKEN_AFTER_S)
+    if request.sampling.max_tokens == 1:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "scripted failure after a long prefill")
+    return ["late"]
 
 
 @pytest.fixture(scope="module")
 def slow_edge(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
-    with scripted_inference(SlowStarter(), mesh.certs_dir) as address:
-        flags = ("--no-auth", "--sse-keepalive-s", str(INTERVAL_S))
-        edge = start_edge(mesh, tmp_path_factory.mktemp("keepalive"), *flags, inference=address)
-        try:
-            yield edge
-        finally:
-            edge.stop()
+    model = ScriptedModel(inference_pb2.ModelInfo(id="sluice-tiny", kind="chat"), _slow_start)
+    workdir = tmp_path_factory.mktemp("keepalive")
+    with scripted_edge(mesh, workdir, model, "--sse-keepalive-s", str(INTERVAL_S)) as edge:
+        yield edge
 
 
 def _stream(edge: Edge, max_tokens: int) -> tuple[int, list[str]]:

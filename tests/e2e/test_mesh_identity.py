@@ -12,7 +12,6 @@ import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -20,13 +19,13 @@ import pytest
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshproc import REPO_ROOT, Mesh, wait_for
+from scripted_inference import scripted_inference
 
 from services.mesh.certs import DEFAULT_HOSTNAMES, Validity, ca_paths, issue_service_cert, load_ca, service_paths
 from services.mesh.channels import sync_channel
 from services.mesh.config import Settings
 from services.mesh.ready import read_ready
 from services.mesh.stubs import common_pb2, inference_pb2, inference_pb2_grpc
-from services.mesh.tls import server_credentials
 
 BACKENDS = ["preprocess", "inference", "cache"]
 NOW = dt.datetime.now(dt.UTC)
@@ -96,19 +95,8 @@ def test_consul_may_check_health_and_nothing_else(mesh: Mesh) -> None:
 def wrong_name_server(mesh: Mesh, tmp_path: Path) -> Iterator[str]:
     """A server presenting a mesh-signed inference certificate for another host name."""
     certs = _identity_dir(mesh.certs_dir, tmp_path, "inference", hostnames=("inference.elsewhere.example",))
-    server = grpc.server(ThreadPoolExecutor(max_workers=2))
-    health_pb2_grpc.add_HealthServicer_to_server(_AlwaysServing(), server)
-    port = server.add_secure_port("127.0.0.1:0", server_credentials(Settings(certs_dir=certs), "inference"))
-    server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.stop(0)
-
-
-class _AlwaysServing(health_pb2_grpc.HealthServicer):
-    def Check(self, request, context):
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+    with scripted_inference(inference_pb2_grpc.InferenceServicer(), certs) as address:
+        yield address
 
 
 def test_client_refuses_a_server_certificate_for_another_name(mesh: Mesh, wrong_name_server: str) -> None:

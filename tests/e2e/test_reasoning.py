@@ -12,38 +12,21 @@ from collections.abc import Iterator
 
 import openai
 import pytest
-from meshproc import Edge, Mesh, start_edge
-from scripted_inference import scripted_inference
+from meshproc import Edge, Mesh
+from scripted_inference import ScriptedModel, scripted_edge
 
-from services.mesh.stubs import common_pb2, inference_pb2, inference_pb2_grpc
+from services.mesh.stubs import inference_pb2
 
 SCRIPT = ["<th", "ink>Two plus", " two is four.</thi", "nk>\n\n", "It is ", "4."]
 
 
-class ScriptedReasoner(inference_pb2_grpc.InferenceServicer):
-    def ListModels(self, request, context):
-        info = inference_pb2.ModelInfo(
-            id="sluice-tiny", kind="chat", context_length=2048, reasoning_open="<think>", reasoning_close="</think>"
-        )
-        return inference_pb2.ListModelsReply(models=[info])
-
-    def Generate(self, request, context):
-        for index, text in enumerate(SCRIPT):
-            yield inference_pb2.GenerateChunk(token_ids=[index], text=text)
-        yield inference_pb2.GenerateChunk(
-            finish_reason=common_pb2.FINISH_REASON_STOP,
-            usage=common_pb2.Usage(prompt_tokens=len(request.token_ids), completion_tokens=len(SCRIPT)),
-        )
-
-
 @pytest.fixture(scope="module")
 def reasoning_edge(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
-    with scripted_inference(ScriptedReasoner(), mesh.certs_dir) as address:
-        edge = start_edge(mesh, tmp_path_factory.mktemp("reasoning"), "--no-auth", inference=address)
-        try:
-            yield edge
-        finally:
-            edge.stop()
+    info = inference_pb2.ModelInfo(
+        id="sluice-tiny", kind="chat", context_length=2048, reasoning_open="<think>", reasoning_close="</think>"
+    )
+    with scripted_edge(mesh, tmp_path_factory.mktemp("reasoning"), ScriptedModel(info, lambda *_: SCRIPT)) as edge:
+        yield edge
 
 
 def _chat(base_url: str, **extra: object):

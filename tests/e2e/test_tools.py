@@ -13,10 +13,10 @@ from collections.abc import Iterator
 
 import openai
 import pytest
-from meshproc import Edge, Mesh, start_edge
-from scripted_inference import scripted_inference
+from meshproc import Edge, Mesh
+from scripted_inference import ScriptedModel, scripted_edge
 
-from services.mesh.stubs import common_pb2, inference_pb2, inference_pb2_grpc
+from services.mesh.stubs import inference_pb2
 
 WEATHER = {
     "type": "function",
@@ -34,38 +34,16 @@ SCRIPTS = {
 }
 
 
-class ScriptedToolCaller(inference_pb2_grpc.InferenceServicer):
-    def __init__(self) -> None:
-        self.prompts: list[list[int]] = []
-
-    def ListModels(self, request, context):
-        info = inference_pb2.ModelInfo(id="sluice-tiny", kind="chat", context_length=2048, tool_parser="hermes")
-        return inference_pb2.ListModelsReply(models=[info])
-
-    def Generate(self, request, context):
-        self.prompts.append(list(request.token_ids))
-        script = SCRIPTS[request.sampling.max_tokens]
-        for index, text in enumerate(script):
-            yield inference_pb2.GenerateChunk(token_ids=[index], text=text)
-        yield inference_pb2.GenerateChunk(
-            finish_reason=common_pb2.FINISH_REASON_STOP,
-            usage=common_pb2.Usage(prompt_tokens=len(request.token_ids), completion_tokens=len(script)),
-        )
+@pytest.fixture(scope="module")
+def scripted() -> ScriptedModel:
+    info = inference_pb2.ModelInfo(id="sluice-tiny", kind="chat", context_length=2048, tool_parser="hermes")
+    return ScriptedModel(info, lambda request, _: SCRIPTS[request.sampling.max_tokens])
 
 
 @pytest.fixture(scope="module")
-def scripted() -> ScriptedToolCaller:
-    return ScriptedToolCaller()
-
-
-@pytest.fixture(scope="module")
-def tools_edge(mesh: Mesh, scripted: ScriptedToolCaller, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
-    with scripted_inference(scripted, mesh.certs_dir) as address:
-        edge = start_edge(mesh, tmp_path_factory.mktemp("tools"), "--no-auth", inference=address)
-        try:
-            yield edge
-        finally:
-            edge.stop()
+def tools_edge(mesh: Mesh, scripted: ScriptedModel, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
+    with scripted_edge(mesh, tmp_path_factory.mktemp("tools"), scripted) as edge:
+        yield edge
 
 
 def _client(edge: Edge) -> openai.OpenAI:
@@ -79,7 +57,7 @@ def _ask(edge: Edge, max_tokens: int, **extra: object):
     )  # fmt: skip
 
 
-def _last_prompt(scripted: ScriptedToolCaller, tokenizer) -> str:
+def _last_prompt(scripted: ScriptedModel, tokenizer) -> str:
     return tokenizer.decode(scripted.prompts[-1])
 
 
