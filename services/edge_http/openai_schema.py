@@ -6,6 +6,7 @@ field they do use, with the field named in the error.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -83,6 +84,30 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+# What `response_format: json_object` asks for, as the schema the inference service constrains to.
+JSON_OBJECT_SCHEMA = '{"type":"object"}'
+
+
+class JsonSchemaFormat(_Lenient):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(
+        default_factory=dict, alias="schema", description="the JSON schema the output must match ({}: any JSON)"
+    )
+    strict: bool | None = Field(None, description="accepted; the output always matches the schema")
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type json_schema needs a json_schema object")
+        return self
+
+
 class SamplingFields(_Lenient):
     """Fields shared by chat and text completions."""
 
@@ -124,6 +149,11 @@ class SamplingFields(_Lenient):
         return None
 
     @property
+    def json_schema(self) -> str | None:
+        """The schema the output must match, or None for free text (set by each endpoint)."""
+        return None
+
+    @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
@@ -137,6 +167,7 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     functions: list[FunctionSpec] | None = Field(None, description="legacy form of tools")
     function_call: Literal["none", "auto"] | NamedFunction | None = Field(None, description="legacy tool_choice")
+    response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema")
 
     @model_validator(mode="after")
     def _aliases(self) -> ChatCompletionRequest:
@@ -155,11 +186,25 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("tool_choice: required needs tools")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: needs logprobs: true")
+        if self.json_schema is not None and self.calls_tools:
+            raise ValueError(
+                "response_format: JSON output cannot be combined with tools (drop tools or use tool_choice none)"
+            )
         return self
 
     @property
     def wanted_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def json_schema(self) -> str | None:
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return JSON_OBJECT_SCHEMA
+        assert fmt.json_schema is not None  # checked by ResponseFormat
+        return json.dumps(fmt.json_schema.schema_)
 
     @property
     def forced_function(self) -> str | None:

@@ -107,6 +107,8 @@ def sampling_params(body: SamplingFields) -> common_pb2.SamplingParams:
         params.seed = body.seed
     if body.wanted_logprobs is not None:
         params.top_logprobs = body.wanted_logprobs
+    if body.json_schema is not None:
+        params.json_schema = body.json_schema
     params.logit_bias.update({int(token): bias for token, bias in (body.logit_bias or {}).items()})
     return params
 

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -28,6 +29,7 @@ from services.inference.loader import LoadedModel
 from services.inference.ragged_attention import SequenceKV, StepLayout, install, kv_geometry
 from services.inference.sampling import Sampler, SamplingConfig
 from services.inference.stopping import StopMatcher
+from services.inference.structured import JsonGrammars, JsonMatcher
 from services.mesh.errors import ContextLengthExceeded, DeadlineExceeded, InvalidArgument, ResourceExhausted
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ class GenerationRequest:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     stop: tuple[str, ...] = ()
     top_logprobs: int | None = None  # set: report log probabilities with this many alternatives
+    json_schema: str | None = None  # set: the output is JSON matching this schema
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,7 @@ class SequenceHandle:
     admitted_at: float | None = None
     first_token_at: float | None = None
     finished_at: float | None = None
+    grammar: JsonMatcher | None = None  # the output's grammar state, for structured output
     _steps: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -191,9 +195,30 @@ class Engine:
                 "max_tokens",
             )
 
+    @cached_property
+    def _json_grammars(self) -> JsonGrammars:
+        try:
+            return JsonGrammars(self.loaded.tokenizer, self._vocab_size, self.loaded.eos_token_ids)
+        except ValueError as err:  # llguidance reads fast (Rust) tokenizers only
+            raise InvalidArgument(
+                f"response_format: {self.loaded.model_id} cannot constrain its output ({err})", "response_format"
+            ) from err
+
+    def _grammar(self, request: GenerationRequest) -> JsonMatcher | None:
+        if request.json_schema is None:
+            return None
+        grammar = self._json_grammars.matcher(request.json_schema)
+        if request.max_tokens < grammar.closure_length:
+            raise InvalidArgument(
+                f"max_tokens {request.max_tokens} is too small for this response_format: "
+                f"its shortest JSON takes {grammar.closure_length} tokens",
+                "max_tokens",
+            )
+        return grammar
+
     def submit(self, request: GenerationRequest, deadline: float | None = None) -> SequenceHandle:
         self.validate(request)
-        handle = SequenceHandle(request, deadline)
+        handle = SequenceHandle(request, deadline, grammar=self._grammar(request))
         with self._wakeup:
             if len(self._waiting) >= self.limits.max_waiting:
                 metrics.REJECTED.inc()
@@ -330,13 +355,27 @@ class Engine:
         metrics.BATCH_TOKENS.observe(len(ids))
         metrics.BATCH_SEQUENCES.observe(len(layout.slices))
         logits = out.logits[0]
-        greedy = [i for i, (seq, _) in enumerate(sampled) if seq.request.sampling.plain_greedy]
+        greedy = [
+            i for i, (seq, _) in enumerate(sampled) if seq.request.sampling.plain_greedy and not seq.handle.grammar
+        ]
         tokens = dict(zip(greedy, logits[greedy].argmax(dim=-1).tolist(), strict=True)) if greedy else {}
         now = time.monotonic()
         for index, (seq, _) in enumerate(sampled):
-            token = tokens[index] if index in tokens else seq.sampler.next_token(logits[index])
+            try:
+                token = tokens[index] if index in tokens else self._choose(seq, logits[index])
+            except Exception as err:  # a sequence whose sampling fails fails alone
+                log.exception("sampling failed for %s", seq.request.request_id)
+                seq.handle._steps.put(err)
+                self._release(seq, "error")
+                continue
             wanted = seq.request.top_logprobs
             self._advance(seq, token, now, None if wanted is None else _logprob(logits[index], token, wanted))
+
+    def _choose(self, seq: _Sequence, logits: torch.Tensor) -> int:
+        grammar = seq.handle.grammar
+        if grammar is None:
+            return seq.sampler.next_token(logits)
+        return grammar.next_token(seq.sampler.next_token, logits, seq.request.max_tokens - seq.generated)
 
     def _advance(self, seq: _Sequence, token: int, now: float, logprob: TokenLogprob | None = None) -> None:
         seq.sampler.observe(token)
@@ -349,9 +388,14 @@ class Engine:
         else:
             metrics.INTER_TOKEN.observe(now - seq.last_token_at)
         seq.last_token, seq.last_token_at = token, now
-        eos = token in self.loaded.eos_token_ids and not seq.request.sampling.ignore_eos
+        grammar = seq.handle.grammar
+        # Structured output ends with its JSON, whatever ignore_eos says.
+        eos = token in self.loaded.eos_token_ids and (grammar is not None or not seq.request.sampling.ignore_eos)
         result = seq.stopper.feed("" if eos else seq.detok.add(token))
-        finish = "stop" if (result.stopped or eos) else ("length" if seq.generated == seq.request.max_tokens else None)
+        if result.stopped or eos or (grammar is not None and grammar.finished):
+            finish: str | None = "stop"
+        else:
+            finish = "length" if seq.generated == seq.request.max_tokens else None
         text = result.text
         if finish and not result.stopped:
             # Generation ended on its own: release what the detokenizer and stop matcher held.

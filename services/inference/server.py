@@ -86,6 +86,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 sampling=sampling_config(request.sampling),
                 stop=tuple(request.sampling.stop),
                 top_logprobs=request.sampling.top_logprobs if request.sampling.HasField("top_logprobs") else None,
+                json_schema=request.sampling.json_schema if request.sampling.HasField("json_schema") else None,
             ),
             deadline=None if remaining is None else time.monotonic() + remaining,
         )

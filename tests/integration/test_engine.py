@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,21 @@ def test_torch_threads_setting_sets_the_intra_op_threads(model_dir: Path) -> Non
         assert torch.get_num_threads() == wanted
     finally:
         torch.set_num_threads(before)
+
+
+def test_structured_output_ends_with_its_json_even_with_ignore_eos(engine: Engine) -> None:
+    schema = '{"type":"object","properties":{"n":{"type":"integer"}},"required":["n"]}'
+    sampling = SamplingConfig(temperature=1.0, seed=5, ignore_eos=True)
+    steps = list(engine.submit(GenerationRequest("j", _prompt(engine), 64, sampling, json_schema=schema)))
+    assert steps[-1].finish_reason == "stop"
+    assert isinstance(json.loads("".join(s.text for s in steps))["n"], int)
+    # The same sampling without a schema runs to max_tokens (ignore_eos), so the JSON's end stopped it.
+    free = list(engine.submit(GenerationRequest("f", _prompt(engine), 64, sampling)))
+    assert free[-1].finish_reason == "length" and free[-1].completion_tokens == 64
+
+
+def test_structured_output_needs_room_for_its_shortest_json(engine: Engine) -> None:
+    schema = '{"type":"object","properties":{"name":{"type":"string"}},"required":["name"]}'
+    with pytest.raises(InvalidArgument, match="too small for this response_format") as err:
+        engine.submit(GenerationRequest("s", _prompt(engine), 3, GREEDY, json_schema=schema))
+    assert err.value.param == "max_tokens"

@@ -1,0 +1,82 @@
+"""The JSON constraint and its closing policy, driven token by token without the model: whatever
+an adversarial "model" prefers, the output is valid JSON for the schema within the budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from services.inference.structured import JsonGrammars, JsonMatcher
+from services.mesh.errors import InvalidArgument
+
+SCHEMAS = {
+    "object": {"type": "object"},
+    "person": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "age": {"type": "integer"},
+            "tags": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+            "address": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+            "kind": {"enum": ["cat", "dog"]},
+        },
+        "required": ["name", "age", "tags", "address", "kind"],
+        "additionalProperties": False,
+    },
+    "numbers": {"type": "array", "items": {"type": "number"}, "minItems": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def grammars(model_dir: Path) -> JsonGrammars:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return JsonGrammars(tokenizer, len(tokenizer), frozenset({tokenizer.eos_token_id}))
+
+
+def _decode(grammars: JsonGrammars, tokens: list[int]) -> str:
+    return grammars._tokenizer.decode_bytes(tokens).decode()
+
+
+def _generate(grammars: JsonGrammars, matcher: JsonMatcher, budget: int, logits_for) -> list[int]:
+    tokens: list[int] = []
+    while len(tokens) < budget and not matcher.finished:
+        token = matcher.next_token(lambda masked: int(masked.argmax()), logits_for(len(tokens)), budget - len(tokens))
+        tokens.append(token)
+    return tokens
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_an_adversary_that_never_wants_to_close_still_gets_valid_json_in_budget(
+    grammars: JsonGrammars, name: str
+) -> None:
+    schema = SCHEMAS[name]
+    shortest = grammars.matcher(json.dumps(schema)).closure_length
+    # The "model" always prefers what the closing policy likes least: long text, digits, spaces.
+    stubborn = grammars._preference.float()
+    noise = torch.Generator().manual_seed(7)
+    for budget in range(shortest, shortest + 48, 3):
+        for logits_for in (lambda _: stubborn, lambda _: torch.randn(grammars.vocab_size, generator=noise) * 5):
+            tokens = _generate(grammars, grammars.matcher(json.dumps(schema)), budget, logits_for)
+            assert len(tokens) <= budget
+            jsonschema.validate(json.loads(_decode(grammars, tokens)), schema)
+
+
+def test_json_object_closes_in_two_tokens_and_required_keys_take_more(
+    grammars: JsonGrammars,
+) -> None:
+    assert grammars.matcher('{"type":"object"}').closure_length <= 2
+    person = grammars.matcher(json.dumps(SCHEMAS["person"]))
+    # {"name":"","age":0,"tags":[""],"address":{"city":""},"kind":"cat"} cannot take few tokens.
+    assert person.closure_length > 10
+
+
+@pytest.mark.parametrize("schema", ['{"type": "no-such-type"}', "not json", "[1, 2]"])
+def test_schemas_the_compiler_refuses_are_invalid_arguments(grammars: JsonGrammars, schema: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        grammars.matcher(schema)
+    assert err.value.param == "response_format"
