@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.edge_http.chat import chat_chunks, chat_completion
+from services.edge_http.choices import streamed_choices, whole_choices
 from services.edge_http.completions import completion_chunks, text_completion
 from services.edge_http.embeddings import embed_inputs, embedding_list
 from services.edge_http.errors import (
@@ -31,7 +32,7 @@ from services.edge_http.errors import (
     handle_openai_error,
     handle_validation_error,
 )
-from services.edge_http.guard import Guard, LimitBody, bearer, settled
+from services.edge_http.guard import Guard, LimitBody, bearer, settled, shared_settle
 from services.edge_http.keys import KeyRecord
 from services.edge_http.metrics import CACHE_RESULTS, TIME_TO_FIRST_TOKEN
 from services.edge_http.models import VERSION_HEADER, ModelRouter, Served, UnknownModel, UnknownVersion
@@ -228,30 +229,34 @@ async def _complete(
     tools = _tool_mode(body, target)
     prepared = await prepare(body, rid, tools[1] if tools else "")
     guard.fit(prepared)
-    settle = await guard.reserve(key, len(prepared.token_ids) + prepared.sampling.max_tokens)
+    n = body.n or 1
+    prompt_tokens = len(prepared.token_ids)
+    settle = await guard.reserve(key, prompt_tokens + n * prepared.sampling.max_tokens)
 
     async def account(used: int | None) -> None:
         request.scope["state"]["tokens"] = used  # for the audit line
         await settle(used)
 
-    async def opened() -> Run:
+    async def opened() -> list[Run]:
         try:
-            run = await pipeline.open(target, prepared, rid, _wants_no_cache(request))
+            runs = await pipeline.open_choices(target, prepared, rid, _wants_no_cache(request), n)
         except BaseException:
             await account(0)  # nothing was generated: the reservation goes back
             raise
-        run.rest = settled(run.rest, run.first, account)
+        part = shared_settle(account, n, prompt_tokens)
+        for run in runs:
+            run.rest = settled(run.rest, run.first, part)
+            CACHE_RESULTS.labels(run.cache_status).inc()
         TIME_TO_FIRST_TOKEN.labels(body.model).observe(time.perf_counter() - started)
-        CACHE_RESULTS.labels(run.cache_status).inc()
-        span.set_attribute("sluice.cache", run.cache_status)
-        return run
+        span.set_attribute("sluice.cache", _cache_status(runs))
+        return runs
 
     meta = ResponseMeta(f"{id_prefix}-{rid}", int(time.time()), body.model, target.reasoning, tools)
     headers = _version_header(target)
     if not body.stream:
-        run = await opened()
-        headers["X-Sluice-Cache"] = run.cache_status
-        return JSONResponse((await whole(run, meta)).model_dump(mode="json"), headers=headers)
+        runs = await opened()
+        headers["X-Sluice-Cache"] = _cache_status(runs)
+        return JSONResponse((await whole_choices(runs, meta, whole)).model_dump(mode="json"), headers=headers)
     headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     interval = request.app.state.settings.sse_keepalive_s
     opening = asyncio.ensure_future(opened())
@@ -263,11 +268,16 @@ async def _complete(
     if not opening.done():
         # A long wait in the queue or in prefill: answer now and keep the connection alive with
         # comments; a failure from here on becomes an error event, as after the first token.
-        stream = kept_alive(opening, interval, lambda run: chunks(run, meta, body.include_usage))
+        stream = kept_alive(opening, interval, lambda runs: streamed_choices(runs, meta, body.include_usage, chunks))
         return EventSourceResponse(stream, headers=headers)
-    run = opening.result()
-    headers["X-Sluice-Cache"] = run.cache_status
-    return EventSourceResponse(sse_stream(chunks(run, meta, body.include_usage)), headers=headers)
+    runs = opening.result()
+    headers["X-Sluice-Cache"] = _cache_status(runs)
+    return EventSourceResponse(sse_stream(streamed_choices(runs, meta, body.include_usage, chunks)), headers=headers)
+
+
+def _cache_status(runs: list[Run]) -> str:
+    """One choice's cache outcome, or each distinct one for `n` > 1 (e.g. `hit,miss`)."""
+    return ",".join(sorted({run.cache_status for run in runs}))
 
 
 async def _route(request: Request, key: KeyRecord | None, name: str, kind: str) -> Served:

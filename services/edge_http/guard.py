@@ -113,6 +113,20 @@ async def settled(events: AsyncIterator[Event], first: Event, settle: Settle) ->
         await settle(None if last is None else last.prompt_tokens + last.completion_tokens)
 
 
+def shared_settle(settle: Settle, parts: int, prompt_tokens: int) -> Settle:
+    """One settlement for the `parts` runs of an `n` > 1 request, made once all have reported: the
+    prompt counted once, as in the response's usage (None if any run's use is unknown)."""
+    reported: list[int | None] = []
+
+    async def part(used: int | None) -> None:
+        reported.append(used)
+        if len(reported) == parts:
+            known = [u for u in reported if u is not None]
+            await settle(sum(known) - (parts - 1) * prompt_tokens if len(known) == parts else None)
+
+    return part
+
+
 class LimitBody:
     """413 for a body over the limit, by Content-Length or by what actually arrives (chunked)."""
 

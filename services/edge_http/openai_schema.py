@@ -84,6 +84,9 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+# `n`: each choice is a generation of its own (up to this many per request).
+MAX_CHOICES = 16
+
 # What `response_format: json_object` asks for, as the schema the inference service constrains to.
 JSON_OBJECT_SCHEMA = '{"type":"object"}'
 
@@ -124,7 +127,7 @@ class SamplingFields(_Lenient):
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
         None, max_length=300, description="token id (as a string) → bias added to its logit, -100 to 100"
     )
-    n: int | None = Field(None, ge=1, le=1, description="only one choice per request is supported")
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES, description=f"choices to generate (1-{MAX_CHOICES})")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None

@@ -8,6 +8,7 @@ instance or becomes a proper HTTP error.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -209,6 +210,23 @@ class Pipeline:
             raise
         return Run(status, first, rest)
 
+    async def open_choices(
+        self, target: Served, prepared: preprocess_pb2.PreprocessReply, request_id: str, no_cache: bool, n: int
+    ) -> list[Run]:
+        """`n` runs of one prompt, opened side by side; if one fails, the others are closed."""
+        opening = [
+            asyncio.ensure_future(self.open(target, _choice(prepared, i), request_id, no_cache)) for i in range(n)
+        ]
+        try:
+            return list(await asyncio.gather(*opening))
+        except BaseException:
+            for task in opening:
+                task.cancel()
+            for outcome in await asyncio.gather(*opening, return_exceptions=True):
+                if isinstance(outcome, Run):  # opened before the failure: end its call upstream
+                    await outcome.rest.aclose()
+            raise
+
     async def _lookup(self, key: str, request_id: str) -> Event | None:
         try:
             hit = await self._unary(
@@ -276,6 +294,20 @@ class Pipeline:
             await chunks.aclose()  # cancels the call upstream if the client left early
         if not completion.finish_reason:
             raise OpenAIError(502, "inference ended the stream without a finish reason", "server_error")
+
+
+def _choice(prepared: preprocess_pb2.PreprocessReply, index: int) -> preprocess_pb2.PreprocessReply:
+    """Choice `index` of a request: a seeded one samples with seed + index (so the choices differ
+    and each reproduces), and each caches under its own key."""
+    if index == 0:
+        return prepared
+    choice = preprocess_pb2.PreprocessReply()
+    choice.CopyFrom(prepared)
+    if choice.sampling.HasField("seed"):
+        choice.sampling.seed = (choice.sampling.seed + index + 2**63) % 2**64 - 2**63  # wraps within int64
+    if choice.cache_key:
+        choice.cache_key = f"{choice.cache_key}#{index}"
+    return choice
 
 
 def _serves(target: Served) -> Callable[[Endpoint], bool]:

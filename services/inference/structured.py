@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import llguidance
 import llguidance.hf
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 _MAX_CLOSURE = 1024
 # Closures are recomputed while the budget left is within this many tokens of the last closure's
 # length: more than one token can add to it (`[{"` opens three things), but never this much.
-_SLACK = 32
+_SLACK = 16
 # The closing policy's preference, lower first: end the sequence; end a string (a token of only
 # `"]}` that starts with `"`; inside a string `]` is just text); close arrays and objects; end a
 # number or value with `,` (towards the required keys left); a short JSON atom; anything else,
@@ -63,7 +64,7 @@ class JsonGrammars:
 class JsonMatcher:
     """One sequence's grammar state, its mask and its closure."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, preference: torch.Tensor) -> None:
+    def __init__(self, matcher: llguidance.LLMatcher, preference: np.ndarray) -> None:
         self._matcher = matcher
         self._preference = preference
         closure = _close(matcher.deep_copy(), preference, limit=_MAX_CLOSURE)
@@ -100,7 +101,10 @@ class JsonMatcher:
             if not near or self._closure is None:
                 self._fresh = False
                 return token
-            after = _close(self._matcher.deep_copy(), self._preference, limit=remaining - 1)
+            if self._fresh and self._closure and token == self._closure[0]:
+                after: list[int] | None = self._closure[1:]  # the model took the closure's own next step
+            else:
+                after = _close(self._matcher.deep_copy(), self._preference, limit=remaining - 1)
             if after is not None:
                 self._closure, self._fresh = after, True
                 return token
@@ -121,12 +125,13 @@ def _allowed(matcher: llguidance.LLMatcher, vocab_size: int) -> torch.Tensor:
     return mask[:vocab_size] != 0
 
 
-def _close(matcher: llguidance.LLMatcher, preference: torch.Tensor, limit: int | None) -> list[int] | None:
+def _close(matcher: llguidance.LLMatcher, preference: np.ndarray, limit: int | None) -> list[int] | None:
     """The closing policy's tokens from this state to the end, or None past `limit` tokens."""
     tokens: list[int] = []
     while limit is None or len(tokens) < limit:
-        allowed = _allowed(matcher, preference.numel())
-        token = int(torch.where(allowed, preference, float("inf")).argmin())
+        # numpy: this runs up to a closure's length per step, where torch's per-op cost shows.
+        allowed = np.frombuffer(matcher.compute_logit_bias(), dtype=np.uint8)[: preference.size] != 0
+        token = int(np.where(allowed, preference, np.inf).argmin())
         if not allowed[token] or not matcher.consume_token(token):
             raise RuntimeError(f"no way to finish the JSON: {matcher.get_error()}")
         tokens.append(token)
@@ -135,9 +140,9 @@ def _close(matcher: llguidance.LLMatcher, preference: torch.Tensor, limit: int |
     return None
 
 
-def _closing_preference(decode: Callable[[list[int]], bytes], vocab_size: int, eos: frozenset[int]) -> torch.Tensor:
+def _closing_preference(decode: Callable[[list[int]], bytes], vocab_size: int, eos: frozenset[int]) -> np.ndarray:
     """Per token, the closing policy's rank (lower is chosen first; ties go to the lower id)."""
-    ranks = torch.empty(vocab_size, dtype=torch.float64)
+    ranks = np.empty(vocab_size, dtype=np.float64)
     for token in range(vocab_size):
         text = decode([token])
         if token in eos:

@@ -43,7 +43,9 @@ def test_sigterm_drains_in_flight_stream_and_leaves_nothing_running(
                 mesh.process.send_signal(signal.SIGTERM)  # Ctrl-C equivalent, mid-stream
                 rest = [line for line in lines if line]
         assert rest[-1] == "data: [DONE]"
-        finishes = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in rest[:-1]]
+        events = [json.loads(line[6:]) for line in rest[:-1]]
+        assert all("choices" in event for event in events), f"the drain failed the stream: {events[-1]}"
+        finishes = [event["choices"][0]["finish_reason"] for event in events]
         assert finishes[-1] == "length", "the stream was cut instead of drained"
         assert mesh.process.wait(timeout=60) == 0
         pids = [info["pid"] for info in mesh.services.values()]

@@ -10,9 +10,11 @@ from pydantic import BaseModel, ValidationError
 
 from services.edge_http.embeddings import embed_inputs
 from services.edge_http.errors import OpenAIError, from_rpc_error
+from services.edge_http.guard import shared_settle
 from services.edge_http.openai_schema import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
-from services.edge_http.pipeline import sampling_params
+from services.edge_http.pipeline import _choice, sampling_params
 from services.edge_http.streaming import sse_stream
+from services.mesh.stubs import preprocess_pb2
 
 
 class Chunk(BaseModel):
@@ -104,3 +106,31 @@ def test_grpc_status_maps_to_http_status(status: grpc.StatusCode, http: int) -> 
     assert mapped.status == http
     if http in (429, 503):
         assert mapped.headers["Retry-After"]
+
+
+def test_choices_sample_with_successive_seeds_wrapping_within_int64_and_cache_apart() -> None:
+    prepared = preprocess_pb2.PreprocessReply(token_ids=[1, 2], cache_key="k")
+    prepared.sampling.seed = 2**63 - 1
+    assert _choice(prepared, 0) is prepared
+    second = _choice(prepared, 1)
+    assert (second.sampling.seed, second.cache_key, list(second.token_ids)) == (-(2**63), "k#1", [1, 2])
+    assert prepared.sampling.seed == 2**63 - 1 and prepared.cache_key == "k"  # the original is untouched
+    unseeded = _choice(preprocess_pb2.PreprocessReply(), 2)
+    assert not unseeded.sampling.HasField("seed") and unseeded.cache_key == ""
+
+
+@pytest.mark.parametrize(("used", "settled_with"), [([15, 12, 20], 27), ([15, None, 20], None)])
+def test_n_choices_settle_once_with_the_prompt_counted_once(used: list, settled_with: int | None) -> None:
+    calls: list[int | None] = []
+
+    async def settle(tokens: int | None) -> None:
+        calls.append(tokens)
+
+    async def report() -> None:
+        part = shared_settle(settle, 3, prompt_tokens=10)
+        for tokens in used:
+            assert not calls  # nothing is settled before every choice has reported
+            await part(tokens)
+
+    asyncio.run(report())
+    assert calls == [settled_with]

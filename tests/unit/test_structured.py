@@ -57,7 +57,7 @@ def test_an_adversary_that_never_wants_to_close_still_gets_valid_json_in_budget(
     schema = SCHEMAS[name]
     shortest = grammars.matcher(json.dumps(schema)).closure_length
     # The "model" always prefers what the closing policy likes least: long text, digits, spaces.
-    stubborn = grammars._preference.float()
+    stubborn = torch.from_numpy(grammars._preference).float()
     noise = torch.Generator().manual_seed(7)
     for budget in range(shortest, shortest + 48, 3):
         for logits_for in (lambda _: stubborn, lambda _: torch.randn(grammars.vocab_size, generator=noise) * 5):
