@@ -48,6 +48,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/concurrency.py --preset default
 	$(BIN)/python benchmarks/concurrency.py --preset bench --concurrency 1,16
 	$(BIN)/python benchmarks/tracing_overhead.py
+	$(BIN)/python benchmarks/structured_output.py
 
 # A longer schemathesis run against the real mesh than the one in `make test`.
 fuzz: $(VENV)/.installed-test

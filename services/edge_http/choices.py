@@ -35,7 +35,12 @@ def _numbered(response: Any, index: int) -> Any:
 async def whole_choices(
     runs: list[Run], meta: ResponseMeta, whole: Callable[[Run, ResponseMeta], Awaitable[Response]]
 ) -> Response:
-    parts: list[Any] = await asyncio.gather(*(whole(run, meta) for run in runs))
+    tasks = [asyncio.ensure_future(whole(run, meta)) for run in runs]
+    try:
+        parts: list[Any] = await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()  # a choice failed or the client left: the others stop upstream too
     merged = parts[0]
     if len(parts) > 1:
         merged.choices = [choice for i, part in enumerate(parts) for choice in _numbered(part, i).choices]
