@@ -211,7 +211,7 @@ async def _complete(
     request: Request,
     key: KeyRecord | None,
     body: BodyT,
-    prepare: Callable[[BodyT, str, str], Awaitable[preprocess_pb2.PreprocessReply]],
+    prepare: Callable[[BodyT, str, str, str], Awaitable[preprocess_pb2.PreprocessReply]],
     id_prefix: str,
     chunks: Callable[[Run, ResponseMeta, bool], AsyncIterator[BaseModel]],
     whole: Callable[[Run, ResponseMeta], Awaitable[BaseModel]],
@@ -227,7 +227,9 @@ async def _complete(
     target = await _route(request, key, body.model, "chat")
     body.model = target.id  # aliases answer with the model they stand for, as OpenAI's do
     tools = _tool_mode(body, target)
-    prepared = await prepare(body, rid, tools[1] if tools else "")
+    # Constrained JSON starts at its first byte: no thinking block to split off.
+    reasoning = target.reasoning if body.json_schema is None else None
+    prepared = await prepare(body, rid, tools[1] if tools else "", reasoning[0] if reasoning else "")
     guard.fit(prepared)
     n = body.n or 1
     prompt_tokens = len(prepared.token_ids)
@@ -251,7 +253,7 @@ async def _complete(
         span.set_attribute("sluice.cache", _cache_status(runs))
         return runs
 
-    meta = ResponseMeta(f"{id_prefix}-{rid}", int(time.time()), body.model, target.reasoning, tools)
+    meta = ResponseMeta(f"{id_prefix}-{rid}", int(time.time()), body.model, reasoning, tools, prepared.reasoning_opened)
     headers = _version_header(target)
     if not body.stream:
         runs = await opened()

@@ -38,7 +38,7 @@ class OutputShaper:
     """Generated text → reasoning, content and tool calls, piece by piece."""
 
     def __init__(self, meta: ResponseMeta) -> None:
-        self._splitter = ReasoningSplitter(*meta.reasoning) if meta.reasoning else None
+        self._splitter = ReasoningSplitter(*meta.reasoning, meta.reasoning_opened) if meta.reasoning else None
         self._parser = make_parser(meta.tools[0]) if meta.tools else None
         self.calls_made = 0
         if self._parser is not None and meta.tools[1]:

@@ -283,6 +283,7 @@ class ResponseMeta:
     model: str
     reasoning: tuple[str, str] | None = None  # the model's reasoning tags, when it has them
     tools: tuple[str, str] | None = None  # (tool call parser, forced start of the turn) when tools are offered
+    reasoning_opened: bool = False  # the prompt opened the reasoning block: the output starts inside it
 
 
 class Usage(BaseModel):

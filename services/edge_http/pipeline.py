@@ -161,21 +161,23 @@ class Pipeline:
             raise from_rpc_error(err, "inference") from err
 
     async def prepare_chat(
-        self, body: ChatCompletionRequest, request_id: str, assistant_prefix: str = ""
+        self, body: ChatCompletionRequest, request_id: str, assistant_prefix: str = "", reasoning_open: str = ""
     ) -> preprocess_pb2.PreprocessReply:
         """The prompt tokens: messages and (unless tool_choice is none) tools through the chat
-        template, then the start of the assistant's turn (`assistant_prefix` forces a tool call)."""
+        template, then the start of the assistant's turn (`assistant_prefix` forces a tool call);
+        the reply tells whether the prompt ends by opening the `reasoning_open` block."""
         request = preprocess_pb2.RenderChatRequest(
             request_id=request_id, model=body.model, messages=_chat_messages(body), sampling=sampling_params(body),
             tools_json=json.dumps([t.model_dump(exclude_none=True) for t in body.tools]) if body.calls_tools else "",
-            assistant_prefix=assistant_prefix,
+            assistant_prefix=assistant_prefix, reasoning_open=reasoning_open,
         )  # fmt: skip
         return await self._preprocess("RenderChat", request, request_id)
 
     async def prepare_completion(
-        self, body: CompletionRequest, request_id: str, assistant_prefix: str = ""
+        self, body: CompletionRequest, request_id: str, assistant_prefix: str = "", reasoning_open: str = ""
     ) -> preprocess_pb2.PreprocessReply:
-        """The prompt tokens (`assistant_prefix` is for chat: a completion has no assistant turn)."""
+        """The prompt tokens (`assistant_prefix` and `reasoning_open` are for chat: a completion
+        has no assistant turn, and its text is returned whole)."""
         request = preprocess_pb2.TokenizeRequest(
             request_id=request_id, model=body.model, prompt=body.prompt_text, sampling=sampling_params(body)
         )

@@ -2,7 +2,8 @@
 
 A model whose output opens with a reasoning block (`<think>…</think>` for DeepSeek-R1 and
 Qwen3; the tags are per model) has that block sent as `reasoning_content` and only the rest
-as `content`. The tags may arrive split across chunks: text that could still be the start of
+as `content`; so does one whose chat template opened the block at the end of the prompt, whose
+output starts inside it. The tags may arrive split across chunks: text that could still be the start of
 a tag is held back until the next chunk decides it.
 """
 
@@ -20,9 +21,11 @@ class Split:
 
 
 class ReasoningSplitter:
-    def __init__(self, open_tag: str, close_tag: str) -> None:
+    def __init__(self, open_tag: str, close_tag: str, opened: bool = False) -> None:
+        """`opened`: the prompt already opened the block, so the output starts inside it."""
         self._open, self._close = open_tag, close_tag
-        self._state = "start"  # start → reasoning → after (the close tag) → answer, or start → answer
+        # start → reasoning → after (the close tag) → answer, or start → answer
+        self._state = "reasoning" if opened else "start"
         self._held = ""
 
     def feed(self, text: str) -> Split:

@@ -60,7 +60,9 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServicer):
         prompt = render_chat(self._tokenizer, messages, self._model_id, request.tools_json, request.assistant_prefix)
         # The template already placed any BOS/special tokens the model expects.
         token_ids = self._tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        return self._reply(token_ids, request.sampling)
+        reply = self._reply(token_ids, request.sampling)
+        reply.reasoning_opened = bool(request.reasoning_open) and prompt.rstrip().endswith(request.reasoning_open)
+        return reply
 
     @grpc_errors
     def Tokenize(

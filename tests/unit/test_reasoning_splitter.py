@@ -9,8 +9,8 @@ from services.edge_http.reasoning import ReasoningSplitter
 OUTPUT = "<think>Let me see: 2+2.\nIt is 4.</think>\n\nThe answer is 4."
 
 
-def _run(chunks: list[str]) -> tuple[str, str]:
-    splitter = ReasoningSplitter("<think>", "</think>")
+def _run(chunks: list[str], opened: bool = False) -> tuple[str, str]:
+    splitter = ReasoningSplitter("<think>", "</think>", opened)
     reasoning = content = ""
     for chunk in chunks:
         part = splitter.feed(chunk)
@@ -43,3 +43,13 @@ def test_reasoning_reaches_the_caller_before_the_block_closes() -> None:
     assert splitter.feed("<think>step one").reasoning == "step one"
     assert splitter.feed(" and two</").reasoning == " and two"  # "</" could start the closing tag
     assert splitter.feed("think>done").content == "done"
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 100])
+def test_a_block_the_prompt_opened_is_reasoning_from_the_first_character(size: int) -> None:
+    # DeepSeek-R1's template ends the prompt with `<think>\n`: the output starts inside the block.
+    output = OUTPUT.removeprefix("<think>")
+    chunks = [output[i : i + size] for i in range(0, len(output), size)]
+    assert _run(chunks, opened=True) == ("Let me see: 2+2.\nIt is 4.", "The answer is 4.")
+    assert _run(chunks, opened=False) == ("", output)  # not opened: all of it is the answer
+    assert _run(["no close tag yet"], opened=True) == ("no close tag yet", "")
