@@ -13,7 +13,6 @@ the empty state, which admission checks.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable
 
 import llguidance
@@ -24,13 +23,14 @@ from transformers import PreTrainedTokenizerBase
 
 from services.mesh.errors import InvalidArgument
 
-log = logging.getLogger(__name__)
-
 # A schema whose shortest finish the closing policy cannot find within this many tokens is refused.
 _MAX_CLOSURE = 1024
-# Closures are recomputed while the budget left is within this many tokens of the last closure's
-# length: more than one token can add to it (`[{"` opens three things), but never this much.
+# Closures are recomputed at every step while the budget left is within this many tokens of the
+# last closure's length, and every _REFRESH_EVERY steps before that: one token can add several
+# closing tokens (`[{"` opens three things, a key can start a required object), but between two
+# refreshes they rarely add up to this many; if they do, the closure may no longer fit.
 _SLACK = 16
+_REFRESH_EVERY = 8
 # The closing policy's preference, lower first: end the sequence; end a string (a token of only
 # `"]}` that starts with `"`; inside a string `]` is just text); close arrays and objects; end a
 # number or value with `,` (towards the required keys left); a short JSON atom; anything else,
@@ -76,7 +76,7 @@ class JsonMatcher:
         # The closure, fresh when computed from the current state; None when the policy finds none
         # within budget (the JSON may then be cut at max_tokens, finish_reason "length").
         self._closure: list[int] | None = closure
-        self._fresh = True
+        self._fresh, self._stale_steps = True, 0
         self._forced: list[int] = []
 
     @property
@@ -93,20 +93,22 @@ class JsonMatcher:
         choice among the allowed tokens while the budget allows, else the next closing token."""
         if not self._forced:
             near = remaining - 1 <= self.closure_length + _SLACK
-            if near and not self._fresh:
-                self._closure, self._fresh = _close(self._matcher.deep_copy(), self._preference, remaining), True
+            if not self._fresh and (near or self._stale_steps >= _REFRESH_EVERY):
+                self._closure = _close(self._matcher.deep_copy(), self._preference, min(remaining, _MAX_CLOSURE))
+                self._fresh, self._stale_steps = True, 0
+                near = remaining - 1 <= self.closure_length + _SLACK
             allowed = _allowed(self._matcher, logits.numel())
             token = sample(logits.masked_fill(~allowed, float("-inf")))
             self._accept(token)
             if not near or self._closure is None:
-                self._fresh = False
+                self._fresh, self._stale_steps = False, self._stale_steps + 1
                 return token
-            if self._fresh and self._closure and token == self._closure[0]:
+            if self._closure and token == self._closure[0]:
                 after: list[int] | None = self._closure[1:]  # the model took the closure's own next step
             else:
                 after = _close(self._matcher.deep_copy(), self._preference, limit=remaining - 1)
             if after is not None:
-                self._closure, self._fresh = after, True
+                self._closure = after
                 return token
             # The model's token would not leave room to finish: emit the closure from before it.
             self._matcher.rollback(1)

@@ -66,6 +66,21 @@ def test_an_adversary_that_never_wants_to_close_still_gets_valid_json_in_budget(
             jsonschema.validate(json.loads(_decode(grammars, tokens)), schema)
 
 
+def test_an_adversary_that_nests_deeply_long_before_the_budget_ends_is_still_closed(grammars: JsonGrammars) -> None:
+    # Opening brackets are what grows a closure: the closure must be kept fresh far from the end too.
+    openers = torch.tensor(
+        [10.0 if (text := grammars._tokenizer.decode_bytes([t])) and set(text) <= set(b"[{") else 0.0
+         for t in range(grammars.vocab_size)]
+    )  # fmt: skip
+    for schema in ({"type": "array"}, {"type": "object"}):
+        for budget in (60, 120, 200):
+            tokens = _generate(grammars, grammars.matcher(json.dumps(schema)), budget, lambda _: openers)
+            assert len(tokens) <= budget
+            value = json.loads(_decode(grammars, tokens))
+            jsonschema.validate(value, schema)
+            assert _decode(grammars, tokens).count("[") > 10  # it did nest deeply before closing
+
+
 def test_json_object_closes_in_two_tokens_and_required_keys_take_more(
     grammars: JsonGrammars,
 ) -> None:
