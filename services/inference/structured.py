@@ -97,7 +97,7 @@ class JsonMatcher:
                 self._closure = _close(self._matcher.deep_copy(), self._preference, min(remaining, _MAX_CLOSURE))
                 self._fresh, self._stale_steps = True, 0
                 near = remaining - 1 <= self.closure_length + _SLACK
-            allowed = _allowed(self._matcher, logits.numel())
+            allowed = _allowed(self._matcher, logits.numel()).to(logits.device)  # masks are built on the CPU
             token = sample(logits.masked_fill(~allowed, float("-inf")))
             self._accept(token)
             if not near or self._closure is None:
