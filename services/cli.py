@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from services.inference.default_model import PRESETS
-from services.mesh.config import Settings, add_config_flag, add_setting_flags, settings_from_args
+from services.mesh.config import Settings, add_config_flag, add_setting_flags, comma_list, settings_from_args
 from services.mesh.logs import configure_logging
 
 DEFAULT_MODEL: Path = Settings.model_fields["model"].default
@@ -167,7 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--rpm", type=_count, default=0, help="requests per minute (default 0: unlimited)")
     create.add_argument("--tpm", type=_count, default=0, help="prompt + completion tokens per minute (0: unlimited)")
     create.add_argument(
-        "--models", type=_names, default=[], metavar="A,B", help="models the key may use (default: all)"
+        "--models", type=comma_list, default=[], metavar="A,B", help="models the key may use (default: all)"
     )
     listing = keys_cmd.add_parser("list", help="list keys (names and limits; keys themselves are never stored)")
     revoke = keys_cmd.add_parser("revoke", help="delete a key; the edge refuses it from its next request on")
@@ -203,10 +203,6 @@ def _count(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 0")
     return int(text)
-
-
-def _names(text: str) -> list[str]:
-    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def _model_spec(text: str) -> tuple[Path, str]:

@@ -32,7 +32,7 @@ from services.edge_http.errors import (
     handle_openai_error,
     handle_validation_error,
 )
-from services.edge_http.guard import Guard, LimitBody, bearer, settled, shared_settle
+from services.edge_http.guard import Guard, LimitBody, Settle, bearer, settled, shared_settle
 from services.edge_http.keys import KeyRecord
 from services.edge_http.metrics import CACHE_RESULTS, TIME_TO_FIRST_TOKEN
 from services.edge_http.models import VERSION_HEADER, ModelRouter, Served, UnknownModel, UnknownVersion
@@ -233,11 +233,7 @@ async def _complete(
     guard.fit(prepared)
     n = body.n or 1
     prompt_tokens = len(prepared.token_ids)
-    settle = await guard.reserve(key, prompt_tokens + n * prepared.sampling.max_tokens)
-
-    async def account(used: int | None) -> None:
-        request.scope["state"]["tokens"] = used  # for the audit line
-        await settle(used)
+    account = _audited(request, await guard.reserve(key, prompt_tokens + n * prepared.sampling.max_tokens))
 
     async def opened() -> list[Run]:
         try:
@@ -323,11 +319,20 @@ async def _embed(
     pipeline: Pipeline = request.app.state.pipeline
     guard: Guard = request.app.state.guard
     target = await _route(request, key, model, "embedding")
-    settle = await guard.reserve(key, 1)
+    account = _audited(request, await guard.reserve(key, 1))
     reply = await pipeline.embed(target, inputs, request_id(request.scope))
-    request.scope["state"]["tokens"] = reply.prompt_tokens  # for the audit line
-    await settle(reply.prompt_tokens)
+    await account(reply.prompt_tokens)
     return target, reply
+
+
+def _audited(request: Request, settle: Settle) -> Settle:
+    """The settlement, also noting the tokens used on the request's audit line."""
+
+    async def account(used: int | None) -> None:
+        request.scope["state"]["tokens"] = used
+        await settle(used)
+
+    return account
 
 
 def _tool_mode(body: SamplingFields, target: Served) -> tuple[str, str] | None:

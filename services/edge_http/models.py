@@ -14,6 +14,8 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from services.mesh.config import comma_list
+
 VERSION_HEADER = "X-Sluice-Model-Version"
 
 
@@ -42,7 +44,7 @@ class UnknownVersion(LookupError):
 def parse_pairs(text: str, what: str) -> dict[str, str]:
     """`a=b,c=d` → {a: b, c: d}; a clear error for anything else."""
     pairs = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
+    for item in comma_list(text):
         key, sep, value = item.partition("=")
         if not sep or not key.strip() or not value.strip():
             raise ValueError(f"{what}: {item!r} is not NAME=VALUE")

@@ -269,17 +269,23 @@ class Pipeline:
             timeout=self._settings.generate_timeout_s,
             metadata=self._metadata(request_id),
         )  # fmt: skip
-        completion = cache_pb2.Completion()
+        # Only a completion that will be cached is gathered (the cache stores text and token ids).
+        texts: list[str] = []
+        token_ids: list[int] = []
+        finished = False
         try:
             async for chunk in chunks:
-                completion.text += chunk.text
-                completion.token_ids.extend(chunk.token_ids)
+                if store_as:
+                    texts.append(chunk.text)
+                    token_ids.extend(chunk.token_ids)
                 if not chunk.finish_reason:
                     yield Event(chunk.text, logprobs=tuple(chunk.logprobs))
                     continue
-                completion.finish_reason = chunk.finish_reason
-                completion.usage.CopyFrom(chunk.usage)
+                finished = True
                 if store_as:
+                    completion = cache_pb2.Completion(
+                        text="".join(texts), token_ids=token_ids, finish_reason=chunk.finish_reason, usage=chunk.usage
+                    )
                     await self._store(store_as, completion, request_id)
                 yield Event(
                     chunk.text,
@@ -294,7 +300,7 @@ class Pipeline:
             raise from_rpc_error(err, "inference") from err
         finally:
             await chunks.aclose()  # cancels the call upstream if the client left early
-        if not completion.finish_reason:
+        if not finished:
             raise OpenAIError(502, "inference ended the stream without a finish reason", "server_error")
 
 

@@ -179,16 +179,13 @@ class Upstreams:
             rpc = getattr(endpoint.stub(stub_class), method)(request, **call)
             try:
                 async for message in rpc:
-                    if not committed:
-                        held.append(message)
-                        if not commits(message):
-                            continue
-                        committed = True
+                    held.append(message)
+                    committed = committed or commits(message)
+                    if committed:
                         for kept in held:
                             yield kept
-                        continue
-                    yield message
-                for kept in held if not committed else ():
+                        held.clear()
+                for kept in held:
                     yield kept  # the stream ended without committing: nothing left to retry for
                 return
             except grpc.aio.AioRpcError as err:

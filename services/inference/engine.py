@@ -270,6 +270,10 @@ class Engine:
             metrics.SEQUENCES_FINISHED.labels("expired").inc()
             handle._steps.put(DeadlineExceeded("the request's deadline passed while it waited in the queue"))
 
+    def _fail(self, seq: _Sequence, err: Exception) -> None:
+        seq.handle._steps.put(err)  # raised to the caller reading the steps
+        self._release(seq, "error")
+
     def _release(self, seq: _Sequence, reason: str) -> None:
         seq.handle.finished_at = seq.handle.finished_at or time.monotonic()
         self._running.remove(seq)
@@ -302,8 +306,7 @@ class Engine:
             except Exception as err:  # a failed step fails its sequences, never the worker
                 log.exception("engine step failed")
                 for seq in list(self._running):
-                    seq.handle._steps.put(err)
-                    self._release(seq, "error")
+                    self._fail(seq, err)
 
     def _plan(self) -> tuple[list[int], list[int], StepLayout, list[tuple[_Sequence, int]]]:
         """Pack this step's tokens: one per decoding sequence, then prefill chunks within the token budget."""
@@ -365,8 +368,7 @@ class Engine:
                 token = tokens[index] if index in tokens else self._choose(seq, logits[index])
             except Exception as err:  # a sequence whose sampling fails fails alone
                 log.exception("sampling failed for %s", seq.request.request_id)
-                seq.handle._steps.put(err)
-                self._release(seq, "error")
+                self._fail(seq, err)
                 continue
             wanted = seq.request.top_logprobs
             self._advance(seq, token, now, None if wanted is None else _logprob(logits[index], token, wanted))

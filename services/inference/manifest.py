@@ -51,16 +51,14 @@ def _progress(total: int, what: str) -> tqdm:
 
 
 def write_manifest(model_dir: Path) -> Path:
-    files = _files(model_dir)
-    if not files:
+    sizes = {path: path.stat().st_size for path in _files(model_dir)}
+    if not sizes:
         raise ManifestError(f"{model_dir} holds no files to list")
-    entries = {}
-    with _progress(sum(f.stat().st_size for f in files), f"hashing {model_dir.name}") as progress:
-        for path in files:
-            entries[path.relative_to(model_dir).as_posix()] = {
-                "size": path.stat().st_size,
-                "sha256": _sha256(path, progress),
-            }
+    with _progress(sum(sizes.values()), f"hashing {model_dir.name}") as progress:
+        entries = {
+            path.relative_to(model_dir).as_posix(): {"size": size, "sha256": _sha256(path, progress)}
+            for path, size in sizes.items()
+        }
     target = model_dir / MANIFEST
     target.write_text(json.dumps({"algorithm": "sha256", "files": entries}, indent=2) + "\n")
     return target

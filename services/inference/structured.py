@@ -97,7 +97,9 @@ class JsonMatcher:
                 self._closure = _close(self._matcher.deep_copy(), self._preference, min(remaining, _MAX_CLOSURE))
                 self._fresh, self._stale_steps = True, 0
                 near = remaining - 1 <= self.closure_length + _SLACK
-            allowed = _allowed(self._matcher, logits.numel()).to(logits.device)  # masks are built on the CPU
+            # Masks are built on the CPU (numpy: this also runs once per closing step, where torch's
+            # per-op cost shows).
+            allowed = torch.from_numpy(_allowed(self._matcher, logits.numel())).to(logits.device)
             token = sample(logits.masked_fill(~allowed, float("-inf")))
             self._accept(token)
             if not near or self._closure is None:
@@ -122,17 +124,15 @@ class JsonMatcher:
             raise RuntimeError(f"grammar refused token {token}: {self._matcher.get_error()}")
 
 
-def _allowed(matcher: llguidance.LLMatcher, vocab_size: int) -> torch.Tensor:
-    mask = torch.frombuffer(bytearray(matcher.compute_logit_bias()), dtype=torch.uint8)
-    return mask[:vocab_size] != 0
+def _allowed(matcher: llguidance.LLMatcher, vocab_size: int) -> np.ndarray:
+    return np.frombuffer(matcher.compute_logit_bias(), dtype=np.uint8)[:vocab_size] != 0
 
 
 def _close(matcher: llguidance.LLMatcher, preference: np.ndarray, limit: int | None) -> list[int] | None:
     """The closing policy's tokens from this state to the end, or None past `limit` tokens."""
     tokens: list[int] = []
     while limit is None or len(tokens) < limit:
-        # numpy: this runs up to a closure's length per step, where torch's per-op cost shows.
-        allowed = np.frombuffer(matcher.compute_logit_bias(), dtype=np.uint8)[: preference.size] != 0
+        allowed = _allowed(matcher, preference.size)
         token = int(np.where(allowed, preference, np.inf).argmin())
         if not allowed[token] or not matcher.consume_token(token):
             raise RuntimeError(f"no way to finish the JSON: {matcher.get_error()}")

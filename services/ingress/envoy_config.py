@@ -21,8 +21,8 @@ from typing import Any
 import yaml
 
 from services.mesh.certs import ca_paths, service_paths, spiffe_id
-from services.mesh.config import Settings
-from services.mesh.discovery import UPSTREAM_SERVICES, split_addresses
+from services.mesh.config import Settings, comma_list
+from services.mesh.discovery import UPSTREAM_SERVICES
 from services.mesh.ready import advertised_address
 
 IDENTITY = "envoy"
@@ -88,8 +88,7 @@ def plan(settings: Settings, edge_addr: str = "", internal_grpc: bool = False) -
             flags = ", ".join(f"--{svc}-addr" for svc in missing)
             raise ValueError(f"--internal-grpc needs the services' addresses: set {flags}")
         internal = {
-            svc: [Address.parse(a) for a in split_addresses(getattr(settings, f"{svc}_addr"))]
-            for svc in UPSTREAM_SERVICES
+            svc: [Address.parse(a) for a in comma_list(getattr(settings, f"{svc}_addr"))] for svc in UPSTREAM_SERVICES
         }
     return EnvoyPlan(
         listen=Address(settings.host, settings.envoy_port),

@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 from prometheus_client import Counter, Histogram
 
+from services.mesh.handlers import wrap_behavior
 from services.mesh.logs import request_scope
 
 REQUEST_ID_METADATA = "x-request-id"
@@ -64,17 +65,8 @@ class CallObserver(grpc.ServerInterceptor):
         method = details.method
         request_id = dict(details.invocation_metadata or ()).get(REQUEST_ID_METADATA)
         track = self._track if not method.startswith(_UNTRACKED_PREFIX) else lambda _: None
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(
-                self._streaming(handler.unary_stream, method, request_id, track),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return grpc.unary_unary_rpc_method_handler(
-            self._unary(handler.unary_unary, method, request_id, track),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        observe = self._streaming if handler.response_streaming else self._unary
+        return wrap_behavior(handler, lambda behavior: observe(behavior, method, request_id, track))
 
     @staticmethod
     def _unary(behavior: Callable, method: str, request_id: str | None, track: Callable[[int], None]) -> Callable:

@@ -153,6 +153,11 @@ class Settings(BaseSettings):
         return env
 
 
+def comma_list(text: str) -> list[str]:
+    """A comma-separated setting (`a, b,,c`) as its non-empty items, stripped."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def _flag_type(annotation: Any) -> type:
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from services.mesh.config import Settings
+from services.mesh.config import Settings, comma_list
 
 UPSTREAM_SERVICES = ("preprocess", "inference", "cache")
 
@@ -38,10 +38,6 @@ class Discovery(Protocol):
     def close(self) -> None: ...
 
 
-def split_addresses(value: str) -> list[str]:
-    return [part.strip() for part in value.split(",") if part.strip()]
-
-
 class StaticDiscovery:
     """Fixed host:port lists per service, from configuration."""
 
@@ -50,7 +46,7 @@ class StaticDiscovery:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> StaticDiscovery:
-        return cls({svc: split_addresses(getattr(settings, f"{svc}_addr")) for svc in UPSTREAM_SERVICES})
+        return cls({svc: comma_list(getattr(settings, f"{svc}_addr")) for svc in UPSTREAM_SERVICES})
 
     def instances(self, service: str) -> list[Instance]:
         addresses = self._addresses.get(service)
