@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: run test lint protos bench fuzz clean redis-server
+.PHONY: run test test-slow lint protos bench fuzz soak clean redis-server
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ run: $(VENV)/.installed-run
 
 test: lint redis-server
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Long repetitions (20 stops of a running mesh in a row), left out of `make test`.
+test-slow: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 # The Redis tests start their own redis-server on a free port; install it once (Debian/Ubuntu).
 redis-server:
@@ -49,6 +53,10 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/concurrency.py --preset bench --concurrency 1,16
 	$(BIN)/python benchmarks/tracing_overhead.py
 	$(BIN)/python benchmarks/structured_output.py
+
+# 10 minutes of streaming load while random backends are killed with SIGKILL.
+soak: $(VENV)/.installed-test
+	$(BIN)/python benchmarks/chaos_soak.py
 
 # A longer schemathesis run against the real mesh than the one in `make test`.
 fuzz: $(VENV)/.installed-test

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from pathlib import Path
 
 from services.inference.default_model import PRESETS
-from services.mesh.config import Settings, add_config_flag, add_setting_flags, comma_list, settings_from_args
+from services.mesh.config import (
+    DEFAULT_MODEL,
+    Settings,
+    add_config_flag,
+    add_setting_flags,
+    comma_list,
+    settings_from_args,
+)
 from services.mesh.logs import configure_logging
-
-DEFAULT_MODEL: Path = Settings.model_fields["model"].default
 
 SERVICE_FLAGS = {
     "preprocess": ("preprocess_port", "metrics_port", "model", "served_model_name"),
@@ -338,7 +345,13 @@ def _serve(service: str, settings: Settings, ready_file: Path | None) -> int:
         from services.cache.server import run
     else:
         from services.edge_http.server import run
-    return run(settings, ready_file)
+    code = run(settings, ready_file)
+    # The service has drained and stopped; tearing down the interpreter (torch, transformers,
+    # grpc's threads) takes seconds more and does nothing for anyone, so a drain never waits on it.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

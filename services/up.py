@@ -1,8 +1,9 @@
 """`sluice up`: the whole mesh on one machine, each service its own process.
 
 Certificates and the default model are created on first start; internal ports are free
-ones unless configured. Prints the base URL once every service is healthy, and stops
-everything cleanly on Ctrl-C or SIGTERM (or when any service dies).
+ones unless configured. Prints the base URL once every service is healthy, restarts a
+service that dies (on the ports it had), and stops everything cleanly on Ctrl-C or SIGTERM,
+or when a service keeps crashing.
 """
 
 from __future__ import annotations
@@ -10,15 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import asdict
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from prometheus_client import start_http_server
 
 from services.edge_http import keys
 from services.inference.embedding_default import EmbeddingModel, resolve_embedding_model
@@ -26,26 +28,48 @@ from services.inference.manifest import MANIFEST
 from services.ingress.envoy_runner import start_envoy
 from services.mesh.certs import ca_paths, certs_present, init_certs
 from services.mesh.channels import sync_channel
-from services.mesh.config import Settings
+from services.mesh.config import DEFAULT_MODEL, Settings, env_name
 from services.mesh.health import wait_serving
-from services.mesh.ready import ReadyInfo
-from services.mesh.supervisor import ChildFailed, Supervisor
+from services.mesh.ready import ReadyInfo, advertised_address
+from services.mesh.signals import StopSignals
+from services.mesh.supervisor import ChildFailed, ChildSpec, CrashLoop, Supervisor
 from services.mesh.telemetry import SERVICE_NAME_VARIABLE
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = Settings.model_fields["model"].default
 BACKENDS = ("preprocess", "cache", "inference")
+SUPERVISE_INTERVAL_S = 0.5
 
 
-def _serve_argv(service: str) -> list[str]:
-    return [sys.executable, "-m", "services.cli", "serve", service]
+def _serve_argv(service: str) -> tuple[str, ...]:
+    return (sys.executable, "-m", "services.cli", "serve", service)
 
 
-def _child_env(env: dict[str, str], service: str) -> dict[str, str]:
+def _child_env(env: Mapping[str, str], service: str) -> dict[str, str]:
     """One trace service name per process: a user's OTEL_SERVICE_NAME becomes a prefix."""
     prefix = os.environ.get(SERVICE_NAME_VARIABLE)
-    return env | {SERVICE_NAME_VARIABLE: f"{prefix}-{service}"} if prefix else env
+    return {**env, SERVICE_NAME_VARIABLE: f"{prefix}-{service}"} if prefix else dict(env)
+
+
+def _port(address: str) -> str:
+    return address.rpartition(":")[2]
+
+
+def pinned_ports(service: str) -> Callable[[ReadyInfo], dict[str, str]]:
+    """The environment that brings a restarted `service` back on the ports it first bound, so the
+    addresses the edge (static discovery) and clients hold stay valid."""
+
+    def pinned(info: ReadyInfo) -> dict[str, str]:
+        env = {env_name(f"{service}_port"): _port(info.address)}
+        if info.metrics != info.address:  # gRPC services serve metrics on a port of their own
+            env[env_name("metrics_port")] = _port(info.metrics)
+        return env
+
+    return pinned
+
+
+def _service_spec(name: str, service: str, env: Mapping[str, str]) -> ChildSpec:
+    return ChildSpec(name, _serve_argv(service), _child_env(env, service), pinned_env=pinned_ports(service))
 
 
 def ensure_prerequisites(settings: Settings) -> None:
@@ -71,17 +95,27 @@ def ensure_api_key(settings: Settings) -> str | None:
     return plain
 
 
-def _wait_http_ready(url: str, timeout: float) -> None:
+def _wait_http_ready(url: str, timeout: float, stop: StopSignals) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and stop.received is None:
         try:
             with urllib.request.urlopen(url, timeout=2) as reply:
                 if reply.status == 200:
                     return
         except (urllib.error.URLError, OSError):
             pass
-        time.sleep(0.1)
+        stop.wait(0.1)
     raise ChildFailed(f"{url} did not report healthy within {timeout:.0f}s")
+
+
+@dataclass(frozen=True)
+class MeshPlan:
+    """What `sluice up` runs besides the settings' own model."""
+
+    replicas: Mapping[str, int]
+    extra_models: tuple[tuple[Path, str], ...]  # (directory, version)
+    embedding: EmbeddingModel | None
+    with_envoy: bool
 
 
 def up(
@@ -94,63 +128,86 @@ def up(
     extra_models: list[tuple[Path, str]] | None = None,
 ) -> int:
     started = time.monotonic()
+    stop = StopSignals()
     ensure_prerequisites(settings)
     new_key = ensure_api_key(settings)
-    embedding = resolve_embedding_model(settings.embedding_model)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    env = settings.to_env()
+    plan = MeshPlan(
+        replicas or {}, tuple(extra_models or ()), resolve_embedding_model(settings.embedding_model), with_envoy
+    )
+    metrics_httpd, _ = start_http_server(0, addr=settings.host)
+    metrics = advertised_address(settings.host, metrics_httpd.server_port)
     with tempfile.TemporaryDirectory(prefix="sluice-up-") as run_dir:
-        supervisor = Supervisor(Path(run_dir), log_dir)
+        supervisor = Supervisor(Path(run_dir), log_dir, startup_timeout_s=startup_timeout, stop=stop)
         try:
-            ready = _start_mesh(
-                settings, supervisor, env, startup_timeout, replicas or {}, extra_models or [], embedding
-            )
-            if with_envoy:
-                ready["envoy"] = start_envoy(
-                    settings, supervisor, Path(run_dir), ready["edge"].address, startup_timeout
-                )
+            base_url, envoy_url = _start_mesh(settings, supervisor, Path(run_dir), startup_timeout, plan, stop)
         except (ChildFailed, FileNotFoundError) as err:
             log.error("%s", err)
-            supervisor.stop_all(settings.drain_grace_s)
-            return 1
-        base_url = f"http://{ready['edge'].address}/v1"
-        state = {"base_url": base_url, "services": {k: asdict(v) for k, v in ready.items()}}
-        curl = f"curl {base_url}"
-        if "envoy" in ready:
-            state["envoy_url"] = base_url = f"https://{ready['envoy'].address}/v1"
-            curl = f"curl --cacert {ca_paths(settings.certs_dir).cert} {base_url}"
-        if state_file is not None:
-            state_file.write_text(json.dumps(state, indent=2))
-        if new_key:
-            print(f"Created API key 'default' (shown only now; more with `sluice keys create`):\n  {new_key}")
-        auth = f' -H "Authorization: Bearer {new_key or "$SLUICE_API_KEY"}"' if settings.auth else ""
-        print(
-            f"Sluice is up in {time.monotonic() - started:.1f}s: model {settings.model_name} at {base_url}\n"
-            f'  {curl}/chat/completions{auth} -H "Content-Type: application/json" '
-            f'-d \'{{"model": "{settings.model_name}", "max_tokens": 32, '
-            f'"messages": [{{"role": "user", "content": "Hello"}}]}}\'\n'
-            "  Ctrl-C stops every service.",
-            flush=True,
-        )
-        if embedding is not None:
-            print(f"  Embeddings: model {embedding.name} at {base_url}/embeddings", flush=True)
+            supervisor.stop_all(settings.drain_grace_s + 5)
+            metrics_httpd.shutdown()
+            return 0 if stop.received else 1
+        state = MeshState(state_file, base_url, envoy_url, metrics)
+        state.write(supervisor)
+        _announce(settings, envoy_url or base_url, new_key, plan.embedding, time.monotonic() - started)
         code = 0
-        while not stop.wait(0.5) and not code:
-            for dead in supervisor.newly_exited():
-                alive = [c.name for c in supervisor.running() if service_of(c.name) == service_of(dead.name)]
-                if alive:
-                    # A lost replica is not a lost service: the edge routes around it.
-                    log.error("%s exited with code %s; %s keep serving\n%s",
-                              dead.name, dead.process.returncode, ", ".join(alive), dead.log_tail())  # fmt: skip
-                    continue
-                log.error(
-                    "%s exited with code %s; stopping the mesh\n%s", dead.name, dead.process.returncode, dead.log_tail()
-                )
-                code = 1
+        try:
+            while not stop.wait(SUPERVISE_INTERVAL_S):
+                if supervisor.supervise():
+                    state.write(supervisor)
+        except CrashLoop as err:
+            log.error("%s\nstopping the mesh", err)
+            code = 1
+        if stop.received:
+            log.info("%s: stopping every service (up to %.0fs to drain)", stop.received.name, settings.drain_grace_s)
         supervisor.stop_all(settings.drain_grace_s + 5)
+        metrics_httpd.shutdown()
         return code
+
+
+@dataclass(frozen=True)
+class MeshState:
+    """The state file: where to send requests, and each child's address, pid, state and restarts."""
+
+    path: Path | None
+    base_url: str
+    envoy_url: str | None
+    metrics: str  # the supervisor's own Prometheus endpoint (restarts, children up)
+
+    def write(self, supervisor: Supervisor) -> None:
+        if self.path is None:
+            return
+        services = {
+            child.name: {**asdict(child.ready), "state": child.state.value, "restarts": child.restarts}
+            for child in supervisor.children
+            if child.ready is not None
+        }
+        state = {"base_url": self.base_url, "supervisor": {"pid": os.getpid(), "metrics": self.metrics}}
+        if self.envoy_url:
+            state["envoy_url"] = self.envoy_url
+        temporary = self.path.with_name(f".{self.path.name}.tmp")
+        temporary.write_text(json.dumps(state | {"services": services}, indent=2))
+        os.replace(temporary, self.path)
+
+
+def _announce(
+    settings: Settings, base_url: str, new_key: str | None, embedding: EmbeddingModel | None, took_s: float
+) -> None:
+    if new_key:
+        print(f"Created API key 'default' (shown only now; more with `sluice keys create`):\n  {new_key}")
+    curl = (
+        f"curl --cacert {ca_paths(settings.certs_dir).cert} {base_url}"
+        if base_url.startswith("https")
+        else (f"curl {base_url}")
+    )
+    auth = f' -H "Authorization: Bearer {new_key or "$SLUICE_API_KEY"}"' if settings.auth else ""
+    body = {"model": settings.model_name, "max_tokens": 32, "messages": [{"role": "user", "content": "Hello"}]}
+    print(
+        f"Sluice is up in {took_s:.1f}s: model {settings.model_name} at {base_url}\n"
+        f"  {curl}/chat/completions{auth} -H \"Content-Type: application/json\" -d '{json.dumps(body)}'\n"
+        "  Ctrl-C stops every service.",
+        flush=True,
+    )
+    if embedding is not None:
+        print(f"  Embeddings: model {embedding.name} at {base_url}/embeddings", flush=True)
 
 
 def replica_names(service: str, count: int) -> list[str]:
@@ -158,58 +215,74 @@ def replica_names(service: str, count: int) -> list[str]:
     return [service if i == 0 else f"{service}-{i + 1}" for i in range(count)]
 
 
-def service_of(child_name: str) -> str:
-    return child_name.split("-", 1)[0]
-
-
-def inference_env(settings: Settings, env: dict[str, str], count: int) -> dict[str, str]:
+def inference_env(settings: Settings, env: Mapping[str, str], count: int) -> dict[str, str]:
     """Replicas on one machine share its cores: with torch_threads left at auto, each gets its
     share, since several processes each running a thread per core oversubscribe the CPU and
     torch's spinning workers then slow every replica many times over."""
     if count < 2 or settings.torch_threads:
-        return env
+        return dict(env)
     share = max(1, (os.cpu_count() or 1) // count)
     log.info("%d inference replicas on this machine: %d torch thread(s) each", count, share)
-    return env | {"SLUICE_TORCH_THREADS": str(share)}
+    return {**env, env_name("torch_threads"): str(share)}
+
+
+def _model_instances(env: Mapping[str, str], plan: MeshPlan) -> dict[str, dict[str, str]]:
+    """More inference instances, each serving one more model (the embedding model, other models,
+    canary versions): child name → its environment. The edge routes between them by model."""
+    base = {k: v for k, v in env.items() if k != env_name("model_manifest")}
+    instances = {}
+    for i, (path, version) in enumerate(plan.extra_models, start=2):
+        instances[f"inference-m{i}"] = base | {
+            env_name("model"): str(path),
+            env_name("served_model_name"): path.resolve().name,
+            env_name("served_model_version"): version,
+            env_name("inference_port"): "0",
+        }
+    if plan.embedding is not None:
+        embedding = plan.embedding
+        instances["inference-embed"] = base | {
+            env_name("model"): str(embedding.path),
+            env_name("served_model_name"): embedding.name,
+            env_name("served_model_version"): "",
+            env_name("inference_port"): "0",
+        }
+        if embedding.manifest is not None:
+            instances["inference-embed"][env_name("model_manifest")] = str(embedding.manifest)
+    return instances
 
 
 def _start_mesh(
-    settings: Settings, supervisor: Supervisor, env: dict[str, str], timeout: float, replicas: dict[str, int],
-    extra_models: list[tuple[Path, str]], embedding: EmbeddingModel | None,
-) -> dict[str, ReadyInfo]:  # fmt: skip
+    settings: Settings, supervisor: Supervisor, run_dir: Path, timeout: float, plan: MeshPlan, stop: StopSignals
+) -> tuple[str, str | None]:
+    """Start every child and wait until each is healthy: the edge's base URL (and Envoy's)."""
+    env = settings.to_env()
     # The backends start together (the model load dominates); the edge needs their addresses.
-    envs = {service: _child_env(env, service) for service in BACKENDS}
-    envs["inference"] = inference_env(settings, envs["inference"], replicas.get("inference", 1))
-    children = {
-        name: supervisor.start(name, _serve_argv(service), envs[service])
+    envs = {service: env for service in BACKENDS}
+    envs["inference"] = inference_env(settings, env, plan.replicas.get("inference", 1))
+    specs = [
+        (service, _service_spec(name, service, envs[service]))
         for service in BACKENDS
-        for name in replica_names(service, replicas.get(service, 1))
-    }
-    # More inference instances, each serving one more model (the embedding model, other models,
-    # canary versions); the edge routes between them by model.
-    more = {f"inference-m{i}": (path, path.resolve().name, version, None)
-            for i, (path, version) in enumerate(extra_models, start=2)}  # fmt: skip
-    if embedding is not None:
-        more["inference-embed"] = (embedding.path, embedding.name, "", embedding.manifest)
-    for name, (path, served_name, version, manifest) in more.items():
-        child_env = {k: v for k, v in envs["inference"].items() if k != "SLUICE_MODEL_MANIFEST"} | {
-            "SLUICE_MODEL": str(path), "SLUICE_SERVED_MODEL_NAME": served_name,
-            "SLUICE_SERVED_MODEL_VERSION": version, "SLUICE_INFERENCE_PORT": "0",
-        }  # fmt: skip
-        if manifest is not None:
-            child_env["SLUICE_MODEL_MANIFEST"] = str(manifest)
-        children[name] = supervisor.start(name, _serve_argv("inference"), child_env)
-    ready = {name: supervisor.wait_ready(child, timeout) for name, child in children.items()}
-    for name, info in ready.items():
+        for name in replica_names(service, plan.replicas.get(service, 1))
+    ]
+    specs += [
+        ("inference", _service_spec(name, "inference", instance_env))
+        for name, instance_env in _model_instances(envs["inference"], plan).items()
+    ]
+    children = [(service, supervisor.start(spec)) for service, spec in specs]
+    ready = [(service, supervisor.wait_ready(child, timeout)) for service, child in children]
+    for _, info in ready:
         with sync_channel(settings, info.address, "edge") as channel:
             if not wait_serving(channel, timeout):
-                raise ChildFailed(f"{name} at {info.address} is not SERVING")
+                raise ChildFailed(f"{info.service} at {info.address} is not SERVING")
     edge_env = env | {
-        f"SLUICE_{service.upper()}_ADDR": ",".join(info.address for name, info in ready.items()
-                                                   if service_of(name) == service)
+        env_name(f"{service}_addr"): ",".join(info.address for of, info in ready if of == service)
         for service in BACKENDS
-    }  # fmt: skip
-    edge = supervisor.start("edge", _serve_argv("edge"), _child_env(edge_env, "edge"))
-    ready["edge"] = supervisor.wait_ready(edge, timeout)
-    _wait_http_ready(f"http://{ready['edge'].address}/health", timeout)
-    return ready
+    }
+    edge = supervisor.start(_service_spec("edge", "edge", edge_env))
+    edge_address = supervisor.wait_ready(edge, timeout).address
+    _wait_http_ready(f"http://{edge_address}/health", timeout, stop)
+    envoy_url = None
+    if plan.with_envoy:
+        envoy = start_envoy(settings, supervisor, run_dir, edge_address, timeout)
+        envoy_url = f"https://{envoy.address}/v1"
+    return f"http://{edge_address}/v1", envoy_url

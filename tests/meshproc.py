@@ -49,9 +49,20 @@ class Mesh:
     certs_dir: Path
     model_dir: Path
     log_dir: Path
+    state_file: Path
 
     def address(self, service: str) -> str:
         return self.services[service]["address"]
+
+    def state(self) -> dict:
+        """The state file as `sluice up` last wrote it (pids and restarts change as it heals)."""
+        return json.loads(self.state_file.read_text())
+
+    def child(self, name: str) -> dict:
+        return self.state()["services"][name]
+
+    def health(self) -> httpx.Response:
+        return httpx.get(self.base_url.removesuffix("/v1") + "/health", timeout=10)
 
     def scrape(self, service: str) -> Samples:
         """Every sample on the service's /metrics, parsed with prometheus-client's parser."""
@@ -109,17 +120,53 @@ def start_mesh(
         stdout=(workdir / "up.log").open("wb"),
         stderr=subprocess.STDOUT,
     )
-    mesh = Mesh(process, "", {}, certs_dir, model_dir, log_dir)
+    mesh = Mesh(process, "", {}, certs_dir, model_dir, log_dir, state_file)
     deadline = time.monotonic() + timeout
     while not state_file.exists():
         if process.poll() is not None or time.monotonic() > deadline:
             mesh.stop()
             raise RuntimeError(f"sluice up failed to start:\n{(workdir / 'up.log').read_text()}\n{mesh.logs()}")
         time.sleep(0.1)
-    state = json.loads(state_file.read_text())
+    state = mesh.state()
     mesh.base_url = state["base_url"]
     mesh.services = state["services"]
     return mesh
+
+
+STOP_SIGNALS = {
+    "SIGTERM to sluice up": lambda mesh: mesh.process.send_signal(signal.SIGTERM),
+    # What a terminal's Ctrl-C does: every process of the group gets SIGINT at once.
+    "Ctrl-C: SIGINT to the process group": lambda mesh: os.killpg(mesh.process.pid, signal.SIGINT),
+}
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def assert_stops_cleanly_mid_stream(mesh: Mesh, how: str, grace_s: float, max_tokens: int) -> None:
+    """Stop the mesh (`how`: a key of STOP_SIGNALS) while a stream is running: the stream must be
+    drained to its end, `sluice up` exit 0 within the grace plus a small margin, nothing be left."""
+    messages = [{"role": "user", "content": "hi"}]
+    body = {"model": "sluice-tiny", "messages": messages, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    url = f"{mesh.base_url}/chat/completions"
+    with httpx.Client(timeout=60) as client, client.stream("POST", url, json=body) as reply:
+        lines = reply.iter_lines()
+        assert next(lines).startswith("data: ")
+        stopped_at = time.monotonic()
+        STOP_SIGNALS[how](mesh)
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    events = [json.loads(line[6:]) for line in rest[:-1]]
+    assert all("choices" in event for event in events), f"the drain failed the stream: {events[-1]}"
+    assert events[-1]["choices"][0]["finish_reason"] == "length", "the stream was cut instead of drained"
+    assert mesh.process.wait(timeout=grace_s + 10) == 0
+    assert time.monotonic() - stopped_at < grace_s + 5
+    assert not [info["pid"] for info in mesh.state()["services"].values() if alive(info["pid"])]
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 from services.ingress.envoy_config import PUBLIC_LISTENER, plan, render
 from services.mesh.config import Settings
 from services.mesh.ready import ReadyInfo, advertised_address
-from services.mesh.supervisor import Child, ChildFailed, Supervisor
+from services.mesh.supervisor import Child, ChildFailed, ChildSpec, Supervisor
 
 # Envoy's own log lines as JSON objects, like every other Sluice service (%j escapes the message).
 LOG_FORMAT = '{"time":"%Y-%m-%dT%T.%fZ","level":"%l","service":"envoy","logger":"%n","message":"%j"}'
@@ -75,12 +75,21 @@ def _listener_address(admin: str, name: str) -> str:
     return advertised_address(socket["address"], socket["port_value"])
 
 
-def start_envoy(settings: Settings, supervisor: Supervisor, run_dir: Path, edge_address: str,
-                timeout: float) -> ReadyInfo:  # fmt: skip
+def start_envoy(
+    settings: Settings, supervisor: Supervisor, run_dir: Path, edge_address: str, timeout: float
+) -> ReadyInfo:
     """Generate the bootstrap for the running edge, start Envoy under the supervisor, wait for LIVE."""
     config = run_dir / "envoy.yaml"
     config.write_text(render(plan(settings, edge_addr=edge_address)))
     admin_file = run_dir / "envoy.admin"
-    child = supervisor.start("envoy", envoy_argv(config, admin_file, settings.log_level), {}, ready_flag=None)
+    spec = ChildSpec("envoy", tuple(envoy_argv(config, admin_file, settings.log_level)), ready_flag=None)
+    child = supervisor.start(spec)
     admin = wait_live(child, admin_file, timeout)
-    return ReadyInfo("envoy", _listener_address(admin, PUBLIC_LISTENER), admin, child.process.pid)
+    address = _listener_address(admin, PUBLIC_LISTENER)
+    if settings.envoy_port == 0:
+        # A restart reads the same file: it must come back on the port clients now use.
+        pinned = settings.model_copy(update={"envoy_port": int(address.rpartition(":")[2])})
+        config.write_text(render(plan(pinned, edge_addr=edge_address)))
+    info = ReadyInfo("envoy", address, admin, child.process.pid)
+    supervisor.mark_ready(child, info)
+    return info

@@ -15,6 +15,7 @@ from services.mesh.handlers import wrap_behavior
 from services.mesh.logs import request_scope
 
 REQUEST_ID_METADATA = "x-request-id"
+Track = Callable[[grpc.ServicerContext], None]
 # Health watches live as long as the caller's channel: they are not work a drain waits for.
 _UNTRACKED_PREFIX = "/grpc.health.v1.Health/"
 
@@ -55,6 +56,13 @@ class CallObserver(grpc.ServerInterceptor):
             self._active += delta
             self._changed.notify_all()
 
+    def _started(self, context: grpc.ServicerContext) -> None:
+        """Count a call from its start until grpc has sent its last message and status: a drain
+        that stopped the server once the handler returned could still cut what it answered."""
+        self._track(1)
+        if not context.add_callback(lambda: self._track(-1)):
+            self._track(-1)  # the call had already terminated
+
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         details: grpc.HandlerCallDetails,
@@ -64,31 +72,30 @@ class CallObserver(grpc.ServerInterceptor):
             return handler  # client-streaming calls (reflection) are left unobserved
         method = details.method
         request_id = dict(details.invocation_metadata or ()).get(REQUEST_ID_METADATA)
-        track = self._track if not method.startswith(_UNTRACKED_PREFIX) else lambda _: None
+        track = self._started if not method.startswith(_UNTRACKED_PREFIX) else lambda _: None
         observe = self._streaming if handler.response_streaming else self._unary
         return wrap_behavior(handler, lambda behavior: observe(behavior, method, request_id, track))
 
     @staticmethod
-    def _unary(behavior: Callable, method: str, request_id: str | None, track: Callable[[int], None]) -> Callable:
+    def _unary(behavior: Callable, method: str, request_id: str | None, track: Track) -> Callable:
         def observed(request: Any, context: grpc.ServicerContext) -> Any:
             started, outcome = time.perf_counter(), "UNKNOWN"
-            track(1)
+            track(context)
             try:
                 with request_scope(request_id):
                     reply = behavior(request, context)
                 outcome = "OK"
                 return reply
             finally:
-                track(-1)
                 _record(method, context, outcome, started)
 
         return observed
 
     @staticmethod
-    def _streaming(behavior: Callable, method: str, request_id: str | None, track: Callable[[int], None]) -> Callable:
+    def _streaming(behavior: Callable, method: str, request_id: str | None, track: Track) -> Callable:
         def observed(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             started, outcome = time.perf_counter(), "UNKNOWN"
-            track(1)
+            track(context)
             try:
                 responses = behavior(request, context)
                 while True:
@@ -105,7 +112,6 @@ class CallObserver(grpc.ServerInterceptor):
                 responses.close()
                 raise
             finally:
-                track(-1)
                 _record(method, context, outcome, started)
 
         return observed

@@ -14,6 +14,8 @@ CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    # An instance that restarts on its address is found again within 2 s, not grpc's default 120.
+    ("grpc.max_reconnect_backoff_ms", 2000),
 )
 
 

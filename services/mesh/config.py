@@ -19,6 +19,12 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 CONFIG_ENV = "SLUICE_CONFIG"
 _REPLICAS = ", comma-separated for replicas (static discovery)"
 ENV_PREFIX = "SLUICE_"
+DEFAULT_MODEL = Path("models/sluice-tiny")
+
+
+def env_name(setting: str) -> str:
+    """The environment variable that carries a setting (`edge_port` → `SLUICE_EDGE_PORT`)."""
+    return ENV_PREFIX + setting.upper()
 
 
 class Settings(BaseSettings):
@@ -31,7 +37,7 @@ class Settings(BaseSettings):
     certs_dir: Path = Field(Path("certs"), description="folder with ca.crt and <service>.crt/.key")
     insecure: bool = Field(False, description="plaintext gRPC between services (development only; warns)")
 
-    model: Path = Field(Path("models/sluice-tiny"), description="Hugging Face model directory to serve")
+    model: Path = Field(DEFAULT_MODEL, description="Hugging Face model directory to serve")
     served_model_name: str = Field("", description="model id clients send (default: the directory name)")
     served_model_version: str = Field("", description="version of the model this instance serves (e.g. 2)")
     model_manifest: Path | None = Field(None, description="SHA-256 manifest (default: <model>/sluice-manifest.json)")
@@ -149,7 +155,7 @@ class Settings(BaseSettings):
         for name, value in self.model_dump().items():
             if value is None:
                 continue  # unset: the child's default, as here
-            env[ENV_PREFIX + name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
+            env[env_name(name)] = str(value).lower() if isinstance(value, bool) else str(value)
         return env
 
 
@@ -170,7 +176,7 @@ def add_setting_flags(parser: argparse.ArgumentParser, *names: str) -> None:
         field = Settings.model_fields[name]
         flag = "--" + name.replace("_", "-")
         kind = _flag_type(field.annotation)
-        help_text = f"{field.description} (env {ENV_PREFIX}{name.upper()}; default {field.default})"
+        help_text = f"{field.description} (env {env_name(name)}; default {field.default})"
         if kind is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif typing.get_origin(kind) is Literal:

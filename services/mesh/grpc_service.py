@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,9 +25,11 @@ from prometheus_client import start_http_server
 from services.mesh.call_observer import CallObserver
 from services.mesh.config import Settings
 from services.mesh.consul import ConsulRegistration
+from services.mesh.errors import ServiceErrors
 from services.mesh.malformed import RejectMalformed
 from services.mesh.peer_auth import PeerAuthorizer
 from services.mesh.ready import ReadyInfo, advertised_address, write_ready
+from services.mesh.signals import StopSignals
 from services.mesh.telemetry import server_interceptors, shutdown_tracing
 from services.mesh.tls import server_credentials, warn_if_insecure
 
@@ -64,6 +64,7 @@ def serve(settings: Settings, spec: GrpcService, port: int, ready_file: Path | N
     if not settings.insecure:
         interceptors.append(PeerAuthorizer(spec.name))
     interceptors.append(RejectMalformed())
+    interceptors.append(ServiceErrors(spec.name))  # innermost: every handler's own failures
     server = grpc.server(
         ThreadPoolExecutor(max_workers=spec.max_workers),
         interceptors=interceptors,
@@ -86,9 +87,7 @@ def serve(settings: Settings, spec: GrpcService, port: int, ready_file: Path | N
         raise OSError(f"{spec.name}: cannot bind {bind}")
     metrics_httpd, _ = start_http_server(settings.metrics_port, addr=settings.host)
 
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopSignals()
     server.start()
     address = advertised_address(settings.advertise_host or settings.host, bound)
     metrics = advertised_address(settings.host, metrics_httpd.server_port)
