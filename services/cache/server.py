@@ -10,7 +10,7 @@ from prometheus_client import Counter, Gauge
 
 from services.cache.store import CompletionStore, Store
 from services.mesh.config import Settings
-from services.mesh.errors import InvalidArgument, grpc_errors
+from services.mesh.errors import InvalidArgument, NotFound
 from services.mesh.grpc_service import GrpcService, serve
 from services.mesh.stubs import cache_pb2, cache_pb2_grpc
 
@@ -32,17 +32,15 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
         ENTRIES.set_function(lambda: store.stats().entries)
         BYTES.set_function(lambda: store.stats().bytes)
 
-    @grpc_errors
     def Lookup(self, request: cache_pb2.LookupRequest, context: grpc.ServicerContext) -> cache_pb2.Completion:
         _require_key(request.cache_key)
         value = self._store.get(request.cache_key)
         LOOKUPS.labels("hit" if value is not None else "miss").inc()
         trace.get_current_span().set_attribute("sluice.cache.hit", value is not None)
         if value is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, "no cached completion for this key")
+            raise NotFound("no cached completion for this key")
         return cache_pb2.Completion.FromString(value)
 
-    @grpc_errors
     def Store(self, request: cache_pb2.StoreRequest, context: grpc.ServicerContext) -> cache_pb2.StoreReply:
         _require_key(request.cache_key)
         stored = self._store.put(request.cache_key, request.completion.SerializeToString())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import grpc
@@ -13,6 +14,8 @@ from fastapi.responses import JSONResponse
 from services.edge_http.metrics import UPSTREAM_ERRORS
 from services.edge_http.openai_schema import ErrorBody, ErrorDetail
 from services.mesh.errors import error_details
+
+log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
 
@@ -29,6 +32,21 @@ _STATUS_MAP: dict[grpc.StatusCode, tuple[int, str]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
     grpc.StatusCode.CANCELLED: (503, "service_unavailable"),
 }
+# A failure no service answered for (the transport's): the client sees what it means, not grpc's text.
+_TRANSPORT_MESSAGES = {
+    grpc.StatusCode.DEADLINE_EXCEEDED: "{} did not answer within the deadline",
+    grpc.StatusCode.CANCELLED: "{} stopped handling the request; retry shortly",
+}
+_TRANSPORT_MESSAGE = "{} is unavailable; retry shortly"
+_TRANSPORT = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+    }
+)
 
 
 @dataclass
@@ -49,11 +67,16 @@ class OpenAIError(Exception):
 
 def from_rpc_error(err: grpc.aio.AioRpcError, upstream: str) -> OpenAIError:
     UPSTREAM_ERRORS.labels(upstream, err.code().name).inc()
-    status, kind = _STATUS_MAP.get(err.code(), (500, "server_error"))
     code, param = error_details(err)
+    status, kind = _STATUS_MAP.get(err.code(), (500, "server_error"))
     message = err.details() or err.code().name
-    if status >= 500:
-        message = f"{upstream}: {message}"
+    if code is None and err.code() in _TRANSPORT:
+        # Not a service's answer: the connection failed, broke or timed out. grpc's text (socket
+        # errors, "Stream removed", addresses) is for the operator's log, not for clients.
+        log.warning("%s call failed: %s %s", upstream, err.code().name, err.details())
+        if err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            status, kind = 503, "service_unavailable"
+        message = _TRANSPORT_MESSAGES.get(err.code(), _TRANSPORT_MESSAGE).format(upstream)
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else {}
     return OpenAIError(status, message, kind, param, code or err.code().name.lower(), headers)
 

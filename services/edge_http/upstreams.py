@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -22,10 +23,12 @@ from grpc_health.v1.health_pb2_grpc import HealthStub
 from services.edge_http.errors import RETRY_AFTER_S, OpenAIError
 from services.edge_http.metrics import UPSTREAM_EJECTIONS, UPSTREAM_RETRIES
 from services.edge_http.models import Served
-from services.mesh.balancer import RETRYABLE, Endpoint, NoInstance, Pool
+from services.edge_http.readiness import Probe
+from services.mesh.balancer import Endpoint, NoInstance, Pool
 from services.mesh.channels import aio_channel
 from services.mesh.config import Settings
 from services.mesh.discovery import UPSTREAM_SERVICES, Discovery, Instance
+from services.mesh.errors import is_instance_fault
 from services.mesh.health import SERVING, check_async
 from services.mesh.stubs.inference_pb2 import ListModelsRequest
 from services.mesh.stubs.inference_pb2_grpc import InferenceStub
@@ -127,83 +130,70 @@ class Upstreams:
         """What every inference instance that has described itself serves."""
         return [_served(e) for e in self.pools["inference"].endpoints if e.info is not None]
 
-    def _pick(self, service: str, tried: list[str], accept: Accept) -> Endpoint:
-        try:
-            return self.pools[service].pick(tried, accept)
-        except NoInstance as err:
-            raise OpenAIError(
-                503, str(err), "service_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}
-            ) from err
-
-    def _retry(self, service: str, endpoint: Endpoint, code: grpc.StatusCode, tried: list[str], accept: Accept) -> bool:
-        tried.append(endpoint.instance.key)
-        if code in RETRYABLE and self.pools[service].alternatives(tried, accept):
-            log.warning("%s at %s failed (%s); retrying on another instance",
-                        service, endpoint.instance.address, code.name)  # fmt: skip
-            UPSTREAM_RETRIES.labels(service).inc()
-            return True
-        return False
+    def _call(self, service: str, accept: Accept) -> _Call:
+        return _Call(service, self.pools[service], accept)
 
     async def unary(
         self, service: str, stub_class: type, method: str, request: Message, accept: Accept = None, **call: Any
     ) -> Any:
         """One unary call to an instance `accept` allows (keyword arguments go to the stub: timeout, metadata)."""
-        tried: list[str] = []
+        attempts = self._call(service, accept)
         while True:
-            endpoint = self._pick(service, tried, accept)
-            pool = self.pools[service]
-            pool.started(endpoint)
-            code = None
+            endpoint = attempts.pick()
             try:
-                return await getattr(endpoint.stub(stub_class), method)(request, **call)
+                with attempts.attempt(endpoint):
+                    return await getattr(endpoint.stub(stub_class), method)(request, **call)
             except grpc.aio.AioRpcError as err:
-                code = err.code()
-                if not self._retry(service, endpoint, code, tried, accept):
+                if not attempts.may_retry(endpoint, err):
                     raise
-            finally:
-                pool.finished(endpoint, code)
 
     async def stream(
-        self, service: str, stub_class: type, method: str, request: Message,
-        commits: Callable[[Any], bool] = lambda _: True, accept: Accept = None, **call: Any,
-    ) -> AsyncIterator:  # fmt: skip
+        self,
+        service: str,
+        stub_class: type,
+        method: str,
+        request: Message,
+        commits: Callable[[Any], bool] = lambda _: True,
+        accept: Accept = None,
+        **call: Any,
+    ) -> AsyncIterator:
         """A server-streaming call, retried on another instance if it fails before a message that
         `commits` it: messages before that one (e.g. tokens whose text is still held back) are
         kept back too, so a retry is invisible to the caller."""
-        tried: list[str] = []
+        attempts = self._call(service, accept)
         while True:
-            endpoint = self._pick(service, tried, accept)
-            pool = self.pools[service]
-            pool.started(endpoint)
-            code, held, committed = None, [], False
+            endpoint = attempts.pick()
+            held, committed = [], False
             rpc = getattr(endpoint.stub(stub_class), method)(request, **call)
             try:
-                async for message in rpc:
-                    held.append(message)
-                    committed = committed or commits(message)
-                    if committed:
-                        for kept in held:
-                            yield kept
-                        held.clear()
-                for kept in held:
-                    yield kept  # the stream ended without committing: nothing left to retry for
+                with attempts.attempt(endpoint):
+                    async for message in rpc:
+                        held.append(message)
+                        committed = committed or commits(message)
+                        if committed:
+                            for kept in held:
+                                yield kept
+                            held.clear()
+                    for kept in held:
+                        yield kept  # the stream ended without committing: nothing left to retry for
                 return
             except grpc.aio.AioRpcError as err:
-                code = err.code()
-                if committed or not self._retry(service, endpoint, code, tried, accept):
+                if committed or not attempts.may_retry(endpoint, err):
                     raise
             finally:
                 # Client gone or stream abandoned: cancelling the call stops generation upstream.
                 rpc.cancel()
-                pool.finished(endpoint, code)
 
-    async def health(self) -> dict[str, bool]:
-        """Each service: is at least one of its instances SERVING right now?"""
-        states = {}
-        for svc, pool in self.pools.items():
-            results = await asyncio.gather(*(check_async(e.channel, timeout=2.0) for e in pool.endpoints))
-            states[svc] = any(results)
-        return states
+    async def health(self) -> list[Probe]:
+        """Every instance's answer to a health check now (inference ones with the model they serve)."""
+        endpoints = [e for pool in self.pools.values() for e in pool.endpoints]
+        serving = await asyncio.gather(*(check_async(e.channel, timeout=2.0) for e in endpoints))
+        if any(e.info is None for e in self.pools["inference"].endpoints):
+            await self.describe_all()
+        return [
+            Probe(e.instance.service, e.instance.address, ok, e.info.id if e.info is not None else None)
+            for e, ok in zip(endpoints, serving, strict=True)
+        ]
 
     async def close(self) -> None:
         tasks = [self._health_task, *self._watchers.values()]
@@ -213,3 +203,48 @@ class Upstreams:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._discovery.close()
         await asyncio.gather(*(e.channel.close() for pool in self.pools.values() for e in pool.endpoints))
+
+
+@dataclass
+class _Call:
+    """One logical call to a service: the instances tried so far, each attempt's outcome reported
+    to the pool, and whether a failure may be retried on another instance."""
+
+    service: str
+    pool: Pool
+    accept: Accept
+    tried: list[str] = field(default_factory=list)
+
+    def pick(self) -> Endpoint:
+        try:
+            return self.pool.pick(self.tried, self.accept)
+        except NoInstance as err:
+            raise OpenAIError(
+                503, str(err), "service_unavailable", code="unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}
+            ) from err
+
+    @contextlib.contextmanager
+    def attempt(self, endpoint: Endpoint) -> Iterator[None]:
+        self.pool.started(endpoint)
+        fault = False
+        try:
+            yield
+        except grpc.aio.AioRpcError as err:
+            fault = is_instance_fault(err)
+            raise
+        finally:
+            self.pool.finished(endpoint, fault)
+
+    def may_retry(self, endpoint: Endpoint, err: grpc.aio.AioRpcError) -> bool:
+        """An instance's fault, or its being overloaded, is worth one more try elsewhere; a request's
+        own error would only fail again."""
+        self.tried.append(endpoint.instance.key)
+        worth_it = is_instance_fault(err) or err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        if worth_it and self.pool.alternatives(self.tried, self.accept):
+            log.warning(
+                "%s at %s failed (%s); retrying on another instance",
+                self.service, endpoint.instance.address, err.code().name,
+            )  # fmt: skip
+            UPSTREAM_RETRIES.labels(self.service).inc()
+            return True
+        return False

@@ -20,7 +20,7 @@ from services.inference.sampling import SamplingConfig
 from services.inference.tracing import record_phases
 from services.mesh import finish_reasons
 from services.mesh.config import Settings
-from services.mesh.errors import InvalidArgument, grpc_errors
+from services.mesh.errors import InvalidArgument, ModelNotFound, WrongModelKind
 from services.mesh.grpc_service import GrpcService, serve
 from services.mesh.stubs import common_pb2, inference_pb2, inference_pb2_grpc
 
@@ -64,19 +64,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         assert self._engine is not None
         return self._engine.loaded.tokenizer.decode([token_id])
 
-    def _check_model(self, model: str, context: grpc.ServicerContext) -> None:
+    def _check_model(self, model: str) -> None:
         if model and model != self._info.id:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"this instance serves {self._info.id}, not {model}")
+            raise ModelNotFound(f"this instance serves {self._info.id}, not {model}", "model")
 
-    @grpc_errors
     def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[inference_pb2.GenerateChunk]:
-        self._check_model(request.model, context)
+        self._check_model(request.model)
         if self._engine is None:
-            context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION, f"{self._info.id} is an embedding model: it generates no text"
-            )
+            raise WrongModelKind(f"{self._info.id} is an embedding model: it generates no text", "model")
         remaining = context.time_remaining()
         handle = self._engine.submit(
             GenerationRequest(
@@ -106,11 +103,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                        "prompt_tokens": len(request.token_ids)},
             )  # fmt: skip
 
-    @grpc_errors
     def Embed(self, request: inference_pb2.EmbedRequest, context: grpc.ServicerContext) -> inference_pb2.EmbedReply:
-        self._check_model(request.model, context)
+        self._check_model(request.model)
         if self._embedder is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self._info.id} generates text: it has no embeddings")
+            raise WrongModelKind(f"{self._info.id} generates text: it has no embeddings", "model")
         if not request.inputs:
             raise InvalidArgument("input must hold at least one item", "input")
         texts = [item.text for item in request.inputs if not item.token_ids]

@@ -1,9 +1,10 @@
 """Client-side load balancing over the instances of one service.
 
 Picks the healthy instance with the fewest requests in flight; an instance that fails
-`eject_after` calls in a row (connection-level failures, not the caller's own errors) is
-ejected for `cooldown_s`, then admitted again. When every instance is ejected or unhealthy the
-pool still answers with the least bad one (as Envoy's panic mode does) rather than refusing.
+`eject_after` calls in a row (faults of the instance: unreachable, timed out, connection lost;
+never a request's own error or crash) is ejected for `cooldown_s`, then admitted again. When
+every instance is ejected or unhealthy the pool still answers with the least bad one (as
+Envoy's panic mode does) rather than refusing.
 Pure logic: the channel factory is injected, so it is tested without a network.
 """
 
@@ -15,18 +16,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
-
 from services.mesh.discovery import Instance
 
 log = logging.getLogger(__name__)
-
-# Failures that say something about the instance, not about the request.
-INSTANCE_FAILURES = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
-)
-# Worth one more try on another instance (when nothing was sent to the client yet).
-RETRYABLE = INSTANCE_FAILURES | {grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 class NoInstance(LookupError):
@@ -107,10 +99,10 @@ class Pool:
     def started(self, endpoint: Endpoint) -> None:
         endpoint.outstanding += 1
 
-    def finished(self, endpoint: Endpoint, code: grpc.StatusCode | None) -> None:
-        """Record a call's outcome (None or a non-instance code: the instance did its job)."""
+    def finished(self, endpoint: Endpoint, fault: bool) -> None:
+        """Record a call's outcome: `fault` when it failed because of the instance."""
         endpoint.outstanding -= 1
-        if code not in INSTANCE_FAILURES:
+        if not fault:
             endpoint.failures = 0
             return
         endpoint.failures += 1

@@ -1,23 +1,37 @@
-"""Errors that cross the mesh as gRPC status codes.
+"""Errors that cross the mesh as gRPC status codes, and who is to blame for a failed call.
 
 Service logic raises MeshError subclasses without knowing about gRPC contexts; the
-`grpc_errors` decorator turns them into the matching status (with the offending request
-field in trailing metadata), so the edge can map them to OpenAI errors.
+`ServiceErrors` interceptor, on every server, turns them into the matching status with the
+error code (and the offending request field) in trailing metadata. Any other exception a
+handler raises is that request's crash: it is logged with its traceback and answered as
+INTERNAL with a stable message, never with the exception's own text.
+
+So a caller can tell the two kinds of failure apart: a status that carries the error-code
+metadata is the service's answer about this request; one without it (UNAVAILABLE, a dropped
+connection) came from the transport and says something about the instance. Only that kind,
+and deadlines, count toward ejecting an instance.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-from collections.abc import Callable
-from typing import Any, TypeVar
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
+
+from services.mesh.handlers import Behavior, wrap_behavior
+
+log = logging.getLogger(__name__)
 
 PARAM_METADATA_KEY = "sluice-error-param"
 CODE_METADATA_KEY = "sluice-error-code"
 
-F = TypeVar("F", bound=Callable[..., Any])
+# An instance that cannot be reached or does not answer in time, whoever reports it.
+UNRESPONSIVE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# What the transport reports when a connection breaks mid-call (e.g. "Stream removed"); a
+# service's own crash on a request arrives as INTERNAL too, but with the error-code metadata.
+BROKEN = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
 
 
 class MeshError(Exception):
@@ -35,9 +49,18 @@ class InvalidArgument(MeshError):
     code = "invalid_value"
 
 
-class ModelNotFound(MeshError):
+class NotFound(MeshError):
     status = grpc.StatusCode.NOT_FOUND
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
     code = "model_not_found"
+
+
+class WrongModelKind(MeshError):
+    status = grpc.StatusCode.FAILED_PRECONDITION
+    code = "wrong_model_kind"
 
 
 class ContextLengthExceeded(MeshError):
@@ -63,30 +86,60 @@ def _abort(context: grpc.ServicerContext, err: MeshError) -> None:
     context.abort(err.status, err.message)
 
 
-def grpc_errors(method: F) -> F:
-    """Servicer method decorator: MeshError → gRPC status. Works for unary and streaming handlers."""
-    if inspect.isgeneratorfunction(method):
+class ServiceErrors(grpc.ServerInterceptor):
+    """MeshError → its status; any other exception → INTERNAL with a stable message. For every
+    handler of a server, unary and streaming alike."""
 
-        @functools.wraps(method)
-        def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-            try:
-                yield from method(self, request, context)
-            except MeshError as err:
-                _abort(context, err)
+    def __init__(self, service: str) -> None:
+        self._crashed = MeshError(f"internal error in {service} while handling this request")
 
-        return stream  # type: ignore[return-value]
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None or handler.request_streaming:
+            return handler  # client-streaming calls (reflection) are grpc's own
+        wrap = self._streaming if handler.response_streaming else self._unary
+        return wrap_behavior(handler, lambda behavior: wrap(behavior, details.method))
 
-    @functools.wraps(method)
-    def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return method(self, request, context)
-        except MeshError as err:
+    def _fail(self, context: grpc.ServicerContext, err: Exception, method: str) -> None:
+        if context.code() is not None:
+            raise err  # the handler aborted the call itself: grpc's own way out
+        if isinstance(err, MeshError):
             _abort(context, err)
+        log.exception("%s crashed", method)
+        _abort(context, self._crashed)
 
-    return unary  # type: ignore[return-value]
+    def _unary(self, behavior: Behavior, method: str) -> Behavior:
+        def answered(request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                return behavior(request, context)
+            except Exception as err:
+                self._fail(context, err, method)
+
+        return answered
+
+    def _streaming(self, behavior: Behavior, method: str) -> Behavior:
+        def answered(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            try:
+                yield from behavior(request, context)
+            except Exception as err:
+                self._fail(context, err, method)
+
+        return answered
 
 
-def error_details(err: grpc.aio.AioRpcError | grpc.RpcError) -> tuple[str | None, str | None]:
-    """(error code, param) a MeshError attached to a failed call, when it came from one."""
+def error_details(err: grpc.RpcError) -> tuple[str | None, str | None]:
+    """(error code, param) a service attached to a failed call; (None, None) when the failure
+    did not come from a service's answer."""
     values = dict(err.trailing_metadata() or ())  # type: ignore[attr-defined]
     return values.get(CODE_METADATA_KEY), values.get(PARAM_METADATA_KEY)
+
+
+def is_instance_fault(err: grpc.RpcError) -> bool:
+    """Does this failure say something about the instance (down, hung, unreachable) rather than
+    about the request? Only those count toward ejecting it."""
+    code = err.code()  # type: ignore[attr-defined]
+    return code in UNRESPONSIVE or (code in BROKEN and error_details(err)[0] is None)

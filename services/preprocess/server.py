@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from services.inference.model_dir import check_model_dir, context_length
 from services.mesh.config import Settings
-from services.mesh.errors import ModelNotFound, grpc_errors
+from services.mesh.errors import ModelNotFound
 from services.mesh.grpc_service import GrpcService, serve
 from services.mesh.stubs import common_pb2, preprocess_pb2, preprocess_pb2_grpc
 from services.preprocess.cache_keys import cache_key
@@ -47,7 +47,6 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServicer):
             context_length=self._context_length,
         )
 
-    @grpc_errors
     def RenderChat(
         self, request: preprocess_pb2.RenderChatRequest, context: grpc.ServicerContext
     ) -> preprocess_pb2.PreprocessReply:
@@ -64,7 +63,6 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServicer):
         reply.reasoning_opened = bool(request.reasoning_open) and prompt.rstrip().endswith(request.reasoning_open)
         return reply
 
-    @grpc_errors
     def Tokenize(
         self, request: preprocess_pb2.TokenizeRequest, context: grpc.ServicerContext
     ) -> preprocess_pb2.PreprocessReply:

@@ -178,10 +178,15 @@ def test_errors_before_the_stream_starts_are_http_errors(http: httpx.Client) -> 
     assert reply.json()["error"]["code"] == "model_not_found"
 
 
-def test_health_reports_every_upstream_serving(http: httpx.Client) -> None:
+def test_health_reports_every_service_and_model_serving(http: httpx.Client) -> None:
     reply = http.get("/health")
     assert reply.status_code == 200
-    assert reply.json()["upstreams"] == {"preprocess": "SERVING", "inference": "SERVING", "cache": "SERVING"}
+    one = {"serving": 1, "instances": 1}
+    assert reply.json() == {
+        "status": "ok",
+        "services": {"preprocess": one, "inference": one, "cache": one},
+        "models": {"sluice-tiny": one},
+    }
 
 
 def test_responses_carry_a_request_id(http: httpx.Client) -> None:

@@ -14,6 +14,7 @@ from services.edge_http.guard import shared_settle
 from services.edge_http.openai_schema import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from services.edge_http.pipeline import _choice, sampling_params
 from services.edge_http.streaming import sse_stream
+from services.mesh.errors import CODE_METADATA_KEY
 from services.mesh.stubs import preprocess_pb2
 
 
@@ -88,24 +89,48 @@ def test_completion_prompt_must_be_one_prompt() -> None:
         CompletionRequest(model="m", prompt="a", echo=True)
 
 
+def _rpc_error(status: grpc.StatusCode, details: str, answered: bool) -> grpc.aio.AioRpcError:
+    """A failed call as the edge sees it: answered by a service (its error code in the trailing
+    metadata) or failed in the transport (no such metadata)."""
+    trailing = grpc.aio.Metadata((CODE_METADATA_KEY, "some_code")) if answered else grpc.aio.Metadata()
+    return grpc.aio.AioRpcError(status, grpc.aio.Metadata(), trailing, details=details)
+
+
 @pytest.mark.parametrize(
-    ("status", "http"),
+    ("status", "answered", "http"),
     [
-        (grpc.StatusCode.INVALID_ARGUMENT, 400),
-        (grpc.StatusCode.OUT_OF_RANGE, 400),
-        (grpc.StatusCode.NOT_FOUND, 404),
-        (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
-        (grpc.StatusCode.UNAVAILABLE, 503),
-        (grpc.StatusCode.DEADLINE_EXCEEDED, 504),
-        (grpc.StatusCode.INTERNAL, 500),
+        (grpc.StatusCode.INVALID_ARGUMENT, True, 400),
+        (grpc.StatusCode.OUT_OF_RANGE, True, 400),
+        (grpc.StatusCode.NOT_FOUND, True, 404),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, True, 429),
+        (grpc.StatusCode.INTERNAL, True, 500),  # the service crashed on this request
+        (grpc.StatusCode.UNAVAILABLE, False, 503),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, False, 504),
+        (grpc.StatusCode.INTERNAL, False, 503),  # a broken connection
+        (grpc.StatusCode.UNKNOWN, False, 503),
     ],
 )
-def test_grpc_status_maps_to_http_status(status: grpc.StatusCode, http: int) -> None:
-    err = grpc.aio.AioRpcError(status, grpc.aio.Metadata(), grpc.aio.Metadata(), details="why")
-    mapped = from_rpc_error(err, "inference")
+def test_grpc_status_maps_to_http_status(status: grpc.StatusCode, answered: bool, http: int) -> None:
+    mapped = from_rpc_error(_rpc_error(status, "why", answered), "inference")
     assert mapped.status == http
     if http in (429, 503):
         assert mapped.headers["Retry-After"]
+
+
+@pytest.mark.parametrize(
+    "details",
+    ["Stream removed (Socket closed)", "failed to connect to all addresses; last error: UNKNOWN: ipv4:10.0.0.7:4100"],
+)
+@pytest.mark.parametrize("status", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL])
+def test_transport_text_never_reaches_the_client(status: grpc.StatusCode, details: str) -> None:
+    mapped = from_rpc_error(_rpc_error(status, details, answered=False), "inference")
+    assert mapped.message == "inference is unavailable; retry shortly"
+    assert details not in mapped.body().model_dump_json()
+
+
+def test_a_service_answer_keeps_its_message_and_code() -> None:
+    mapped = from_rpc_error(_rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "messages[0].role: bad", True), "preprocess")
+    assert (mapped.status, mapped.message, mapped.code) == (400, "messages[0].role: bad", "some_code")
 
 
 def test_choices_sample_with_successive_seeds_wrapping_within_int64_and_cache_apart() -> None:
