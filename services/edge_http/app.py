@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from typing import Annotated, TypeVar
 
 from fastapi import Depends, FastAPI, Request, Security
@@ -32,7 +34,8 @@ from services.edge_http.errors import (
     handle_openai_error,
     handle_validation_error,
 )
-from services.edge_http.guard import Guard, LimitBody, Settle, bearer, settled, shared_settle
+from services.edge_http.guard import Guard, Settle, bearer, settled, shared_settle
+from services.edge_http.intake import CheckedRoute, LimitRequest, Rejected
 from services.edge_http.keys import KeyRecord
 from services.edge_http.metrics import CACHE_RESULTS, TIME_TO_FIRST_TOKEN
 from services.edge_http.models import VERSION_HEADER, ModelRouter, Served, UnknownModel, UnknownVersion
@@ -49,15 +52,18 @@ from services.edge_http.openai_schema import (
     SamplingFields,
 )
 from services.edge_http.pipeline import Pipeline, Run
+from services.edge_http.readiness import readiness
 from services.edge_http.rerank import ranked, rerank_inputs
 from services.edge_http.streaming import kept_alive, sse_stream
 from services.edge_http.tools import forced_prefix
 from services.edge_http.upstreams import Upstreams
 from services.mesh.config import Settings
 from services.mesh.consul import ConsulDiscovery
-from services.mesh.discovery import StaticDiscovery
+from services.mesh.discovery import UPSTREAM_SERVICES, StaticDiscovery
 from services.mesh.stubs import inference_pb2, preprocess_pb2
 from services.mesh.telemetry import shutdown_tracing, tracing_enabled
+
+log = logging.getLogger(__name__)
 
 BodyT = TypeVar("BodyT", bound=SamplingFields)
 
@@ -124,7 +130,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.guard = Guard(settings)
     router = app.state.router = ModelRouter(settings.model_weights, settings.model_aliases)
-    app.add_middleware(LimitBody, max_bytes=settings.max_request_bytes)
+    app.router.route_class = CheckedRoute
+    app.add_middleware(LimitRequest, max_bytes=settings.max_request_bytes)
     app.add_middleware(ObserveRequests)
     app.add_middleware(NormalizeSlashes)
 
@@ -173,15 +180,16 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
-        """Ready (200) only when every upstream answers SERVING to grpc.health.v1."""
+        """Ready to serve: per service and per model, how many instances are SERVING; 503 when some
+        model or a required service has none, `degraded` (200) when only some replicas are down."""
         upstreams: Upstreams = request.app.state.upstreams
-        states = await upstreams.health()
-        ready = all(states.values())
+        verdict = readiness(UPSTREAM_SERVICES, await upstreams.health())
         body = {
-            "status": "ok" if ready else "unavailable",
-            "upstreams": {name: "SERVING" if up else "NOT_SERVING" for name, up in states.items()},
+            "status": verdict.status,
+            "services": {name: asdict(a) for name, a in verdict.services.items()},
+            "models": {name: asdict(a) for name, a in verdict.models.items()},
         }
-        return JSONResponse(body, status_code=200 if ready else 503)
+        return JSONResponse(body, status_code=verdict.http_status)
 
     def deployment_openapi() -> dict:
         """FastAPI's document, plus the limits and model name this deployment was started with."""
@@ -351,9 +359,15 @@ def _version_header(target: Served) -> dict[str, str]:
 
 async def _http_exception(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
+    if isinstance(exc, Rejected):
+        return exc.error.response()
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     return OpenAIError(exc.status_code, str(exc.detail), code=code, headers=exc.headers or {}).response()
 
 
-async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-    return OpenAIError(500, f"internal error: {type(exc).__name__}", "server_error", code="internal_error").response()
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # The traceback is for the operator's log; the client gets a stable message and the request
+    # id (also in its X-Request-Id header) to quote.
+    log.error("%s %s crashed", request.method, request.url.path, exc_info=exc)
+    message = f"internal error in the edge while handling request {request_id(request.scope)}"
+    return OpenAIError(500, message, "server_error", code="internal_error").response()

@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.edge_http.errors import OpenAIError
 from services.edge_http.keys import KeyRecord, KeyStore
@@ -125,33 +124,3 @@ def shared_settle(settle: Settle, parts: int, prompt_tokens: int) -> Settle:
             await settle(sum(known) - (parts - 1) * prompt_tokens if len(known) == parts else None)
 
     return part
-
-
-class LimitBody:
-    """413 for a body over the limit, by Content-Length or by what actually arrives (chunked)."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    def _too_large(self) -> OpenAIError:
-        return OpenAIError(413, f"the request body exceeds {self.max_bytes} bytes", code="request_too_large")
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"0")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            await self._too_large().response()(scope, receive, send)
-            return
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_bytes:
-                raise self._too_large()
-            return message
-
-        await self.app(scope, counted, send)

@@ -11,6 +11,7 @@ from pathlib import Path
 import uvicorn
 
 from services.edge_http.app import create_app
+from services.edge_http.intake import HEADER_READ_LIMIT_BYTES
 from services.mesh.config import Settings
 from services.mesh.ready import ReadyInfo, advertised_address, write_ready
 from services.mesh.tls import warn_if_insecure
@@ -49,6 +50,7 @@ def run(settings: Settings, ready_file: Path | None) -> int:
         log_config=None,  # uvicorn's own lines go through the mesh's (JSON) handler
         timeout_graceful_shutdown=int(settings.drain_grace_s),
         access_log=False,
+        h11_max_incomplete_event_size=HEADER_READ_LIMIT_BYTES,
     )
     _ReportingServer(config, started).run(sockets=[sock])
     return 0

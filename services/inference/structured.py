@@ -12,7 +12,6 @@ the empty state, which admission checks.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 import llguidance
@@ -22,6 +21,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from services.mesh.errors import InvalidArgument
+from services.mesh.json_limits import loads_bounded
 
 # A schema whose shortest finish the closing policy cannot find within this many tokens is refused.
 _MAX_CLOSURE = 1024
@@ -49,10 +49,9 @@ class JsonGrammars:
 
     def matcher(self, schema: str) -> JsonMatcher:
         """A fresh matcher for one sequence; a schema the compiler refuses is the caller's error."""
+        document = loads_bounded(schema, "response_format")
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                json.loads(schema), defaults={"whitespace_flexible": False}
-            )
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(document, defaults={"whitespace_flexible": False})
         except (ValueError, TypeError) as err:
             raise InvalidArgument(f"response_format: not a JSON schema: {err}", "response_format") from err
         matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)

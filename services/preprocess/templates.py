@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import jinja2
 from transformers import PreTrainedTokenizerBase
 
 from services.mesh.errors import InvalidArgument
+from services.mesh.json_limits import loads_bounded
 
 KNOWN_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
@@ -30,22 +30,18 @@ class Message:
 
 def _template_tool_calls(message: Message, index: int) -> list[dict]:
     """OpenAI tool calls as chat templates take them: arguments as an object, not a JSON string."""
+    field = f"messages[{index}].tool_calls"
     try:
-        calls = json.loads(message.tool_calls_json)
         rendered = []
-        for call in calls:
+        for call in loads_bounded(message.tool_calls_json, field):
             function = call["function"]
             arguments = function.get("arguments") or "{}"
-            rendered.append({
-                "id": call.get("id", ""), "type": "function",
-                "function": {"name": function["name"],
-                             "arguments": json.loads(arguments) if isinstance(arguments, str) else arguments},
-            })  # fmt: skip
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise InvalidArgument(
-            f"messages[{index}].tool_calls: each needs function.name and JSON arguments ({err})",
-            f"messages[{index}].tool_calls",
-        ) from err
+            if isinstance(arguments, str):
+                arguments = loads_bounded(arguments, field)
+            called = {"name": function["name"], "arguments": arguments}
+            rendered.append({"id": call.get("id", ""), "type": "function", "function": called})
+    except (KeyError, TypeError, AttributeError) as err:
+        raise InvalidArgument(f"{field}: each needs function.name and JSON arguments ({err})", field) from err
     return rendered
 
 
@@ -94,7 +90,7 @@ def render_chat(
     expects them), then the start of the assistant's turn (plus `assistant_prefix`)."""
     if not tokenizer.chat_template:
         raise InvalidArgument(f"model {model} has no chat template; use /v1/completions with a prompt", "messages")
-    tools = json.loads(tools_json) if tools_json else None
+    tools = loads_bounded(tools_json, "tools") if tools_json else None
     try:
         prompt = tokenizer.apply_chat_template(
             to_template_messages(messages, model), tools=tools, tokenize=False, add_generation_prompt=True
