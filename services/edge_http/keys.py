@@ -4,15 +4,22 @@ A key reads `sk-sluice-<id>-<secret>`: the id finds its record, the secret is ch
 a salted SHA-256 in constant time. Keys carry 256 random bits, so a fast hash is enough (a
 slow KDF protects guessable passwords, not random keys). The edge re-reads the file when it
 changes, so new and revoked keys take effect without a restart.
+
+Changes hold an exclusive lock on a sidecar `<file>.lock` from reading the file to replacing
+it, so `sluice keys create` run from several processes at once loses no key; the file is
+replaced atomically, so the edge never reads half of one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import os
 import secrets
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -53,18 +60,37 @@ def _save(path: Path, content: KeyFile) -> None:
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(content.model_dump_json(indent=2))
+        fh.flush()
+        os.fsync(fh.fileno())  # a key printed to its owner must survive a crash right after
     os.replace(temporary, path)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Exclusive use of the keys file between processes, for a read-modify-replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(f"{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def create(path: Path, name: str, rpm: int = 0, tpm: int = 0, models: list[str] | None = None) -> tuple[str, KeyRecord]:
     """Add a key; returns the plain key (shown once, never stored) and its record."""
+    with _locked(path):
+        return _create(path, name, rpm, tpm, models or [])
+
+
+def _create(path: Path, name: str, rpm: int, tpm: int, models: list[str]) -> tuple[str, KeyRecord]:
     content = load(path)
     if any(record.name == name for record in content.keys):
         raise ValueError(f"a key named {name!r} already exists in {path}")
     key_id, secret, salt = secrets.token_hex(6), secrets.token_urlsafe(32), secrets.token_hex(16)
     record = KeyRecord(
         name=name, id=key_id, salt=salt, sha256=_digest(salt, secret), rpm=rpm, tpm=tpm,
-        models=models or [], created=int(time.time()),
+        models=models, created=int(time.time()),
     )  # fmt: skip
     content.keys.append(record)
     _save(path, content)
@@ -72,11 +98,12 @@ def create(path: Path, name: str, rpm: int = 0, tpm: int = 0, models: list[str] 
 
 
 def revoke(path: Path, name: str) -> None:
-    content = load(path)
-    kept = [record for record in content.keys if record.name != name]
-    if len(kept) == len(content.keys):
-        raise KeyError(f"no key named {name!r} in {path}")
-    _save(path, KeyFile(keys=kept))
+    with _locked(path):
+        content = load(path)
+        kept = [record for record in content.keys if record.name != name]
+        if len(kept) == len(content.keys):
+            raise KeyError(f"no key named {name!r} in {path}")
+        _save(path, KeyFile(keys=kept))
 
 
 class KeyStore:
@@ -84,12 +111,14 @@ class KeyStore:
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        self._stamp: int | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self._by_id: dict[str, KeyRecord] = {}
 
     def _refresh(self) -> None:
         try:
-            stamp = self._path.stat().st_mtime_ns
+            stat = self._path.stat()
+            # An atomic replace gives a new inode, even within one mtime tick.
+            stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
         except FileNotFoundError:
             stamp = None
         if stamp != self._stamp:
