@@ -265,14 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "keys":
         return _keys(settings, args)
     if args.command == "up":
-        from services.up import up
+        from services.inference.embedding_default import resolve_embedding_model
+        from services.up import MeshPlan, up
 
         if any(args.replicas.get(svc, 1) > 1 and getattr(settings, f"{svc}_port") for svc in args.replicas):
             parser.error("--replicas needs the replicated services on free ports (leave their --*-port at 0)")
-        return up(
-            settings, args.state_file, args.log_dir, args.startup_timeout, args.with_envoy, args.replicas,
-            args.extra_models,
-        )  # fmt: skip
+        embedding = resolve_embedding_model(settings.embedding_model)
+        plan = MeshPlan(args.replicas, tuple(args.extra_models), embedding, args.with_envoy)
+        return up(settings, plan, args.state_file, args.log_dir, args.startup_timeout)
     if args.command == "envoy-config":
         return _envoy_config(settings, args)
     return _serve(args.service, settings, args.ready_file)

@@ -17,13 +17,13 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from prometheus_client import start_http_server
 
 from services.edge_http import keys
-from services.inference.embedding_default import EmbeddingModel, resolve_embedding_model
+from services.inference.embedding_default import EmbeddingModel
 from services.inference.manifest import MANIFEST
 from services.ingress.envoy_runner import start_envoy
 from services.mesh.certs import ca_paths, certs_present, init_certs
@@ -110,44 +110,47 @@ def _wait_http_ready(url: str, timeout: float, stop: StopSignals) -> None:
 
 @dataclass(frozen=True)
 class MeshPlan:
-    """What `sluice up` runs besides the settings' own model."""
+    """What `sluice up` runs besides one process per service for the settings' own model."""
 
-    replicas: Mapping[str, int]
-    extra_models: tuple[tuple[Path, str], ...]  # (directory, version)
-    embedding: EmbeddingModel | None
-    with_envoy: bool
+    replicas: Mapping[str, int] = field(default_factory=dict)
+    extra_models: tuple[tuple[Path, str], ...] = ()  # (directory, version)
+    embedding: EmbeddingModel | None = None
+    with_envoy: bool = False
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where clients send requests: the edge, and Envoy in front of it when there is one."""
+
+    base_url: str
+    envoy_url: str | None = None
+
+    @property
+    def public_url(self) -> str:
+        return self.envoy_url or self.base_url
 
 
 def up(
-    settings: Settings,
-    state_file: Path | None,
-    log_dir: Path | None,
-    startup_timeout: float,
-    with_envoy: bool = False,
-    replicas: dict[str, int] | None = None,
-    extra_models: list[tuple[Path, str]] | None = None,
+    settings: Settings, plan: MeshPlan, state_file: Path | None, log_dir: Path | None, startup_timeout: float
 ) -> int:
     started = time.monotonic()
     stop = StopSignals()
     ensure_prerequisites(settings)
     new_key = ensure_api_key(settings)
-    plan = MeshPlan(
-        replicas or {}, tuple(extra_models or ()), resolve_embedding_model(settings.embedding_model), with_envoy
-    )
     metrics_httpd, _ = start_http_server(0, addr=settings.host)
     metrics = advertised_address(settings.host, metrics_httpd.server_port)
     with tempfile.TemporaryDirectory(prefix="sluice-up-") as run_dir:
         supervisor = Supervisor(Path(run_dir), log_dir, startup_timeout_s=startup_timeout, stop=stop)
         try:
-            base_url, envoy_url = _start_mesh(settings, supervisor, Path(run_dir), startup_timeout, plan, stop)
+            entry = _start_mesh(settings, supervisor, Path(run_dir), startup_timeout, plan, stop)
         except (ChildFailed, FileNotFoundError) as err:
             log.error("%s", err)
             supervisor.stop_all(settings.drain_grace_s + 5)
             metrics_httpd.shutdown()
             return 0 if stop.received else 1
-        state = MeshState(state_file, base_url, envoy_url, metrics)
+        state = MeshState(state_file, entry, metrics)
         state.write(supervisor)
-        _announce(settings, envoy_url or base_url, new_key, plan.embedding, time.monotonic() - started)
+        _announce(settings, entry.public_url, new_key, plan.embedding, time.monotonic() - started)
         code = 0
         try:
             while not stop.wait(SUPERVISE_INTERVAL_S):
@@ -168,8 +171,7 @@ class MeshState:
     """The state file: where to send requests, and each child's address, pid, state and restarts."""
 
     path: Path | None
-    base_url: str
-    envoy_url: str | None
+    entry: Entry
     metrics: str  # the supervisor's own Prometheus endpoint (restarts, children up)
 
     def write(self, supervisor: Supervisor) -> None:
@@ -180,9 +182,9 @@ class MeshState:
             for child in supervisor.children
             if child.ready is not None
         }
-        state = {"base_url": self.base_url, "supervisor": {"pid": os.getpid(), "metrics": self.metrics}}
-        if self.envoy_url:
-            state["envoy_url"] = self.envoy_url
+        state = {"base_url": self.entry.base_url, "supervisor": {"pid": os.getpid(), "metrics": self.metrics}}
+        if self.entry.envoy_url:
+            state["envoy_url"] = self.entry.envoy_url
         temporary = self.path.with_name(f".{self.path.name}.tmp")
         temporary.write_text(json.dumps(state | {"services": services}, indent=2))
         os.replace(temporary, self.path)
@@ -193,11 +195,9 @@ def _announce(
 ) -> None:
     if new_key:
         print(f"Created API key 'default' (shown only now; more with `sluice keys create`):\n  {new_key}")
-    curl = (
-        f"curl --cacert {ca_paths(settings.certs_dir).cert} {base_url}"
-        if base_url.startswith("https")
-        else (f"curl {base_url}")
-    )
+    curl = f"curl {base_url}"
+    if base_url.startswith("https"):
+        curl = f"curl --cacert {ca_paths(settings.certs_dir).cert} {base_url}"
     auth = f' -H "Authorization: Bearer {new_key or "$SLUICE_API_KEY"}"' if settings.auth else ""
     body = {"model": settings.model_name, "max_tokens": 32, "messages": [{"role": "user", "content": "Hello"}]}
     print(
@@ -253,8 +253,8 @@ def _model_instances(env: Mapping[str, str], plan: MeshPlan) -> dict[str, dict[s
 
 def _start_mesh(
     settings: Settings, supervisor: Supervisor, run_dir: Path, timeout: float, plan: MeshPlan, stop: StopSignals
-) -> tuple[str, str | None]:
-    """Start every child and wait until each is healthy: the edge's base URL (and Envoy's)."""
+) -> Entry:
+    """Start every child and wait until each is healthy."""
     env = settings.to_env()
     # The backends start together (the model load dominates); the edge needs their addresses.
     envs = {service: env for service in BACKENDS}
@@ -281,8 +281,8 @@ def _start_mesh(
     edge = supervisor.start(_service_spec("edge", "edge", edge_env))
     edge_address = supervisor.wait_ready(edge, timeout).address
     _wait_http_ready(f"http://{edge_address}/health", timeout, stop)
-    envoy_url = None
+    entry = Entry(f"http://{edge_address}/v1")
     if plan.with_envoy:
         envoy = start_envoy(settings, supervisor, run_dir, edge_address, timeout)
-        envoy_url = f"https://{envoy.address}/v1"
-    return f"http://{edge_address}/v1", envoy_url
+        entry = Entry(entry.base_url, f"https://{envoy.address}/v1")
+    return entry

@@ -45,6 +45,7 @@ class Check:
     service_id: str
     name: str
     ttl: float | None = None
+    deregister_after: float | None = None  # recorded; reaping dead entries is the real agent's job
     grpc: str | None = None
     grpc_tls: bool = False
     interval: float = 10.0
@@ -91,12 +92,17 @@ class ConsulStandIn:
         for number, definition in enumerate(_field(body, "checks") or [], start=1):
             check_id = _field(definition, "check_id") or f"service:{service_id}:{number}"
             ttl, grpc_target = _field(definition, "ttl"), _field(definition, "grpc")
+            deregister_after = _field(definition, "deregister_critical_service_after")
             self.checks[check_id] = Check(
-                check_id, service_id, _field(definition, "name") or check_id,
-                ttl=_duration(ttl) if ttl else None, grpc=grpc_target,
+                check_id,
+                service_id,
+                _field(definition, "name") or check_id,
+                ttl=_duration(ttl) if ttl else None,
+                deregister_after=_duration(deregister_after) if deregister_after else None,
+                grpc=grpc_target,
                 grpc_tls=bool(_field(definition, "grpc_use_tls")),
                 interval=_duration(_field(definition, "interval") or "10s"),
-            )  # fmt: skip
+            )
         self._bump()
 
     def deregister(self, service_id: str, bump: bool = True) -> bool:

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.edge_http.errors import OpenAIError
-from services.mesh.json_limits import MAX_DEPTH, find_problem
+from services.mesh.json_limits import depth_problem, text_problem
 
 # Request headers beyond this are refused with 431 (Envoy's default limit is 60 KiB).
 MAX_HEADER_BYTES = 64 * 1024
@@ -106,29 +106,26 @@ class LimitRequest:
 
 
 class CheckedJSONRequest(Request):
-    """A request whose JSON body is parsed once and checked: valid Unicode text (no unpaired
-    surrogates, which protobuf cannot carry) and no nesting beyond MAX_DEPTH, each a 400
-    naming the field."""
+    """A request whose JSON body is parsed once and checked: no nesting beyond MAX_DEPTH
+    (measured before parsing: Python's parser recurses) and valid Unicode text (no unpaired
+    surrogates, which protobuf cannot carry), each a 400 naming the field."""
 
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
             body = await self.body()
             try:
-                document = json.loads(body)
-            except RecursionError:
-                raise Rejected(
-                    OpenAIError(400, f"the request body nests deeper than {MAX_DEPTH} levels", code="invalid_body")
-                ) from None
+                text = body.decode(json.detect_encoding(body), "surrogatepass")  # as json.loads reads bytes
             except UnicodeDecodeError as err:
-                raise Rejected(
-                    OpenAIError(400, f"the request body is not UTF-8 text: {err.reason}", code="invalid_json")
-                ) from None
-            problem = find_problem(document)
+                error = OpenAIError(400, f"the request body is not UTF-8: {err.reason}", code="invalid_json")
+                raise Rejected(error) from None
+            document, problem = None, depth_problem(text)
+            if problem is None:
+                document = json.loads(text)  # a JSONDecodeError is FastAPI's own 400
+                problem = text_problem(document)
             if problem is not None:
                 where = problem.path or "the request body"
-                raise Rejected(
-                    OpenAIError(400, f"{where}: {problem.reason}", param=problem.path or None, code="invalid_value")
-                )
+                error = OpenAIError(400, f"{where}: {problem.reason}", param=problem.path or None, code="invalid_value")
+                raise Rejected(error)
             self._json = document
         return self._json
 

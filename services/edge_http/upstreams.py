@@ -130,14 +130,11 @@ class Upstreams:
         """What every inference instance that has described itself serves."""
         return [_served(e) for e in self.pools["inference"].endpoints if e.info is not None]
 
-    def _call(self, service: str, accept: Accept) -> _Call:
-        return _Call(service, self.pools[service], accept)
-
     async def unary(
         self, service: str, stub_class: type, method: str, request: Message, accept: Accept = None, **call: Any
     ) -> Any:
         """One unary call to an instance `accept` allows (keyword arguments go to the stub: timeout, metadata)."""
-        attempts = self._call(service, accept)
+        attempts = _Call(service, self.pools[service], accept)
         while True:
             endpoint = attempts.pick()
             try:
@@ -160,7 +157,7 @@ class Upstreams:
         """A server-streaming call, retried on another instance if it fails before a message that
         `commits` it: messages before that one (e.g. tokens whose text is still held back) are
         kept back too, so a retry is invisible to the caller."""
-        attempts = self._call(service, accept)
+        attempts = _Call(service, self.pools[service], accept)
         while True:
             endpoint = attempts.pick()
             held, committed = [], False

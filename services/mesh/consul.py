@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_PREFIX = "sluice-"
 WATCH_WAIT = "10s"
+DEREGISTER_DEAD_AFTER = "1m"
 
 
 def client(settings: Settings) -> consul.Consul:
@@ -66,8 +67,12 @@ class ConsulRegistration:
             f"{self._host}:{self._port}", interval, use_tls=not self._settings.insecure, timeout="2s"
         ) | {"CheckID": f"{self.service_id}:grpc", "Name": f"{self._service} grpc.health.v1"}
         ttl_check = consul.Check.ttl(f"{3 * self._settings.consul_check_interval_s:g}s") | {
-            "CheckID": self.ttl_check, "Name": f"{self._service} liveness heartbeat",
-        }  # fmt: skip
+            "CheckID": self.ttl_check,
+            "Name": f"{self._service} liveness heartbeat",
+            # A process killed without deregistering (kill -9, a crash) leaves its entry behind;
+            # its restart registers anew, so the agent reaps the dead one (Consul's minimum: 1m).
+            "DeregisterCriticalServiceAfter": DEREGISTER_DEAD_AFTER,
+        }
         self._consul.agent.service.register(
             f"{SERVICE_PREFIX}{self._service}", service_id=self.service_id, address=self._host, port=self._port,
             tags=self._tags, meta=self._meta, check=grpc_check, extra_checks=[ttl_check],

@@ -1,9 +1,9 @@
 """Bounds on the JSON clients send: how deep it nests, and that its text is valid Unicode.
 
-JSON allows an unpaired UTF-16 surrogate (`"\\ud800"`) and any depth; neither survives the
-mesh (protobuf strings must be valid UTF-8; renderers and schema compilers recurse). Both are
-found here by an iterative walk, so no depth of input makes Python recurse, and reported as
-the request's error naming the field.
+JSON allows any depth and an unpaired UTF-16 surrogate (`"\\ud800"`); neither survives the
+mesh (parsers, template renderers and schema compilers recurse; protobuf strings must be valid
+UTF-8). Depth is measured on the text before anything parses it, surrogates in the parsed
+document by an iterative walk; each is reported as the request's error naming the field.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from services.mesh.errors import InvalidArgument
 # about 20 of JSON), far below what makes a recursive consumer fail.
 MAX_DEPTH = 64
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# The tokens that shape JSON text: strings (whole, escapes and all), brackets, colons, commas.
+_TOKENS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}:,]')
 _PATH_PARTS_SHOWN = 4  # a too-deep path is named by where it starts
 
 
@@ -28,51 +30,83 @@ class JsonProblem:
     reason: str
 
 
-def _path(parts: tuple[str | int, ...]) -> str:
+def _path(parts: list[str | int | None]) -> str:
     text = ""
     for part in parts:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text
+
+
+def _key(token: str) -> str:
+    try:
+        return json.loads(token)
+    except ValueError:
+        return token[1:-1]
+
+
+def depth_problem(text: str, max_depth: int = MAX_DEPTH) -> JsonProblem | None:
+    """Where JSON text nests deeper than `max_depth`, found without parsing it: text with fewer
+    brackets cannot, and the scan stops at the first container too deep."""
+    if text.count("[") + text.count("{") <= max_depth:
+        return None
+    # Per open container, the key or index that leads further in (keys decoded only when shown).
+    path: list[str | int | None] = []
+    kinds: list[str] = []
+    last_string = ""
+    for match in _TOKENS.finditer(text):
+        token = match[0]
+        if token in ("[", "{"):
+            if len(kinds) == max_depth:
+                return JsonProblem(_path(path[:_PATH_PARTS_SHOWN]), f"nests deeper than {max_depth} levels")
+            kinds.append(token)
+            path.append(0 if token == "[" else None)
+        elif token in ("]", "}"):
+            if kinds:
+                kinds.pop()
+                path.pop()
+        elif token == ",":
+            if kinds and kinds[-1] == "[":
+                path[-1] += 1  # type: ignore[operator]
+        elif token == ":":
+            if kinds and len(kinds) <= _PATH_PARTS_SHOWN:
+                path[-1] = _key(last_string)
+        else:
+            last_string = token
+    return None
 
 
 def _bad_text(text: str) -> bool:
     return not text.isascii() and _SURROGATE.search(text) is not None
 
 
-def find_problem(document: Any, max_depth: int = MAX_DEPTH) -> JsonProblem | None:
-    """The first string with an unpaired surrogate or container nested deeper than `max_depth`
-    in a parsed JSON document, or None."""
-    stack: list[tuple[Any, tuple[str | int, ...]]] = [(document, ())]
+def text_problem(document: Any) -> JsonProblem | None:
+    """The first string (or key) with an unpaired surrogate in a parsed JSON document, or None."""
+    stack: list[tuple[Any, list[str | int | None]]] = [(document, [])]
     while stack:
         value, parts = stack.pop()
         if isinstance(value, str):
             if _bad_text(value):
                 return JsonProblem(_path(parts), "contains an unpaired UTF-16 surrogate, which is not valid Unicode")
-            continue
-        if not isinstance(value, dict | list):
-            continue
-        if len(parts) >= max_depth:
-            return JsonProblem(_path(parts[:_PATH_PARTS_SHOWN]), f"nests deeper than {max_depth} levels")
-        if isinstance(value, dict):
+        elif isinstance(value, dict):
             for key, item in value.items():
                 if _bad_text(key):
                     return JsonProblem(_path(parts), "has a key with an unpaired UTF-16 surrogate")
-                stack.append((item, (*parts, key)))
-        else:
-            stack.extend((item, (*parts, i)) for i, item in enumerate(value))
+                stack.append((item, [*parts, key]))
+        elif isinstance(value, list):
+            stack.extend((item, [*parts, i]) for i, item in enumerate(value))
     return None
 
 
 def loads_bounded(text: str, field: str) -> Any:
     """JSON text a request carries in a field (a tool schema, a response schema), parsed and
-    checked; InvalidArgument naming the field when it is not valid or too deep."""
-    try:
-        document = json.loads(text)
-    except RecursionError:
-        raise InvalidArgument(f"{field}: nests deeper than {MAX_DEPTH} levels", field) from None
-    except ValueError as err:
-        raise InvalidArgument(f"{field}: not valid JSON ({err})", field) from None
-    problem = find_problem(document)
+    checked; InvalidArgument naming the field when it is not valid, too deep or not Unicode."""
+    problem = depth_problem(text)
+    if problem is None:
+        try:
+            document = json.loads(text)
+        except ValueError as err:
+            raise InvalidArgument(f"{field}: not valid JSON ({err})", field) from None
+        problem = text_problem(document)
     if problem is not None:
         where = field + ("" if not problem.path or problem.path[0] == "[" else ".") + problem.path
         raise InvalidArgument(f"{where}: {problem.reason}", field)

@@ -181,7 +181,7 @@ class Supervisor:
         while time.monotonic() < deadline and not self._interrupted():
             info = read_ready(child.ready_file)
             if info is not None:
-                self._mark_ready(child, info)
+                self.mark_ready(child, info)
                 return info
             if child.process.poll() is not None:
                 raise ChildFailed(
@@ -192,13 +192,11 @@ class Supervisor:
             raise ChildFailed(f"interrupted while waiting for {child.name}")
         raise ChildFailed(f"{child.name} was not ready after {timeout:.0f}s\n{child.log_tail()}")
 
-    def _mark_ready(self, child: Child, info: ReadyInfo) -> None:
+    def mark_ready(self, child: Child, info: ReadyInfo) -> None:
+        """The child serves at `info`: from its ready file, or from its starter for a program
+        without one (Envoy)."""
         child.ready, child.state = info, State.RUNNING
         CHILD_UP.labels(child.name).set(1)
-
-    def mark_ready(self, child: Child, info: ReadyInfo) -> None:
-        """Readiness of a child without a ready file (e.g. Envoy), established by its starter."""
-        self._mark_ready(child, info)
 
     def supervise(self) -> bool:
         """One pass over the children: notice exits, restart those whose backoff is over, see
@@ -240,21 +238,18 @@ class Supervisor:
         RESTARTS.labels(child.name).inc()
         log.warning("%s restarted (restart %d)", child.name, child.restarts)
         if child.spec.ready_flag is None and child.ready is not None:
-            self._mark_ready(child, replace(child.ready, pid=child.process.pid))
+            self.mark_ready(child, replace(child.ready, pid=child.process.pid))
 
     def _check_restarted(self, child: Child, now: float) -> bool:
         info = read_ready(child.ready_file)
         if info is not None:
-            self._mark_ready(child, info)
+            self.mark_ready(child, info)
             log.warning("%s is back at %s", child.name, info.address)
             return True
         if now - self._starting_since[child.name] > self._startup_timeout_s:
             log.error("%s was not ready %.0fs after its restart; killing it", child.name, self._startup_timeout_s)
             child.process.kill()  # the next pass sees it exit and decides again
         return False
-
-    def running(self) -> list[Child]:
-        return [c for c in self.children if c.process.poll() is None]
 
     def stop_all(self, grace_s: float) -> None:
         """SIGTERM everyone (the edge first: it stops taking requests), then SIGKILL stragglers."""

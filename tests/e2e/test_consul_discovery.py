@@ -44,6 +44,7 @@ def test_registration_carries_both_checks_and_heartbeats_follow_the_probe(
     assert (grpc_check.grpc, grpc_check.grpc_tls) == ("127.0.0.1:1", True)
     ttl_check = checks[registration.ttl_check]
     assert ttl_check.ttl == pytest.approx(0.6)
+    assert ttl_check.deregister_after == 60  # what a kill -9 leaves behind is reaped by the agent
     assert wait_for(lambda: ttl_check.status == "passing", timeout=5)
     # Nothing answers gRPC on port 1: the agent's own check keeps the instance out.
     assert wait_for(lambda: grpc_check.status == "critical", timeout=5)
