@@ -59,25 +59,27 @@ class Outage:
 class Soak:
     outages: list[Outage] = field(default_factory=list)
     outcomes: Counter = field(default_factory=Counter)
+    reasons: Counter = field(default_factory=Counter)  # failures before the first token: (status, message)
 
     def uncovered(self, started: float, ended: float, replicas: dict[str, int]) -> bool:
         """Was some required service without any instance during [started, ended]?"""
-        for service in REQUIRED:
-            down = [
-                o
-                for o in self.outages
-                if o.service == service and o.killed_at <= ended and (o.back_at or ended) >= started
-            ]
-            if down and len(down) >= replicas.get(service, 1):
-                return True
-        return False
+        overlapping = [o for o in self.outages if o.killed_at <= ended and (o.back_at or ended) >= started]
+        down = Counter(o.service for o in overlapping)
+        return any(down[service] >= replicas.get(service, 1) for service in REQUIRED)
 
 
 def _service(child: str) -> str:
     return child.split("-", 1)[0]
 
 
-async def _one_request(client: openai.AsyncOpenAI, model: str, tokens: int, timeout_s: float) -> str:
+def _reason(err: openai.APIError) -> str:
+    status = err.status_code if isinstance(err, openai.APIStatusError) else "in stream"
+    body = err.body if isinstance(err.body, dict) else {}
+    return f"{status} {body.get('message', err.message)}"
+
+
+async def _one_request(client: openai.AsyncOpenAI, model: str, tokens: int, timeout_s: float) -> tuple[str, str]:
+    """The request's outcome, and for a failure why."""
     streamed = 0
     try:
         async with asyncio.timeout(timeout_s):
@@ -96,22 +98,25 @@ async def _one_request(client: openai.AsyncOpenAI, model: str, tokens: int, time
                     streamed += 1
                 usage = chunk.usage or usage
     except TimeoutError:
-        return "hung"
-    except openai.APIError:
-        return "failed after first token (error event)" if streamed else "failed before first token"
+        return "hung", ""
+    except openai.APIError as err:
+        outcome = "failed after first token (error event)" if streamed else "failed before first token"
+        return outcome, _reason(err)
     if usage is None or usage.completion_tokens != tokens:
-        return "truncated"
-    return "served"
+        return "truncated", ""
+    return "served", ""
 
 
 async def _load(mesh: Mesh, soak: Soak, args: argparse.Namespace, until: float, replicas: dict[str, int]) -> None:
     async def client_loop(client: openai.AsyncOpenAI) -> None:
         while time.monotonic() < until:
             started = time.monotonic()
-            outcome = await _one_request(client, mesh.model_dir.name, args.tokens, args.request_timeout)
+            outcome, reason = await _one_request(client, mesh.model_dir.name, args.tokens, args.request_timeout)
             if outcome == "failed before first token":
                 uncovered = soak.uncovered(started, time.monotonic(), replicas)
                 outcome += " (a required service had no instance)" if uncovered else " (every service had a replica)"
+                if not uncovered:
+                    soak.reasons[reason] += 1
                 await asyncio.sleep(1.0)  # as a client honouring Retry-After would
             soak.outcomes[outcome] += 1
 
@@ -131,12 +136,19 @@ async def _chaos(mesh: Mesh, soak: Soak, args: argparse.Namespace, until: float,
         outage = Outage(victim, _service(victim), time.monotonic())
         soak.outages.append(outage)
         print(f"{time.monotonic() - args.started:6.0f}s  killed {victim} (pid {pid})", flush=True)
-        while (state := mesh.child(victim))["pid"] == pid or state["state"] != "running":
+        # Back: restarted, and SERVING as the edge sees it (the outage lasts until clients can use it).
+        while (state := mesh.child(victim))["pid"] == pid or state["state"] != "running" or not await _serving(mesh):
             if mesh.process.poll() is not None:
                 raise RuntimeError(f"sluice up exited with {mesh.process.returncode}:\n{mesh.logs()}")
             await asyncio.sleep(0.1)
         outage.back_at = time.monotonic()
         print(f"{outage.back_at - args.started:6.0f}s  {victim} is back after {outage.back_at - outage.killed_at:.1f}s")
+
+
+async def _serving(mesh: Mesh) -> bool:
+    """Every instance SERVING according to the edge's /health."""
+    reply = await asyncio.to_thread(mesh.health)
+    return reply.status_code == 200 and reply.json()["status"] == "ok"
 
 
 async def _soak(mesh: Mesh, args: argparse.Namespace, replicas: dict[str, int]) -> Soak:
@@ -165,9 +177,14 @@ def _report(soak: Soak, mesh: Mesh, args: argparse.Namespace) -> None:
     print("\n| child | killed | restarted | state |\n| --- | --- | --- | --- |")
     for name, info in state.items():
         print(f"| {name} | {kills[name]} | {info['restarts']} | {info['state']} |")
+    if soak.reasons:
+        print("\nfailed before first token while every service had a replica, by answer:")
+        for reason, count in soak.reasons.most_common():
+            print(f"  {count:4d}  {reason}")
     back = [o.back_at - o.killed_at for o in soak.outages if o.back_at is not None]
     if back:
-        print(f"\nback after a kill: median {statistics.median(back):.1f}s, max {max(back):.1f}s ({len(back)} kills)")
+        median, longest = statistics.median(back), max(back)
+        print(f"\nserving again as the edge sees it, after a kill: median {median:.1f}s, max {longest:.1f}s")
     every_restarted = all(state[name]["restarts"] == count for name, count in kills.items())
     print(f"every killed child restarted: {'yes' if every_restarted else 'NO'}")
 

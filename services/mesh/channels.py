@@ -14,8 +14,10 @@ CHANNEL_OPTIONS = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    # An instance that restarts on its address is found again within 2 s, not grpc's default 120.
-    ("grpc.max_reconnect_backoff_ms", 2000),
+    # An instance that restarts on its address is found again within about a second, not after
+    # grpc's default backoff (1 s, growing to 120 s).
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 )
 
 
