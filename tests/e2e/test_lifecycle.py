@@ -23,7 +23,8 @@ def test_stopping_drains_an_in_flight_stream_and_leaves_nothing_running(
     )
     try:
         assert INSECURE_WARNING in mesh.logs()
-        body = {"model": "sluice-tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+        messages = [{"role": "user", "content": "hi"}]
+        body = {"model": "sluice-tiny", "messages": messages, "max_tokens": 8, "temperature": 0}
         whole = httpx.post(f"{mesh.base_url}/chat/completions", json=body, timeout=60)
         assert whole.headers["x-sluice-cache"] == "off"
         assert_stops_cleanly_mid_stream(mesh, how, DRAIN_GRACE_S, max_tokens=300)
