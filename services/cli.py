@@ -57,7 +57,7 @@ SERVICE_FLAGS = {
         "generate_timeout_s",
         "max_request_bytes",
         *("auth", "keys_file", "max_messages", "max_tokens_limit", "cache_backend", "redis_url"),
-        *("model_weights", "model_aliases", "sse_keepalive_s"),
+        *("model_weights", "model_aliases", "sse_keepalive_s", "reasoning_field", "embedding_truncate"),
     ),
 }
 MESH_FLAGS = (
@@ -90,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_setting_flags(
         up, *MESH_FLAGS, "model", "served_model_name", "served_model_version", "model_manifest", "embedding_model",
-        "allow_missing_manifest", "device", "torch_threads", "model_weights", "model_aliases",
+        "allow_missing_manifest", "device", "torch_threads", "model_weights", "model_aliases", "reasoning_field",
+        "embedding_truncate",
         "cache_enabled", "cache_backend",
         "redis_url", "auth", "keys_file", "max_messages", "max_tokens_limit",
         "max_running", "max_waiting", "max_batched_tokens", "prefill_chunk", "kv_cache_bytes", "stall_timeout_s",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,6 +168,24 @@ def assert_stops_cleanly_mid_stream(mesh: Mesh, how: str, grace_s: float, max_to
     assert mesh.process.wait(timeout=grace_s + 10) == 0
     assert time.monotonic() - stopped_at < grace_s + 5
     assert not [info["pid"] for info in mesh.state()["services"].values() if alive(info["pid"])]
+
+
+GENERATION_PROMPT = "'<|im_start|>assistant\\n' }}"  # where the default model's template opens the answer
+
+
+def with_generation_prompt(model_dir: Path, workdir: Path, generation_prompt: str) -> Path:
+    """A copy of the default model whose chat template opens the assistant's turn with
+    `generation_prompt` (Jinja) instead, with its manifest rewritten: a stand-in for the
+    templates of other model families (R1's opened `<think>`, Qwen3's thinking switch)."""
+    from services.inference.manifest import write_manifest
+
+    model = workdir / model_dir.name
+    shutil.copytree(model_dir, model)
+    template = model / "chat_template.jinja"
+    assert template.read_text().count(GENERATION_PROMPT) == 1
+    template.write_text(template.read_text().replace(GENERATION_PROMPT, generation_prompt))
+    write_manifest(model)
+    return model
 
 
 @dataclass

@@ -10,21 +10,58 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.edge_http.errors import OpenAIError
+from services.edge_http.generation import Prepared
 from services.edge_http.logprobs import chat_logprobs
+from services.edge_http.models import Served
 from services.edge_http.openai_schema import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
+    ChatCompletionRequest,
     ChatLogprobs,
     FunctionCall,
     ResponseMeta,
     ToolCallOut,
 )
-from services.edge_http.pipeline import Run
+from services.edge_http.pipeline import Pipeline, Run
 from services.edge_http.reasoning import ReasoningSplitter
-from services.edge_http.tools import ToolCall, make_parser
+from services.edge_http.tools import ToolCall, forced_prefix, make_parser
+
+
+@dataclass(frozen=True)
+class ChatFlow:
+    """/v1/chat/completions: one prompt rendered from the messages by the chat template."""
+
+    body: ChatCompletionRequest
+    id_prefix: str = "chatcmpl"
+
+    async def prepare(self, pipeline: Pipeline, target: Served, request_id: str) -> Prepared:
+        tools = tool_mode(self.body, target)
+        # Constrained JSON starts at its first byte: no thinking block to split off.
+        tags = target.reasoning if self.body.json_schema is None else None
+        reply = await pipeline.prepare_chat(self.body, request_id, tags, tools[1] if tools else "")
+        if reply.reasoning_skipped:
+            tags = None  # the template closed the block itself (thinking off): the output is the answer
+        return Prepared([reply], tags, reply.reasoning_opened, tools)
+
+    async def whole(self, run: Run, meta: ResponseMeta) -> ChatCompletion:
+        return await chat_completion(run, meta)
+
+    def chunks(self, run: Run, meta: ResponseMeta, include_usage: bool) -> AsyncIterator[ChatCompletionChunk]:
+        return chat_chunks(run, meta, include_usage)
+
+
+def tool_mode(body: ChatCompletionRequest, target: Served) -> tuple[str, str] | None:
+    """(parser, forced start of the assistant's turn) when the request offers tools."""
+    if not body.calls_tools:
+        return None
+    if not target.tool_parser:
+        raise OpenAIError(400, f"`{target.id}` does not call tools (its chat template has no tools)", param="tools")
+    forced = body.tool_choice == "required" or body.forced_function is not None
+    return target.tool_parser, forced_prefix(target.tool_parser, body.forced_function) if forced else ""
 
 
 @dataclass
@@ -38,7 +75,7 @@ class OutputShaper:
     """Generated text → reasoning, content and tool calls, piece by piece."""
 
     def __init__(self, meta: ResponseMeta) -> None:
-        self._splitter = ReasoningSplitter(*meta.reasoning, meta.reasoning_opened) if meta.reasoning else None
+        self._splitter = ReasoningSplitter(meta.reasoning, meta.reasoning_opened) if meta.reasoning else None
         self._parser = make_parser(meta.tools[0]) if meta.tools else None
         self.calls_made = 0
         if self._parser is not None and meta.tools[1]:
@@ -70,10 +107,11 @@ async def chat_completion(run: Run, meta: ResponseMeta) -> ChatCompletion:
     text, last, logprobs = await run.collect()
     shaper = OutputShaper(meta)
     shaped = shaper.feed(text, final=True)
+    reasoning = {name: shaped.reasoning for name in meta.reasoning_fields} if meta.reasoning else {}
     message = AssistantMessage(
         content=shaped.content if shaped.content or not shaped.calls else None,
-        reasoning_content=shaped.reasoning if meta.reasoning else None,
         tool_calls=[_tool_call(c) for c in shaped.calls] or None,
+        **reasoning,
     )
     return ChatCompletion(
         id=meta.id,
@@ -90,11 +128,11 @@ async def chat_completion(run: Run, meta: ResponseMeta) -> ChatCompletion:
     )
 
 
-def _deltas(shaped: Shaped, first_index: int) -> list[dict[str, Any]]:
+def _deltas(shaped: Shaped, first_index: int, reasoning_fields: tuple[str, ...]) -> list[dict[str, Any]]:
     """OpenAI's streamed pieces: a tool call opens with id, type and name, then its arguments."""
     deltas: list[dict[str, Any]] = []
     if shaped.reasoning:
-        deltas.append({"reasoning_content": shaped.reasoning})
+        deltas.append({name: shaped.reasoning for name in reasoning_fields})
     if shaped.content:
         deltas.append({"content": shaped.content})
     for index, call in enumerate(shaped.calls, start=first_index):
@@ -120,7 +158,7 @@ async def chat_chunks(run: Run, meta: ResponseMeta, include_usage: bool) -> Asyn
     shaper = OutputShaper(meta)
     async for event in run.events():
         calls_before = shaper.calls_made
-        deltas = _deltas(shaper.feed(event.text, final=bool(event.finish_reason)), calls_before)
+        deltas = _deltas(shaper.feed(event.text, final=bool(event.finish_reason)), calls_before, meta.reasoning_fields)
         logprobs = chat_logprobs(event.logprobs)
         if logprobs and not deltas:
             deltas = [{"content": ""}]  # tokens whose text is still held back: their log probabilities go now

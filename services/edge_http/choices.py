@@ -1,9 +1,10 @@
-"""`n` > 1: one generation per choice, answered as one response.
+"""Several choices (`n` > 1, or several prompts of a completion request), answered as one response.
 
 Each choice is its own run through the engine (continuous batching runs them side by side);
-this module merges their responses the way OpenAI shapes them: choices numbered 0..n-1, the
-prompt counted once in usage and the completions summed. Streamed, the choices' chunks
-interleave as they come, each carrying its choice's index.
+this module merges their responses the way OpenAI shapes them: choices numbered in the order
+of the runs (prompt by prompt, `n` each), every prompt counted once in usage and the
+completions summed. Streamed, the choices' chunks interleave as they come, each carrying its
+choice's index.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ from services.edge_http.pipeline import Run
 Response = TypeVar("Response", bound=BaseModel)
 
 
-def _total(usages: list[Usage]) -> Usage:
+def _total(usages: list[Usage], prompt_tokens: int) -> Usage:
     completion = sum(u.completion_tokens for u in usages)
-    prompt = usages[0].prompt_tokens
-    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
 
 
 def _numbered(response: Any, index: int) -> Any:
@@ -33,8 +33,9 @@ def _numbered(response: Any, index: int) -> Any:
 
 
 async def whole_choices(
-    runs: list[Run], meta: ResponseMeta, whole: Callable[[Run, ResponseMeta], Awaitable[Response]]
+    runs: list[Run], meta: ResponseMeta, whole: Callable[[Run, ResponseMeta], Awaitable[Response]], prompt_tokens: int
 ) -> Response:
+    """`prompt_tokens`: the request's prompts, each counted once."""
     tasks = [asyncio.ensure_future(whole(run, meta)) for run in runs]
     try:
         parts: list[Any] = await asyncio.gather(*tasks)
@@ -44,7 +45,7 @@ async def whole_choices(
     merged = parts[0]
     if len(parts) > 1:
         merged.choices = [choice for i, part in enumerate(parts) for choice in _numbered(part, i).choices]
-        merged.usage = _total([part.usage for part in parts])
+        merged.usage = _total([part.usage for part in parts], prompt_tokens)
     return merged
 
 
@@ -53,6 +54,7 @@ async def streamed_choices(
     meta: ResponseMeta,
     include_usage: bool,
     chunks: Callable[[Run, ResponseMeta, bool], AsyncIterator[Any]],
+    prompt_tokens: int,
 ) -> AsyncIterator[Any]:
     if len(runs) == 1:
         async for chunk in chunks(runs[0], meta, include_usage):
@@ -84,7 +86,7 @@ async def streamed_choices(
             else:
                 yield _numbered(item, index)
         if include_usage:
-            yield usages[0].model_copy(update={"usage": _total([u.usage for u in usages])})
+            yield usages[0].model_copy(update={"usage": _total([u.usage for u in usages], prompt_tokens)})
     finally:
         for task in tasks:
             task.cancel()  # the client left or a choice failed: stop the others upstream too

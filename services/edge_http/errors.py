@@ -94,6 +94,11 @@ def validation_error(exc: RequestValidationError) -> OpenAIError:
     if first.get("type") == "json_invalid":
         return OpenAIError(400, f"the request body is not valid JSON: {first.get('msg')}", code="invalid_json")
     name = _field(tuple(first.get("loc", ())))
+    if not name and first.get("type") == "value_error":
+        # A check across fields (a model validator) says which field it is about: "field: why".
+        text = str(first.get("msg", "")).removeprefix("Value error, ")
+        field, sep, _ = text.partition(": ")
+        return OpenAIError(400, text, param=field if sep and " " not in field else None, code="invalid_value")
     if not name:
         return OpenAIError(400, f"the request body must be a JSON object: {first.get('msg')}", code="invalid_body")
     # Union types produce one error per alternative; the first names the field well enough.

@@ -101,6 +101,16 @@ class Guard:
         return settle
 
 
+def audited(request: Request, settle: Settle) -> Settle:
+    """The settlement, also noting the tokens used on the request's audit line."""
+
+    async def account(used: int | None) -> None:
+        request.scope["state"]["tokens"] = used
+        await settle(used)
+
+    return account
+
+
 async def settled(events: AsyncIterator[Event], first: Event, settle: Settle) -> AsyncIterator[Event]:
     """A run's remaining events; once it ends, `settle` gets the tokens it used (None if it never finished)."""
     last = first if first.finish_reason else None
@@ -112,15 +122,23 @@ async def settled(events: AsyncIterator[Event], first: Event, settle: Settle) ->
         await settle(None if last is None else last.prompt_tokens + last.completion_tokens)
 
 
-def shared_settle(settle: Settle, parts: int, prompt_tokens: int) -> Settle:
-    """One settlement for the `parts` runs of an `n` > 1 request, made once all have reported: the
-    prompt counted once, as in the response's usage (None if any run's use is unknown)."""
-    reported: list[int | None] = []
+def shared_settle(settle: Settle, run_prompts: list[int], prompt_tokens: int) -> list[Settle]:
+    """One settlement for the runs of a request (`n` > 1, several prompts), made once all have
+    reported, each with its own prompt's size in `run_prompts`: every prompt counted once
+    (`prompt_tokens`), as in the response's usage (None if any run's use is unknown)."""
+    reported: dict[int, int | None] = {}
 
-    async def part(used: int | None) -> None:
-        reported.append(used)
-        if len(reported) == parts:
-            known = [u for u in reported if u is not None]
-            await settle(sum(known) - (parts - 1) * prompt_tokens if len(known) == parts else None)
+    def part(index: int) -> Settle:
+        async def report(used: int | None) -> None:
+            reported[index] = used
+            if len(reported) < len(run_prompts):
+                return
+            if any(value is None for value in reported.values()):
+                await settle(None)
+                return
+            completions = sum(used - run_prompts[i] for i, used in reported.items())  # type: ignore[operator]
+            await settle(prompt_tokens + completions)
 
-    return part
+        return report
+
+    return [part(index) for index in range(len(run_prompts))]

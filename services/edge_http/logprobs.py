@@ -30,18 +30,38 @@ def chat_logprobs(entries: Sequence[inference_pb2.TokenLogprob]) -> ChatLogprobs
 
 
 def completion_logprobs(
-    entries: Sequence[inference_pb2.TokenLogprob], text_offset: int = 0
+    entries: Sequence[inference_pb2.TokenLogprob], text_offset: int = 0, first_unscored: bool = False
 ) -> CompletionLogprobs | None:
-    """`text_offset` is where the first token's text starts in the whole completion."""
+    """`text_offset` is where the first token's text starts in the whole completion;
+    `first_unscored`: the first entry is a prompt's first token, which nothing predicted (null)."""
     if not entries:
         return None
     offsets = []
     for entry in entries:
         offsets.append(text_offset)
         text_offset += len(entry.token)
+    scored: list[float | None] = [e.logprob for e in entries]
+    tops: list[dict[str, float] | None] = [{t.token: t.logprob for t in e.top} for e in entries]
+    if first_unscored:
+        scored[0] = tops[0] = None
     return CompletionLogprobs(
         tokens=[e.token for e in entries],
-        token_logprobs=[e.logprob for e in entries],
-        top_logprobs=[{t.token: t.logprob for t in e.top} for e in entries] if any(e.top for e in entries) else None,
+        token_logprobs=scored,
+        top_logprobs=tops if any(e.top for e in entries) else None,
         text_offset=offsets,
+    )
+
+
+def joined(first: CompletionLogprobs | None, then: CompletionLogprobs | None) -> CompletionLogprobs | None:
+    """Two runs of legacy log probabilities as one (an echoed prompt's, then the completion's)."""
+    if first is None or then is None:
+        return first or then
+    tops = None
+    if first.top_logprobs is not None or then.top_logprobs is not None:
+        tops = (first.top_logprobs or [{} for _ in first.tokens]) + (then.top_logprobs or [{} for _ in then.tokens])
+    return CompletionLogprobs(
+        tokens=first.tokens + then.tokens,
+        token_logprobs=first.token_logprobs + then.token_logprobs,
+        top_logprobs=tops,
+        text_offset=first.text_offset + then.text_offset,
     )

@@ -14,6 +14,7 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from services.edge_http.openai_schema import ReasoningTags
 from services.mesh.config import comma_list
 
 VERSION_HEADER = "X-Sluice-Model-Version"
@@ -29,7 +30,7 @@ class Served:
     context_length: int
     created: int
     healthy: bool
-    reasoning: tuple[str, str] | None = None  # the tags around the block its output opens with
+    reasoning: ReasoningTags | None = None  # the tags around the block its output opens with
     tool_parser: str = ""  # how its output carries tool calls (hermes, json; empty: no tools)
 
 

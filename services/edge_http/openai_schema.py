@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from services.mesh.template_variables import variables_problem
+
 FinishReason = Literal["stop", "length", "tool_calls"]
 
 
@@ -82,6 +84,16 @@ class NamedToolChoice(_Lenient):
 
 class StreamOptions(_Lenient):
     include_usage: bool = False
+
+
+class ThinkingSwitch(_Lenient):
+    """`thinking: {"type": "enabled"}` as Dify (and Zhipu's API) send it."""
+
+    type: Literal["enabled", "disabled"]
+    budget_tokens: int | None = Field(None, ge=0, description="accepted; not enforced")
+
+
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
 
 
 # `n`: each choice is a generation of its own (up to this many per request).
@@ -157,6 +169,11 @@ class SamplingFields(_Lenient):
         return None
 
     @property
+    def wanted_prompt_logprobs(self) -> int | None:
+        """Log probabilities of the prompt's own tokens with this many alternatives, or None."""
+        return None
+
+    @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
@@ -171,6 +188,24 @@ class ChatCompletionRequest(SamplingFields):
     functions: list[FunctionSpec] | None = Field(None, description="legacy form of tools")
     function_call: Literal["none", "auto"] | NamedFunction | None = Field(None, description="legacy tool_choice")
     response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="variables for the model's chat template (e.g. Qwen3's enable_thinking, DeepSeek's thinking)"
+    )
+    enable_thinking: bool | None = Field(
+        None, description="the thinking switch: template variables enable_thinking and thinking, unless set in kwargs"
+    )
+    thinking: ThinkingSwitch | None = Field(None, description="the thinking switch as {type: enabled|disabled}")
+    reasoning_effort: ReasoningEffort | None = Field(
+        None, description="template variable reasoning_effort, for templates that read it"
+    )
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables(cls, variables: dict[str, Any] | None) -> dict[str, Any] | None:
+        problem = variables_problem(variables or {})
+        if problem is not None:
+            raise ValueError(f"{problem.path}: {problem.reason}" if problem.path else problem.reason)
+        return variables
 
     @model_validator(mode="after")
     def _aliases(self) -> ChatCompletionRequest:
@@ -218,22 +253,62 @@ class ChatCompletionRequest(SamplingFields):
         """Tools are offered to the model (tool_choice none withdraws them)."""
         return bool(self.tools) and self.tool_choice != "none"
 
+    @property
+    def template_variables(self) -> dict[str, Any]:
+        """What the chat template is given besides messages and tools: chat_template_kwargs, and
+        the top-level switches under the names templates read, unless the kwargs set them."""
+        variables = dict(self.chat_template_kwargs or {})
+        switch = self.enable_thinking
+        if switch is None and self.thinking is not None:
+            switch = self.thinking.type == "enabled"
+        if switch is not None:
+            variables.setdefault("enable_thinking", switch)  # Qwen3
+            variables.setdefault("thinking", switch)  # DeepSeek-V3.1
+        if self.reasoning_effort is not None:
+            variables.setdefault("reasoning_effort", self.reasoning_effort)  # gpt-oss
+        return variables
+
+
+# Several prompts in one completion request: each is a generation of its own, `n` times.
+MAX_PROMPTS = 32
+MAX_COMPLETION_CHOICES = 64  # prompts times n
+
 
 class CompletionRequest(SamplingFields):
     prompt: Annotated[
-        str | Annotated[list[str], Field(min_length=1, max_length=1)],
-        Field(description="one prompt (a string or a list of one string)"),
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | Annotated[list[TokenId], Field(min_length=1)]
+        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=MAX_PROMPTS)],
+        Field(description=f"a string, token ids, or up to {MAX_PROMPTS} of either (one choice per prompt and n)"),
     ]
-    echo: Literal[False] | None = Field(False, description="not supported; must be false")
+    echo: bool = Field(False, description="return the prompt before the completion (with its logprobs when asked)")
     logprobs: int | None = Field(None, ge=0, le=5, description="report log probabilities with this many alternatives")
+
+    @model_validator(mode="after")
+    def _choices_bound(self) -> CompletionRequest:
+        if len(self.prompts) * (self.n or 1) > MAX_COMPLETION_CHOICES:
+            raise ValueError(f"n: prompts times n is at most {MAX_COMPLETION_CHOICES} per request")
+        return self
 
     @property
     def wanted_logprobs(self) -> int | None:
         return self.logprobs
 
     @property
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def wanted_prompt_logprobs(self) -> int | None:
+        """Echo with logprobs reports the prompt's tokens too."""
+        return self.logprobs if self.echo else None
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt, as text or as token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if all(isinstance(item, int) for item in prompt):
+            return [list(prompt)]  # type: ignore[arg-type]
+        return list(prompt)  # type: ignore[arg-type]
 
 
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own limit per request
@@ -251,6 +326,18 @@ class EmbeddingRequest(_Lenient):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, description="only the model's own dimension count is accepted")
     user: str | None = None
+    truncate_prompt_tokens: int | None = Field(
+        None,
+        ge=-1,
+        description="cut each input to this many tokens (-1: the model's limit); unset: the deployment's default",
+    )
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _positive_or_model_limit(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("must be -1 (the model's limit) or a number of tokens")
+        return value
 
 
 class RerankDocument(_Lenient):
@@ -275,15 +362,28 @@ class RerankRequest(_Lenient):
 
 
 @dataclass(frozen=True)
+class ReasoningTags:
+    """The tags around the reasoning block a model's output opens with (`<think>`, `</think>`)."""
+
+    open: str
+    close: str
+
+
+# Where reasoning text goes in a response: DeepSeek's field (Dify, most clients) and vLLM's newer one.
+REASONING_FIELDS = ("reasoning_content", "reasoning")
+
+
+@dataclass(frozen=True)
 class ResponseMeta:
     """What every object of one response repeats."""
 
     id: str
     created: int
     model: str
-    reasoning: tuple[str, str] | None = None  # the model's reasoning tags, when it has them
+    reasoning: ReasoningTags | None = None  # the model's reasoning tags, when its output may reason
     tools: tuple[str, str] | None = None  # (tool call parser, forced start of the turn) when tools are offered
     reasoning_opened: bool = False  # the prompt opened the reasoning block: the output starts inside it
+    reasoning_fields: tuple[str, ...] = REASONING_FIELDS  # the names reasoning text is sent under
 
 
 class Usage(BaseModel):
@@ -302,8 +402,10 @@ class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     tool_calls: list[ToolCallOut] | None = Field(None, exclude_if=lambda value: value is None)
-    # Only for reasoning models (DeepSeek's field name, which Dify shows apart from the answer).
+    # Only for reasoning models: DeepSeek's field name (which Dify shows apart from the answer) and
+    # vLLM's newer one, as the deployment's reasoning_field says.
     reasoning_content: str | None = Field(None, exclude_if=lambda value: value is None)
+    reasoning: str | None = Field(None, exclude_if=lambda value: value is None)
 
 
 class TopLogprob(BaseModel):
@@ -324,8 +426,8 @@ class CompletionLogprobs(BaseModel):
     """The legacy completions shape."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]  # None for an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 

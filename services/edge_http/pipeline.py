@@ -26,6 +26,7 @@ from services.edge_http.openai_schema import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
+    ReasoningTags,
     SamplingFields,
     Usage,
 )
@@ -42,6 +43,7 @@ from services.mesh.stubs import (
     preprocess_pb2,
     preprocess_pb2_grpc,
 )
+from services.mesh.template_variables import canonical
 
 STUBS = {
     "preprocess": preprocess_pb2_grpc.PreprocessStub,
@@ -59,6 +61,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprobs: tuple[inference_pb2.TokenLogprob, ...] = ()  # when the request asked for them
+    prompt_logprobs: tuple[inference_pb2.TokenLogprob, ...] = ()  # first event only, when asked for
 
     @property
     def usage(self) -> Usage:
@@ -74,6 +77,7 @@ class Run:
     """An opened generation: cache outcome known, first event already received."""
 
     cache_status: str  # hit, miss, bypass (not deterministic or no-cache), off
+    prompt: preprocess_pb2.PreprocessReply = field(repr=False)  # what it generates for
     first: Event
     rest: AsyncIterator[Event] = field(repr=False)
 
@@ -110,6 +114,8 @@ def sampling_params(body: SamplingFields) -> common_pb2.SamplingParams:
         params.top_logprobs = body.wanted_logprobs
     if body.json_schema is not None:
         params.json_schema = body.json_schema
+    if body.wanted_prompt_logprobs is not None:
+        params.prompt_logprobs = body.wanted_prompt_logprobs
     params.logit_bias.update({int(token): bias for token, bias in (body.logit_bias or {}).items()})
     return params
 
@@ -153,34 +159,52 @@ class Pipeline:
             timeout=self._settings.upstream_timeout_s, metadata=self._metadata(request_id),
         )  # fmt: skip
 
-    async def embed(self, target: Served, inputs: list[inference_pb2.EmbedInput], request_id: str) -> Any:
-        request = inference_pb2.EmbedRequest(request_id=request_id, model=target.id, inputs=inputs)
+    async def embed(
+        self, target: Served, inputs: list[inference_pb2.EmbedInput], request_id: str, truncate: int | None = None
+    ) -> Any:
+        """Embeddings of `inputs`; over-long ones cut to `truncate` tokens (-1: the model's limit), or
+        by the deployment's default when the request did not say."""
+        if truncate is None:
+            truncate = -1 if self._settings.embedding_truncate else 0
+        request = inference_pb2.EmbedRequest(
+            request_id=request_id, model=target.id, inputs=inputs, truncate_to=truncate
+        )
         try:
             return await self._unary("inference", "Embed", request, request_id, accept=_serves(target))
         except grpc.aio.AioRpcError as err:
             raise from_rpc_error(err, "inference") from err
 
     async def prepare_chat(
-        self, body: ChatCompletionRequest, request_id: str, assistant_prefix: str = "", reasoning_open: str = ""
+        self, body: ChatCompletionRequest, request_id: str, tags: ReasoningTags | None, assistant_prefix: str = ""
     ) -> preprocess_pb2.PreprocessReply:
-        """The prompt tokens: messages and (unless tool_choice is none) tools through the chat
-        template, then the start of the assistant's turn (`assistant_prefix` forces a tool call);
-        the reply tells whether the prompt ends by opening the `reasoning_open` block."""
+        """The prompt tokens: messages, tools (unless tool_choice is none) and the request's template
+        variables through the chat template, then the start of the assistant's turn
+        (`assistant_prefix` forces a tool call); the reply tells whether the prompt ends inside the
+        model's reasoning block (`tags`) or after one the template closed (thinking off)."""
         request = preprocess_pb2.RenderChatRequest(
-            request_id=request_id, model=body.model, messages=_chat_messages(body), sampling=sampling_params(body),
+            request_id=request_id,
+            model=body.model,
+            messages=_chat_messages(body),
+            sampling=sampling_params(body),
             tools_json=json.dumps([t.model_dump(exclude_none=True) for t in body.tools]) if body.calls_tools else "",
-            assistant_prefix=assistant_prefix, reasoning_open=reasoning_open,
-        )  # fmt: skip
+            assistant_prefix=assistant_prefix,
+            reasoning_open=tags.open if tags else "",
+            reasoning_close=tags.close if tags else "",
+        )
+        if variables := body.template_variables:
+            request.template_variables_json = canonical(variables)
         return await self._preprocess("RenderChat", request, request_id)
 
     async def prepare_completion(
-        self, body: CompletionRequest, request_id: str, assistant_prefix: str = "", reasoning_open: str = ""
+        self, body: CompletionRequest, prompt: str | list[int], request_id: str
     ) -> preprocess_pb2.PreprocessReply:
-        """The prompt tokens (`assistant_prefix` and `reasoning_open` are for chat: a completion
-        has no assistant turn, and its text is returned whole)."""
-        request = preprocess_pb2.TokenizeRequest(
-            request_id=request_id, model=body.model, prompt=body.prompt_text, sampling=sampling_params(body)
-        )
+        """One prompt's tokens (a text prompt tokenized, token ids checked)."""
+        sampling = sampling_params(body)
+        request = preprocess_pb2.TokenizeRequest(request_id=request_id, model=body.model, sampling=sampling)
+        if isinstance(prompt, str):
+            request.prompt = prompt
+        else:
+            request.token_ids.extend(prompt)
         return await self._preprocess("Tokenize", request, request_id)
 
     async def _preprocess(self, method: str, request: Message, request_id: str) -> preprocess_pb2.PreprocessReply:
@@ -195,14 +219,15 @@ class Pipeline:
         """Answer from the cache or start generating on an instance of the chosen model version."""
         # Versions differ in their weights: each caches its own completions.
         key = f"{prepared.cache_key}@{target.version}" if prepared.cache_key else ""
+        logprobs = prepared.sampling.HasField("top_logprobs") or prepared.sampling.HasField("prompt_logprobs")
         if not self._settings.cache_enabled:
             status = "off"
-        elif not key or no_cache or prepared.sampling.HasField("top_logprobs"):
+        elif not key or no_cache or logprobs:
             status = "bypass"  # the cache keeps text, not log probabilities
         else:
             hit = await self._lookup(key, request_id)
             if hit is not None:
-                return Run("hit", hit, _nothing())
+                return Run("hit", prepared, hit, _nothing())
             status = "miss"
         rest = self._generate(target, prepared, request_id, key if status == "miss" else "")
         try:
@@ -210,14 +235,17 @@ class Pipeline:
         except BaseException:
             await rest.aclose()
             raise
-        return Run(status, first, rest)
+        return Run(status, prepared, first, rest)
 
     async def open_choices(
-        self, target: Served, prepared: preprocess_pb2.PreprocessReply, request_id: str, no_cache: bool, n: int
+        self, target: Served, prompts: list[preprocess_pb2.PreprocessReply], request_id: str, no_cache: bool, n: int
     ) -> list[Run]:
-        """`n` runs of one prompt, opened side by side; if one fails, the others are closed."""
+        """`n` runs of each prompt, opened side by side, prompt by prompt (choice p * n + i is the
+        i-th of prompt p, as OpenAI numbers them); if one fails, the others are closed."""
         opening = [
-            asyncio.ensure_future(self.open(target, _choice(prepared, i), request_id, no_cache)) for i in range(n)
+            asyncio.ensure_future(self.open(target, _choice(prepared, i), request_id, no_cache))
+            for prepared in prompts
+            for i in range(n)
         ]
         try:
             return list(await asyncio.gather(*opening))
@@ -279,7 +307,8 @@ class Pipeline:
                     texts.append(chunk.text)
                     token_ids.extend(chunk.token_ids)
                 if not chunk.finish_reason:
-                    yield Event(chunk.text, logprobs=tuple(chunk.logprobs))
+                    prompt_logprobs = tuple(chunk.prompt_logprobs)
+                    yield Event(chunk.text, logprobs=tuple(chunk.logprobs), prompt_logprobs=prompt_logprobs)
                     continue
                 finished = True
                 if store_as:
@@ -293,6 +322,7 @@ class Pipeline:
                     chunk.usage.prompt_tokens,
                     chunk.usage.completion_tokens,
                     tuple(chunk.logprobs),
+                    tuple(chunk.prompt_logprobs),
                 )
                 # The stream ends right after its finishing chunk; reading to its end lets the
                 # call (and its trace span) complete normally instead of being cancelled.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.edge_http.openai_schema import ReasoningTags
 from services.mesh.partial_match import partial_match
 
 
@@ -21,9 +22,9 @@ class Split:
 
 
 class ReasoningSplitter:
-    def __init__(self, open_tag: str, close_tag: str, opened: bool = False) -> None:
+    def __init__(self, tags: ReasoningTags, opened: bool = False) -> None:
         """`opened`: the prompt already opened the block, so the output starts inside it."""
-        self._open, self._close = open_tag, close_tag
+        self._open, self._close = tags.open, tags.close
         # start → reasoning → after (the close tag) → answer, or start → answer
         self._state = "reasoning" if opened else "start"
         self._held = ""

@@ -23,6 +23,7 @@ from grpc_health.v1.health_pb2_grpc import HealthStub
 from services.edge_http.errors import RETRY_AFTER_S, OpenAIError
 from services.edge_http.metrics import UPSTREAM_EJECTIONS, UPSTREAM_RETRIES
 from services.edge_http.models import Served
+from services.edge_http.openai_schema import ReasoningTags
 from services.edge_http.readiness import Probe
 from services.mesh.balancer import Endpoint, NoInstance, Pool
 from services.mesh.channels import aio_channel
@@ -42,7 +43,7 @@ HEALTH_INTERVAL_S = 1.0
 
 def _served(endpoint: Endpoint) -> Served:
     info = endpoint.info
-    reasoning = (info.reasoning_open, info.reasoning_close) if info.reasoning_open else None
+    reasoning = ReasoningTags(info.reasoning_open, info.reasoning_close) if info.reasoning_open else None
     kind = info.kind or "chat"
     return Served(
         info.id, info.version, kind, info.context_length, info.created, endpoint.healthy, reasoning, info.tool_parser

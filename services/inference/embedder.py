@@ -61,6 +61,16 @@ class Embedder:
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
 
+    def truncated(self, ids: list[int], limit: int) -> list[int]:
+        """`ids` cut to `limit` tokens (-1 or more than the model takes: its own limit), keeping
+        the end-of-input special token the model was trained to see last ([SEP])."""
+        limit = self.max_tokens if limit < 0 else min(limit, self.max_tokens)
+        if len(ids) <= limit:
+            return ids
+        if ids[-1] in self.tokenizer.all_special_ids and limit > 1:
+            return [*ids[: limit - 1], ids[-1]]
+        return ids[:limit]
+
     def embed(self, inputs: list[list[int]]) -> EmbedResult:
         """Unit-length vectors for token id lists (special tokens included), in order."""
         for index, ids in enumerate(inputs):

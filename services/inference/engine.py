@@ -57,6 +57,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     top_logprobs: int | None = None  # set: report log probabilities with this many alternatives
     json_schema: str | None = None  # set: the output is JSON matching this schema
+    prompt_logprobs: int | None = None  # set: also the prompt tokens' log probabilities, with the first step
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,21 @@ class Step:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when asked for
+    # One per prompt token, first step only, when asked for; the first prompt token, which nothing
+    # predicts, has logprob 0 and no alternatives.
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
+
+    def then(self, more: Step) -> Step:
+        """This step and the next one as one (for a reader that fell behind)."""
+        return Step(
+            self.token_ids + more.token_ids,
+            self.text + more.text,
+            more.finish_reason,
+            more.prompt_tokens,
+            more.completion_tokens,
+            self.logprobs + more.logprobs,
+            self.prompt_logprobs + more.prompt_logprobs,
+        )
 
 
 @dataclass
@@ -120,8 +136,7 @@ class SequenceHandle:
                 if more is None:
                     ended = True
                     break
-                step = Step(step.token_ids + more.token_ids, step.text + more.text, more.finish_reason,
-                            more.prompt_tokens, more.completion_tokens, step.logprobs + more.logprobs)  # fmt: skip
+                step = step.then(more)
             yield step
             ended = ended or step.finish_reason is not None
 
@@ -137,6 +152,7 @@ class _Sequence:
     generated: int = 0
     last_token: int = -1
     last_token_at: float = 0.0
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # when asked for, as prefill computes them
 
     @property
     def request(self) -> GenerationRequest:
@@ -178,6 +194,8 @@ class Engine:
             raise InvalidArgument("max_tokens must be at least 1", "max_tokens")
         if request.top_logprobs is not None and not 0 <= request.top_logprobs <= 20:
             raise InvalidArgument("top_logprobs must be between 0 and 20", "top_logprobs")
+        if request.prompt_logprobs is not None and not 0 <= request.prompt_logprobs <= 20:
+            raise InvalidArgument("prompt_logprobs must be between 0 and 20", "logprobs")
         biased = next((t for t, _ in request.sampling.logit_bias if not 0 <= t < self._vocab_size), None)
         if biased is not None:
             raise InvalidArgument(f"logit_bias: token id {biased} is outside the vocabulary", "logit_bias")
@@ -308,12 +326,17 @@ class Engine:
                 for seq in list(self._running):
                     self._fail(seq, err)
 
-    def _plan(self) -> tuple[list[int], list[int], StepLayout, list[tuple[_Sequence, int]]]:
-        """Pack this step's tokens: one per decoding sequence, then prefill chunks within the token budget."""
+    def _plan(
+        self,
+    ) -> tuple[list[int], list[int], StepLayout, list[tuple[_Sequence, int]], list[tuple[_Sequence, int, int]]]:
+        """Pack this step's tokens: one per decoding sequence, then prefill chunks within the token
+        budget. Also where logits are wanted: the row each sampling sequence samples from, and for
+        sequences that asked for their prompt's log probabilities, (row, prompt index it predicts)."""
         ids: list[int] = []
         positions: list[int] = []
         layout = StepLayout()
         sampled: list[tuple[_Sequence, int]] = []  # sequences whose last packed token yields logits
+        scored: list[tuple[_Sequence, int, int]] = []
         budget = self.limits.max_batched_tokens
         for seq in self._running:
             if not seq.prefilling:
@@ -330,22 +353,26 @@ class Engine:
             if len(chunk) > budget:
                 break
             layout.slices.append((seq.kv, len(ids), len(chunk)))
+            if seq.request.prompt_logprobs is not None:
+                # The row of prompt position i predicts prompt token i + 1 (the last predicts the output).
+                last = min(len(chunk), len(seq.request.prompt_ids) - 1 - seq.prefilled)
+                scored += [(seq, len(ids) + k, seq.prefilled + k + 1) for k in range(last)]
             ids.extend(chunk)
             positions.extend(range(seq.kv.length, seq.kv.length + len(chunk)))
             seq.prefilled += len(chunk)
             budget -= len(chunk)
             if not seq.prefilling:
                 sampled.append((seq, len(ids) - 1))
-        return ids, positions, layout, sampled
+        return ids, positions, layout, sampled, scored
 
     @torch.inference_mode()
     def _step(self) -> None:
-        ids, positions, layout, sampled = self._plan()
+        ids, positions, layout, sampled, scored = self._plan()
         pad = max(0, _MIN_ROWS - len(ids))
         device = self.loaded.device
         input_ids = torch.tensor([ids + [0] * pad], device=device)
         position_ids = torch.tensor([positions + [0] * pad], device=device)
-        rows = [row for _, row in sampled]
+        rows = [row for _, row in sampled] + [row for _, row, _ in scored]
         rows += [rows[-1] if rows else 0] * max(0, _MIN_ROWS - len(rows))
         self._attention.layout = layout
         out = self.loaded.model(
@@ -358,6 +385,8 @@ class Engine:
         metrics.BATCH_TOKENS.observe(len(ids))
         metrics.BATCH_SEQUENCES.observe(len(layout.slices))
         logits = out.logits[0]
+        if scored:
+            self._score_prompts(scored, logits[len(sampled) : len(sampled) + len(scored)])
         greedy = [
             i for i, (seq, _) in enumerate(sampled) if seq.request.sampling.plain_greedy and not seq.handle.grammar
         ]
@@ -372,6 +401,14 @@ class Engine:
                 continue
             wanted = seq.request.top_logprobs
             self._advance(seq, token, now, None if wanted is None else _logprob(logits[index], token, wanted))
+
+    def _score_prompts(self, scored: list[tuple[_Sequence, int, int]], logits: torch.Tensor) -> None:
+        """The log probabilities of the prompt tokens these rows predict, kept until the first step."""
+        for (seq, _, index), row in zip(scored, logits, strict=True):
+            prompt = seq.request.prompt_ids
+            if not seq.prompt_logprobs:
+                seq.prompt_logprobs.append(TokenLogprob(prompt[0], 0.0))  # nothing predicts the first
+            seq.prompt_logprobs.append(_logprob(row, prompt[index], seq.request.prompt_logprobs or 0))
 
     def _choose(self, seq: _Sequence, logits: torch.Tensor) -> int:
         grammar = seq.handle.grammar
@@ -407,7 +444,12 @@ class Engine:
         if finish:
             seq.handle.finished_at = now  # before the last step is seen
         logprobs = (logprob,) if logprob is not None else ()
-        seq.handle._steps.put(Step([token], text, finish, len(seq.request.prompt_ids), seq.generated, logprobs))
+        prompt_logprobs: tuple[TokenLogprob, ...] = ()
+        if seq.generated == 1 and seq.request.prompt_logprobs is not None:
+            # A one-token prompt has nothing scored: its first token stands alone.
+            prompt_logprobs = tuple(seq.prompt_logprobs) or (TokenLogprob(seq.request.prompt_ids[0], 0.0),)
+        step = Step([token], text, finish, len(seq.request.prompt_ids), seq.generated, logprobs, prompt_logprobs)
+        seq.handle._steps.put(step)
         if finish:
             self._release(seq, finish)
 

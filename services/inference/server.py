@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 
 from services.inference.embedder import Embedder
-from services.inference.engine import Engine, EngineLimits, GenerationRequest, Step
+from services.inference.engine import Engine, EngineLimits, GenerationRequest, Step, TokenLogprob
 from services.inference.loader import load_model
 from services.inference.manifest import ManifestError, verify_manifest
 from services.inference.model_dir import model_kind, reasoning_tags, tool_parser
@@ -40,13 +40,17 @@ def sampling_config(params: common_pb2.SamplingParams) -> SamplingConfig:
     )
 
 
+def _logprob(entry: TokenLogprob, token_text: Callable[[int], str]) -> inference_pb2.TokenLogprob:
+    top = [inference_pb2.TopLogprob(token_id=t, token=token_text(t), logprob=lp) for t, lp in entry.top]
+    return inference_pb2.TokenLogprob(
+        token_id=entry.token_id, token=token_text(entry.token_id), logprob=entry.logprob, top=top
+    )
+
+
 def _chunk(step: Step, token_text: Callable[[int], str]) -> inference_pb2.GenerateChunk:
     chunk = inference_pb2.GenerateChunk(token_ids=step.token_ids, text=step.text)
-    for entry in step.logprobs:
-        chunk.logprobs.add(
-            token_id=entry.token_id, token=token_text(entry.token_id), logprob=entry.logprob,
-            top=[inference_pb2.TopLogprob(token_id=t, token=token_text(t), logprob=lp) for t, lp in entry.top],
-        )  # fmt: skip
+    chunk.logprobs.extend(_logprob(entry, token_text) for entry in step.logprobs)
+    chunk.prompt_logprobs.extend(_logprob(entry, token_text) for entry in step.prompt_logprobs)
     if step.finish_reason:
         chunk.finish_reason = finish_reasons.TO_PROTO[step.finish_reason]
         chunk.usage.prompt_tokens = step.prompt_tokens
@@ -84,6 +88,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 stop=tuple(request.sampling.stop),
                 top_logprobs=request.sampling.top_logprobs if request.sampling.HasField("top_logprobs") else None,
                 json_schema=request.sampling.json_schema if request.sampling.HasField("json_schema") else None,
+                prompt_logprobs=(
+                    request.sampling.prompt_logprobs if request.sampling.HasField("prompt_logprobs") else None
+                ),
             ),
             deadline=None if remaining is None else time.monotonic() + remaining,
         )
@@ -112,6 +119,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         texts = [item.text for item in request.inputs if not item.token_ids]
         tokenized = iter(self._embedder.tokenize(texts))
         ids = [list(item.token_ids) if item.token_ids else next(tokenized) for item in request.inputs]
+        if request.truncate_to:
+            ids = [self._embedder.truncated(item, request.truncate_to) for item in ids]
         result = self._embedder.embed(ids)
         return inference_pb2.EmbedReply(
             embeddings=[inference_pb2.Embedding(values=v) for v in result.vectors], prompt_tokens=result.prompt_tokens

@@ -46,11 +46,21 @@ class Settings(BaseSettings):
         description="OPEN,CLOSE tags of the reasoning block outputs open with (auto: <think> if the "
         "tokenizer knows it; none: off)",
     )
+    reasoning_field: Literal["both", "reasoning_content", "reasoning"] = Field(
+        "both",
+        description="edge: the field reasoning text is sent in (reasoning_content: DeepSeek's, Dify's; "
+        "reasoning: vLLM's newer name; both)",
+    )
     tool_parser: str = Field(
         "auto", description="how the model writes tool calls: hermes, json, none (auto: from its chat template)"
     )
     embedding_model: str = Field(
         "auto", description="sluice up: embedding model directory to serve too (auto: all-MiniLM-L6-v2; none: off)"
+    )
+    embedding_truncate: bool = Field(
+        True,
+        description="cut embedding inputs longer than the model takes to its limit (false: refuse them, 400) "
+        "unless a request sets truncate_prompt_tokens",
     )
     allow_missing_manifest: bool = Field(
         False, description="serve a model directory without sluice-manifest.json, unverified (warns)"

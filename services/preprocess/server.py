@@ -12,11 +12,12 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from services.inference.model_dir import check_model_dir, context_length
 from services.mesh.config import Settings
-from services.mesh.errors import ModelNotFound
+from services.mesh.errors import InvalidArgument, ModelNotFound
 from services.mesh.grpc_service import GrpcService, serve
 from services.mesh.stubs import common_pb2, preprocess_pb2, preprocess_pb2_grpc
+from services.mesh.template_variables import canonical
 from services.preprocess.cache_keys import cache_key
-from services.preprocess.templates import Message, Part, render_chat
+from services.preprocess.templates import Message, Part, render_chat, template_variables
 from services.preprocess.validate import resolve_sampling
 
 log = logging.getLogger(__name__)
@@ -29,12 +30,15 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServicer):
         self._tokenizer = tokenizer
         self._model_id = model_id
         self._context_length = context_length
+        self._vocab_size = len(tokenizer)
 
     def _check_model(self, model: str) -> None:
         if model != self._model_id:
             raise ModelNotFound(f"The model `{model}` does not exist. This server serves `{self._model_id}`.", "model")
 
-    def _reply(self, token_ids: list[int], sampling: common_pb2.SamplingParams) -> preprocess_pb2.PreprocessReply:
+    def _reply(
+        self, token_ids: list[int], sampling: common_pb2.SamplingParams, variables: str = ""
+    ) -> preprocess_pb2.PreprocessReply:
         resolved = resolve_sampling(sampling, len(token_ids), self._context_length)
         trace.get_current_span().set_attributes(
             {"gen_ai.request.model": self._model_id, "gen_ai.usage.input_tokens": len(token_ids)}
@@ -42,7 +46,7 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServicer):
         return preprocess_pb2.PreprocessReply(
             token_ids=token_ids,
             prompt_tokens=len(token_ids),
-            cache_key=cache_key(self._model_id, token_ids, resolved),
+            cache_key=cache_key(self._model_id, token_ids, resolved, variables),
             sampling=resolved,
             context_length=self._context_length,
         )
@@ -56,11 +60,16 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServicer):
             Message(m.role, tuple(Part(p.type, p.text) for p in m.content), m.name, m.tool_calls_json, m.tool_call_id)
             for m in request.messages
         ]
-        prompt = render_chat(self._tokenizer, messages, self._model_id, request.tools_json, request.assistant_prefix)
+        variables = template_variables(request.template_variables_json)
+        prompt = render_chat(
+            self._tokenizer, messages, self._model_id, request.tools_json, request.assistant_prefix, variables
+        )
         # The template already placed any BOS/special tokens the model expects.
         token_ids = self._tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        reply = self._reply(token_ids, request.sampling)
-        reply.reasoning_opened = bool(request.reasoning_open) and prompt.rstrip().endswith(request.reasoning_open)
+        reply = self._reply(token_ids, request.sampling, canonical(variables) if variables else "")
+        ending = prompt.rstrip()
+        reply.reasoning_opened = bool(request.reasoning_open) and ending.endswith(request.reasoning_open)
+        reply.reasoning_skipped = bool(request.reasoning_close) and ending.endswith(request.reasoning_close)
         return reply
 
     def Tokenize(
@@ -68,8 +77,20 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServicer):
     ) -> preprocess_pb2.PreprocessReply:
         REQUESTS.labels("completion").inc()
         self._check_model(request.model)
-        token_ids = self._tokenizer(request.prompt, add_special_tokens=True)["input_ids"] if request.prompt else []
-        return self._reply(token_ids, request.sampling)
+        if request.token_ids:
+            token_ids = list(request.token_ids)
+            outside = next((t for t in token_ids if not 0 <= t < self._vocab_size), None)
+            if outside is not None:
+                raise InvalidArgument(
+                    f"prompt: token id {outside} is outside the vocabulary (0..{self._vocab_size - 1})", "prompt"
+                )
+            text = self._tokenizer.decode(token_ids)
+        else:
+            text = request.prompt
+            token_ids = self._tokenizer(text, add_special_tokens=True)["input_ids"] if text else []
+        reply = self._reply(token_ids, request.sampling)
+        reply.prompt_text = text
+        return reply
 
 
 def run(settings: Settings, ready_file: Path | None) -> int:

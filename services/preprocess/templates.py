@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import jinja2
 from transformers import PreTrainedTokenizerBase
 
 from services.mesh.errors import InvalidArgument
 from services.mesh.json_limits import loads_bounded
+from services.mesh.template_variables import variables_problem
 
 KNOWN_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
@@ -82,20 +85,47 @@ def to_template_messages(messages: list[Message], model: str) -> list[dict[str, 
     return rendered
 
 
+TEMPLATE_VARIABLES_FIELD = "chat_template_kwargs"
+
+
+def template_variables(variables_json: str) -> dict[str, Any]:
+    """The request's template variables (a JSON object), checked as the edge checks them."""
+    if not variables_json:
+        return {}
+    variables = loads_bounded(variables_json, TEMPLATE_VARIABLES_FIELD)
+    if not isinstance(variables, dict):
+        raise InvalidArgument(f"{TEMPLATE_VARIABLES_FIELD} must be an object", TEMPLATE_VARIABLES_FIELD)
+    problem = variables_problem(variables)
+    if problem is not None:
+        where = ".".join(filter(None, (TEMPLATE_VARIABLES_FIELD, problem.path)))
+        raise InvalidArgument(f"{where}: {problem.reason}", TEMPLATE_VARIABLES_FIELD)
+    return variables
+
+
 def render_chat(
-    tokenizer: PreTrainedTokenizerBase, messages: list[Message], model: str, tools_json: str = "",
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[Message],
+    model: str,
+    tools_json: str = "",
     assistant_prefix: str = "",
-) -> str:  # fmt: skip
+    variables: Mapping[str, Any] | None = None,
+) -> str:
     """The prompt: the template over the messages (and the tools, handed to it as the model
-    expects them), then the start of the assistant's turn (plus `assistant_prefix`)."""
+    expects them, and any other variables the request set), then the start of the assistant's
+    turn (plus `assistant_prefix`)."""
     if not tokenizer.chat_template:
         raise InvalidArgument(f"model {model} has no chat template; use /v1/completions with a prompt", "messages")
     tools = loads_bounded(tools_json, "tools") if tools_json else None
     try:
         prompt = tokenizer.apply_chat_template(
-            to_template_messages(messages, model), tools=tools, tokenize=False, add_generation_prompt=True
+            to_template_messages(messages, model),
+            tools=tools,
+            tokenize=False,
+            add_generation_prompt=True,
+            **(variables or {}),
         )
         return prompt + assistant_prefix
-    except jinja2.TemplateError as err:
-        # Templates reject what the model cannot take (e.g. roles out of order) with raise_exception.
-        raise InvalidArgument(f"the chat template of {model} rejected the messages: {err}", "messages") from err
+    except (jinja2.TemplateError, TypeError, ValueError) as err:
+        # Templates reject what the model cannot take (e.g. roles out of order) with raise_exception;
+        # a variable of a type the template cannot use fails it too.
+        raise InvalidArgument(f"the chat template of {model} rejected the request: {err}", "messages") from err

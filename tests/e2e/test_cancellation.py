@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import grpc
 import httpx
 from meshproc import Mesh, wait_for
@@ -68,3 +70,39 @@ def test_cancelling_the_grpc_call_frees_the_engine_for_the_next_request(mesh: Me
     assert chunks[-1].usage.completion_tokens == 3
     generated = mesh.metric("inference", "sluice_inference_generated_tokens_total") - tokens_before
     assert generated < 2000 + 3, "the cancelled sequence ran to its end"
+
+
+ABANDONED = 40
+
+
+def test_abandoned_non_streaming_requests_stop_generating(mesh: Mesh) -> None:
+    """What the openai SDK's timeout-and-retry and a Dify user closing a blocking request do: the
+    client gives up on a whole (non-streamed) answer. Each generation must leave the engine then,
+    not run to its max_tokens for nobody."""
+    cancelled_before = mesh.metric("inference", "sluice_inference_sequences_finished_total", reason="cancelled")
+    tokens_before = mesh.metric("inference", "sluice_inference_generated_tokens_total")
+    body = {"model": "sluice-tiny", "max_tokens": 2000, "ignore_eos": True}
+
+    def abandon(index: int) -> None:
+        messages = [{"role": "user", "content": f"abandoned {index}"}]
+        try:
+            httpx.post(f"{mesh.base_url}/chat/completions", json=body | {"messages": messages}, timeout=0.5)
+        except httpx.TimeoutException:
+            return
+        raise AssertionError("a 2000-token answer arrived within half a second")
+
+    with ThreadPoolExecutor(ABANDONED) as pool:
+        list(pool.map(abandon, range(ABANDONED)))
+    assert wait_for(
+        lambda: (
+            mesh.metric("inference", "sluice_inference_sequences_finished_total", reason="cancelled")
+            == cancelled_before + ABANDONED
+        ),
+        timeout=60,
+    ), "the abandoned generations kept running"
+    assert wait_for(lambda: mesh.metric("inference", "sluice_inference_running_sequences") == 0, timeout=10)
+    generated = mesh.metric("inference", "sluice_inference_generated_tokens_total") - tokens_before
+    assert generated < ABANDONED * 2000 / 4  # far from running to their end
+    # The engine is free: the next request is answered at once.
+    short = {"model": "sluice-tiny", "max_tokens": 3, "messages": [{"role": "user", "content": "next"}]}
+    assert httpx.post(f"{mesh.base_url}/chat/completions", json=short, timeout=30).status_code == 200

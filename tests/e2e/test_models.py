@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from meshproc import Mesh, start_mesh, wait_for
+from meshproc import Mesh, start_edge, start_mesh, wait_for
 
 from services.inference.default_model import build_default_model
 
@@ -207,3 +207,26 @@ def test_rerank_refuses_what_it_cannot_do(models_mesh: Mesh) -> None:
     assert httpx.post(url, json={"model": CHAT, "query": "q", "documents": ["d"]}, timeout=30).status_code == 400
     missing = httpx.post(url, json={"model": "nope", "query": "q", "documents": ["d"]}, timeout=30)
     assert missing.status_code == 404 and "nope" in missing.json()["error"]["message"]
+
+
+def test_an_over_long_embedding_input_is_cut_to_the_models_limit(models_mesh: Mesh, tmp_path: Path) -> None:
+    """What Dify's indexing sends: long chunks, no truncation field. Cut by default, as the request
+    asks with truncate_prompt_tokens, refused where the deployment says so."""
+    long = "the river reached the sluice gate " * 400
+    url = f"{models_mesh.base_url}/embeddings"
+    cut = httpx.post(url, json={"model": EMBED, "input": [long, "short"]}, timeout=60)
+    assert cut.status_code == 200, cut.text
+    assert cut.json()["usage"]["prompt_tokens"] == 256 + 3  # the model's limit, and [CLS] short [SEP]
+    asked = httpx.post(url, json={"model": EMBED, "input": long, "truncate_prompt_tokens": 10}, timeout=60)
+    assert asked.json()["usage"]["prompt_tokens"] == 10
+    same = httpx.post(url, json={"model": EMBED, "input": long, "truncate_prompt_tokens": -1}, timeout=60)
+    assert same.json()["data"][0]["embedding"] == cut.json()["data"][0]["embedding"]
+    inference = ",".join(info["address"] for name, info in models_mesh.services.items() if name.startswith("inference"))
+    strict = start_edge(models_mesh, tmp_path, "--no-auth", "--no-embedding-truncate", inference=inference)
+    try:
+        refused = httpx.post(f"{strict.base_url}/embeddings", json={"model": EMBED, "input": ["ok", long]}, timeout=60)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "input[1]"
+        allowed = {"model": EMBED, "input": long, "truncate_prompt_tokens": -1}
+        assert httpx.post(f"{strict.base_url}/embeddings", json=allowed, timeout=60).status_code == 200
+    finally:
+        strict.stop()

@@ -1,4 +1,4 @@
-"""Reasoning output reaches clients as `reasoning_content`, apart from the answer.
+"""Reasoning output reaches clients as `reasoning_content` and `reasoning`, apart from the answer.
 
 The default model's gibberish never opens a reasoning block, so a scripted inference service
 (a test fixture: real gRPC over the mesh's mTLS, announcing `<think>` tags as a reasoning
@@ -11,16 +11,14 @@ answer with its whole output as reasoning, never as content.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
-from meshproc import Edge, Mesh, start_mesh
+from meshproc import Edge, Mesh, start_mesh, with_generation_prompt
 from scripted_inference import ScriptedModel, scripted_edge
 
-from services.inference.manifest import write_manifest
 from services.mesh.stubs import inference_pb2
 
 SCRIPT = ["<th", "ink>Two plus", " two is four.</thi", "nk>\n\n", "It is ", "4."]
@@ -43,40 +41,61 @@ def _chat(base_url: str, **extra: object):
     )  # fmt: skip
 
 
-def test_streamed_reasoning_arrives_as_reasoning_content_never_as_content(reasoning_edge: Edge) -> None:
-    reasoning, content = "", ""
-    for chunk in _chat(reasoning_edge.base_url, stream=True):
+def _streamed(base_url: str) -> dict[str, str]:
+    """Each delta field's text, joined over the stream."""
+    joined = {"reasoning_content": "", "reasoning": "", "content": ""}
+    for chunk in _chat(base_url, stream=True):
         for choice in chunk.choices:
-            reasoning += getattr(choice.delta, "reasoning_content", None) or ""
-            content += choice.delta.content or ""
-    assert reasoning == "Two plus two is four."
-    assert content == "It is 4."
+            for name in joined:
+                joined[name] += getattr(choice.delta, name, None) or ""
+    return joined
 
 
-def test_whole_response_carries_message_reasoning_content(reasoning_edge: Edge) -> None:
+def test_streamed_reasoning_arrives_under_both_names_never_as_content(reasoning_edge: Edge) -> None:
+    # DeepSeek's name (Dify and most clients) and vLLM's newer one, so either kind of client reads it.
+    assert _streamed(reasoning_edge.base_url) == {
+        "reasoning_content": "Two plus two is four.",
+        "reasoning": "Two plus two is four.",
+        "content": "It is 4.",
+    }
+
+
+def test_whole_response_carries_the_reasoning_under_both_names(reasoning_edge: Edge) -> None:
     message = _chat(reasoning_edge.base_url).choices[0].message
     assert message.content == "It is 4."
-    assert message.reasoning_content == "Two plus two is four."  # type: ignore[attr-defined]
+    assert message.reasoning_content == message.reasoning == "Two plus two is four."  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def reasoning_only_edge(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
+    info = inference_pb2.ModelInfo(
+        id="sluice-tiny", kind="chat", context_length=2048, reasoning_open="<think>", reasoning_close="</think>"
+    )
+    model = ScriptedModel(info, lambda *_: SCRIPT)
+    workdir = tmp_path_factory.mktemp("reasoning-only")
+    with scripted_edge(mesh, workdir, model, "--reasoning-field", "reasoning") as edge:
+        yield edge
+
+
+def test_the_reasoning_field_setting_picks_one_name(reasoning_only_edge: Edge) -> None:
+    streamed = _streamed(reasoning_only_edge.base_url)
+    assert (streamed["reasoning"], streamed["reasoning_content"]) == ("Two plus two is four.", "")
+    message = _chat(reasoning_only_edge.base_url).choices[0].message.model_dump(exclude_unset=True)
+    assert message["reasoning"] == "Two plus two is four." and "reasoning_content" not in message
 
 
 def test_a_model_without_reasoning_tags_answers_without_the_field(mesh: Mesh) -> None:
     reply = _chat(mesh.base_url, temperature=0)
     assert reply.choices[0].message.content
-    assert "reasoning_content" not in reply.choices[0].message.model_dump(exclude_unset=True)
+    message = reply.choices[0].message.model_dump(exclude_unset=True)
+    assert "reasoning_content" not in message and "reasoning" not in message
 
 
 @pytest.fixture(scope="module")
 def opened_mesh(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path, model_dir: Path) -> Iterator[Mesh]:
     """The real default model with a template that ends the prompt inside `<think>`, as R1's does."""
-    model = tmp_path_factory.mktemp("r1-style") / model_dir.name
-    shutil.copytree(model_dir, model)
-    template = model / "chat_template.jinja"
-    generation_prompt = "'<|im_start|>assistant\\n' }}{%- endif %}"
-    assert template.read_text().endswith(generation_prompt)
-    template.write_text(
-        template.read_text().replace(generation_prompt, "'<|im_start|>assistant\\n<think>\\n' }}{%- endif %}")
-    )
-    write_manifest(model)
+    opened = "'<|im_start|>assistant\\n<think>\\n' }}"
+    model = with_generation_prompt(model_dir, tmp_path_factory.mktemp("r1-style"), opened)
     running = start_mesh(
         tmp_path_factory.mktemp("opened"), certs_dir, model, env={"SLUICE_REASONING_TAGS": "<think>,</think>"}
     )

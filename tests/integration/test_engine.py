@@ -116,3 +116,22 @@ def test_structured_output_needs_room_for_its_shortest_json(engine: Engine) -> N
     with pytest.raises(InvalidArgument, match="too small for this response_format") as err:
         engine.submit(GenerationRequest("s", _prompt(engine), 3, GREEDY, json_schema=schema))
     assert err.value.param == "max_tokens"
+
+
+def test_prompt_logprobs_are_the_models_own_over_several_prefill_chunks(engine: Engine, model_dir: Path) -> None:
+    """Echo with logprobs: every prompt token's log probability, as a plain forward pass of the
+    model gives it, although the prompt is prefilled in chunks beside another sequence."""
+    prompt = (_prompt(engine) * 60)[:600]  # more than two prefill chunks of 256
+    reference = load_model(model_dir, "cpu")
+    with torch.inference_mode():
+        logits = reference.model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+    expected = [float(logits[i - 1, prompt[i]]) for i in range(1, len(prompt))]
+    scored = engine.submit(GenerationRequest("p", prompt, 2, GREEDY, prompt_logprobs=2))
+    beside = engine.submit(GenerationRequest("q", prompt[:50], 2, GREEDY))
+    first = next(iter(scored))
+    list(beside)
+    entries = first.prompt_logprobs
+    assert [e.token_id for e in entries] == prompt
+    assert entries[0].logprob == 0 and not entries[0].top  # nothing predicts the first token
+    assert max(abs(e.logprob - x) for e, x in zip(entries[1:], expected, strict=True)) < 1e-4
+    assert all(len(e.top) == 2 and e.top[0][1] >= e.logprob for e in entries[1:])

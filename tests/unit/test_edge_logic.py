@@ -81,12 +81,21 @@ def test_unknown_fields_are_ignored() -> None:
     assert body.model == "m"
 
 
-def test_completion_prompt_must_be_one_prompt() -> None:
-    assert CompletionRequest(model="m", prompt=["only"]).prompt_text == "only"
-    with pytest.raises(ValidationError, match="at most 1 item"):
-        CompletionRequest(model="m", prompt=["a", "b"])
-    with pytest.raises(ValidationError, match="echo"):
-        CompletionRequest(model="m", prompt="a", echo=True)
+def test_completion_prompts_in_every_form_openai_allows() -> None:
+    def prompts(prompt: object, **extra: object) -> list:
+        return CompletionRequest(model="m", prompt=prompt, **extra).prompts
+
+    assert prompts("one") == ["one"]
+    assert prompts(["a", "b"]) == ["a", "b"]
+    assert prompts([0, 0, 7]) == [[0, 0, 7]]  # token ids: one prompt
+    assert prompts([[1, 2], [3]]) == [[1, 2], [3]]
+    for bad in ([], [[]], [-1], [["a"]], ["a", 1]):
+        with pytest.raises(ValidationError):
+            prompts(bad)
+    with pytest.raises(ValidationError, match="prompts times n"):
+        prompts(["p"] * 9, n=8)
+    assert CompletionRequest(model="m", prompt="a", echo=True, logprobs=2).wanted_prompt_logprobs == 2
+    assert CompletionRequest(model="m", prompt="a", logprobs=2).wanted_prompt_logprobs is None
 
 
 def _rpc_error(status: grpc.StatusCode, details: str, answered: bool) -> grpc.aio.AioRpcError:
@@ -144,16 +153,25 @@ def test_choices_sample_with_successive_seeds_wrapping_within_int64_and_cache_ap
     assert not unseeded.sampling.HasField("seed") and unseeded.cache_key == ""
 
 
-@pytest.mark.parametrize(("used", "settled_with"), [([15, 12, 20], 27), ([15, None, 20], None)])
-def test_n_choices_settle_once_with_the_prompt_counted_once(used: list, settled_with: int | None) -> None:
+@pytest.mark.parametrize(
+    ("prompts", "used", "settled_with"),
+    [
+        ([10, 10, 10], [15, 12, 20], 27),  # n=3 of one 10-token prompt: 5 + 2 + 10 generated
+        ([10, 10, 10], [15, None, 20], None),
+        ([10, 10, 4, 4], [15, 12, 6, 9], 14 + 14),  # two prompts (10 and 4 tokens), n=2 each
+    ],
+)
+def test_choices_settle_once_with_each_prompt_counted_once(
+    prompts: list[int], used: list, settled_with: int | None
+) -> None:
     calls: list[int | None] = []
 
     async def settle(tokens: int | None) -> None:
         calls.append(tokens)
 
     async def report() -> None:
-        part = shared_settle(settle, 3, prompt_tokens=10)
-        for tokens in used:
+        parts = shared_settle(settle, prompts, prompt_tokens=sum(set(prompts)))
+        for part, tokens in reversed(list(zip(parts, used, strict=True))):  # in any order
             assert not calls  # nothing is settled before every choice has reported
             await part(tokens)
 

@@ -5,7 +5,7 @@ import pytest
 from services.mesh.errors import ContextLengthExceeded, InvalidArgument
 from services.mesh.stubs import common_pb2
 from services.preprocess.cache_keys import cache_key, is_deterministic
-from services.preprocess.templates import Message, Part, render_chat, to_template_messages
+from services.preprocess.templates import Message, Part, render_chat, template_variables, to_template_messages
 from services.preprocess.validate import resolve_sampling
 
 
@@ -52,6 +52,7 @@ def test_cache_key_covers_model_tokens_and_every_parameter() -> None:
         cache_key("m", [1, 2, 3], _params(temperature=0, max_tokens=5, stop=["x"])),
         cache_key("m", [1, 2, 3], _params(temperature=0, max_tokens=5, frequency_penalty=0.1)),
         cache_key("m", [1, 2, 3], _params(temperature=0, max_tokens=5, seed=1)),
+        cache_key("m", [1, 2, 3], _params(temperature=0, max_tokens=5), '{"enable_thinking":false}'),
     ]
     assert len({base, *variants}) == 1 + len(variants)
 
@@ -75,3 +76,31 @@ def test_image_part_for_a_text_model_names_the_model() -> None:
 def test_render_uses_the_models_chat_template(tokenizer) -> None:
     prompt = render_chat(tokenizer, [Message("user", (Part("text", "hi"),))], "m")
     assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_template_variables_reach_the_template(tokenizer) -> None:
+    template = "{{ messages[0].content }}|{{ enable_thinking }}|{{ reasoning_effort | default('none') }}"
+    tokenizer = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)  # a copy to change
+    tokenizer.chat_template = template
+    prompt = render_chat(tokenizer, [Message("user", (Part("text", "hi"),))], "m", variables={"enable_thinking": False})
+    assert prompt == "hi|False|none"
+
+
+@pytest.mark.parametrize(
+    ("variables_json", "needle"),
+    [
+        ('{"add_generation_prompt": false}', "chat_template_kwargs.add_generation_prompt: is set by the"),
+        ('{"eos_token": "x"}', "chat_template_kwargs.eos_token: is set by the"),
+        ('{"9lives": 1}', "is not a template variable name"),
+        ("[1, 2]", "chat_template_kwargs must be an object"),
+        ('{"a": ' + "[" * 100 + "]" * 100 + "}", "nests deeper than 64 levels"),
+    ],
+)
+def test_template_variables_are_checked_for_direct_callers(variables_json: str, needle: str) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        template_variables(variables_json)
+    assert needle in refused.value.message and refused.value.param == "chat_template_kwargs"
+    assert template_variables('{"enable_thinking": true, "x": [1, {"y": null}]}') == {
+        "enable_thinking": True,
+        "x": [1, {"y": None}],
+    }

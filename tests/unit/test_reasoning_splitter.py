@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pytest
 
+from services.edge_http.openai_schema import ReasoningTags
 from services.edge_http.reasoning import ReasoningSplitter
 
+TAGS = ReasoningTags("<think>", "</think>")
 OUTPUT = "<think>Let me see: 2+2.\nIt is 4.</think>\n\nThe answer is 4."
 
 
 def _run(chunks: list[str], opened: bool = False) -> tuple[str, str]:
-    splitter = ReasoningSplitter("<think>", "</think>", opened)
+    splitter = ReasoningSplitter(TAGS, opened)
     reasoning = content = ""
     for chunk in chunks:
         part = splitter.feed(chunk)
@@ -39,7 +41,7 @@ def test_an_unfinished_block_stays_reasoning_and_partial_tags_are_released_at_th
 
 
 def test_reasoning_reaches_the_caller_before_the_block_closes() -> None:
-    splitter = ReasoningSplitter("<think>", "</think>")
+    splitter = ReasoningSplitter(TAGS)
     assert splitter.feed("<think>step one").reasoning == "step one"
     assert splitter.feed(" and two</").reasoning == " and two"  # "</" could start the closing tag
     assert splitter.feed("think>done").content == "done"

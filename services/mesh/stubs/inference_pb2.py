@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.mesh.stubs import common_pb2 as sluice_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19sluice/v1/inference.proto\x12\tsluice.v1\x1a\x16sluice/v1/common.proto\"t\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.sluice.v1.SamplingParams\"\xac\x01\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.sluice.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.sluice.v1.Usage\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.sluice.v1.TokenLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"d\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\"\n\x03top\x18\x04 \x03(\x0b\x32\x15.sluice.v1.TopLogprob\"\xb7\x01\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\x10\n\x08owned_by\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x0c\n\x04kind\x18\x06 \x01(\t\x12\x16\n\x0ereasoning_open\x18\x07 \x01(\t\x12\x17\n\x0freasoning_close\x18\x08 \x01(\t\x12\x13\n\x0btool_parser\x18\t \x01(\t\"-\n\nEmbedInput\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"X\n\x0c\x45mbedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\x06inputs\x18\x03 \x03(\x0b\x32\x15.sluice.v1.EmbedInput\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"M\n\nEmbedReply\x12(\n\nembeddings\x18\x01 \x03(\x0b\x32\x14.sluice.v1.Embedding\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\"\x13\n\x11ListModelsRequest\"7\n\x0fListModelsReply\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.sluice.v1.ModelInfo2\xd0\x01\n\tInference\x12\x42\n\x08Generate\x12\x1a.sluice.v1.GenerateRequest\x1a\x18.sluice.v1.GenerateChunk0\x01\x12\x37\n\x05\x45mbed\x12\x17.sluice.v1.EmbedRequest\x1a\x15.sluice.v1.EmbedReply\x12\x46\n\nListModels\x12\x1c.sluice.v1.ListModelsRequest\x1a\x1a.sluice.v1.ListModelsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19sluice/v1/inference.proto\x12\tsluice.v1\x1a\x16sluice/v1/common.proto\"t\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.sluice.v1.SamplingParams\"\xde\x01\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.sluice.v1.FinishReason\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.sluice.v1.Usage\x12)\n\x08logprobs\x18\x05 \x03(\x0b\x32\x17.sluice.v1.TokenLogprob\x12\x30\n\x0fprompt_logprobs\x18\x06 \x03(\x0b\x32\x17.sluice.v1.TokenLogprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"d\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\"\n\x03top\x18\x04 \x03(\x0b\x32\x15.sluice.v1.TopLogprob\"\xb7\x01\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x03\x12\x10\n\x08owned_by\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x0c\n\x04kind\x18\x06 \x01(\t\x12\x16\n\x0ereasoning_open\x18\x07 \x01(\t\x12\x17\n\x0freasoning_close\x18\x08 \x01(\t\x12\x13\n\x0btool_parser\x18\t \x01(\t\"-\n\nEmbedInput\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"m\n\x0c\x45mbedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12%\n\x06inputs\x18\x03 \x03(\x0b\x32\x15.sluice.v1.EmbedInput\x12\x13\n\x0btruncate_to\x18\x04 \x01(\x05\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"M\n\nEmbedReply\x12(\n\nembeddings\x18\x01 \x03(\x0b\x32\x14.sluice.v1.Embedding\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\"\x13\n\x11ListModelsRequest\"7\n\x0fListModelsReply\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.sluice.v1.ModelInfo2\xd0\x01\n\tInference\x12\x42\n\x08Generate\x12\x1a.sluice.v1.GenerateRequest\x1a\x18.sluice.v1.GenerateChunk0\x01\x12\x37\n\x05\x45mbed\x12\x17.sluice.v1.EmbedRequest\x1a\x15.sluice.v1.EmbedReply\x12\x46\n\nListModels\x12\x1c.sluice.v1.ListModelsRequest\x1a\x1a.sluice.v1.ListModelsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,25 +35,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=64
   _globals['_GENERATEREQUEST']._serialized_end=180
   _globals['_GENERATECHUNK']._serialized_start=183
-  _globals['_GENERATECHUNK']._serialized_end=355
-  _globals['_TOPLOGPROB']._serialized_start=357
-  _globals['_TOPLOGPROB']._serialized_end=419
-  _globals['_TOKENLOGPROB']._serialized_start=421
-  _globals['_TOKENLOGPROB']._serialized_end=521
-  _globals['_MODELINFO']._serialized_start=524
-  _globals['_MODELINFO']._serialized_end=707
-  _globals['_EMBEDINPUT']._serialized_start=709
-  _globals['_EMBEDINPUT']._serialized_end=754
-  _globals['_EMBEDREQUEST']._serialized_start=756
-  _globals['_EMBEDREQUEST']._serialized_end=844
-  _globals['_EMBEDDING']._serialized_start=846
-  _globals['_EMBEDDING']._serialized_end=873
-  _globals['_EMBEDREPLY']._serialized_start=875
-  _globals['_EMBEDREPLY']._serialized_end=952
-  _globals['_LISTMODELSREQUEST']._serialized_start=954
-  _globals['_LISTMODELSREQUEST']._serialized_end=973
-  _globals['_LISTMODELSREPLY']._serialized_start=975
-  _globals['_LISTMODELSREPLY']._serialized_end=1030
-  _globals['_INFERENCE']._serialized_start=1033
-  _globals['_INFERENCE']._serialized_end=1241
+  _globals['_GENERATECHUNK']._serialized_end=405
+  _globals['_TOPLOGPROB']._serialized_start=407
+  _globals['_TOPLOGPROB']._serialized_end=469
+  _globals['_TOKENLOGPROB']._serialized_start=471
+  _globals['_TOKENLOGPROB']._serialized_end=571
+  _globals['_MODELINFO']._serialized_start=574
+  _globals['_MODELINFO']._serialized_end=757
+  _globals['_EMBEDINPUT']._serialized_start=759
+  _globals['_EMBEDINPUT']._serialized_end=804
+  _globals['_EMBEDREQUEST']._serialized_start=806
+  _globals['_EMBEDREQUEST']._serialized_end=915
+  _globals['_EMBEDDING']._serialized_start=917
+  _globals['_EMBEDDING']._serialized_end=944
+  _globals['_EMBEDREPLY']._serialized_start=946
+  _globals['_EMBEDREPLY']._serialized_end=1023
+  _globals['_LISTMODELSREQUEST']._serialized_start=1025
+  _globals['_LISTMODELSREQUEST']._serialized_end=1044
+  _globals['_LISTMODELSREPLY']._serialized_start=1046
+  _globals['_LISTMODELSREPLY']._serialized_end=1101
+  _globals['_INFERENCE']._serialized_start=1104
+  _globals['_INFERENCE']._serialized_end=1312
 # @@protoc_insertion_point(module_scope)
