@@ -113,8 +113,6 @@ async def answer(request: Request, key: KeyRecord | None, body: SamplingFields, 
     target = await route(request, key, body.model, "chat")
     body.model = target.id  # aliases answer with the model they stand for, as OpenAI's do
     prepared = await flow.prepare(pipeline, target, rid)
-    for prompt in prepared.prompts:
-        guard.fit(prompt)
     n = body.n or 1
     most = prepared.prompt_tokens + n * sum(prompt.sampling.max_tokens for prompt in prepared.prompts)
     account = audited(request, await guard.reserve(key, most))

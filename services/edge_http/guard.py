@@ -15,7 +15,6 @@ from services.edge_http.limits import Limiter, LocalBuckets, RedisBuckets, Refus
 from services.edge_http.openai_schema import ChatCompletionRequest, SamplingFields
 from services.edge_http.pipeline import Event
 from services.mesh.config import Settings
-from services.mesh.stubs import preprocess_pb2
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +78,6 @@ class Guard:
                 400, f"messages: at most {self._settings.max_messages} per request", param="messages",
                 code="invalid_value",
             )  # fmt: skip
-
-    def fit(self, prepared: preprocess_pb2.PreprocessReply) -> None:
-        """A completion left unbounded by the client stops at max_tokens_limit."""
-        prepared.sampling.max_tokens = min(prepared.sampling.max_tokens, self._settings.max_tokens_limit)
 
     async def reserve(self, key: KeyRecord | None, tokens: int) -> Settle:
         """Charge `tokens` to the key's tokens per minute; returns the settlement, to call with the

@@ -190,6 +190,7 @@ class Pipeline:
             assistant_prefix=assistant_prefix,
             reasoning_open=tags.open if tags else "",
             reasoning_close=tags.close if tags else "",
+            max_tokens_limit=self._settings.max_tokens_limit,
         )
         if variables := body.template_variables:
             request.template_variables_json = canonical(variables)
@@ -200,7 +201,9 @@ class Pipeline:
     ) -> preprocess_pb2.PreprocessReply:
         """One prompt's tokens (a text prompt tokenized, token ids checked)."""
         sampling = sampling_params(body)
-        request = preprocess_pb2.TokenizeRequest(request_id=request_id, model=body.model, sampling=sampling)
+        request = preprocess_pb2.TokenizeRequest(
+            request_id=request_id, model=body.model, sampling=sampling, max_tokens_limit=self._settings.max_tokens_limit
+        )
         if isinstance(prompt, str):
             request.prompt = prompt
         else:

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 def sampling_config(params: common_pb2.SamplingParams) -> SamplingConfig:
     return SamplingConfig(
         temperature=params.temperature,
-        top_p=params.top_p or 1.0,
+        top_p=params.top_p,
         top_k=params.top_k,
         seed=params.seed if params.HasField("seed") else None,
         presence_penalty=params.presence_penalty,

@@ -37,9 +37,9 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServicer):
             raise ModelNotFound(f"The model `{model}` does not exist. This server serves `{self._model_id}`.", "model")
 
     def _reply(
-        self, token_ids: list[int], sampling: common_pb2.SamplingParams, variables: str = ""
+        self, token_ids: list[int], sampling: common_pb2.SamplingParams, limit: int, variables: str = ""
     ) -> preprocess_pb2.PreprocessReply:
-        resolved = resolve_sampling(sampling, len(token_ids), self._context_length)
+        resolved = resolve_sampling(sampling, len(token_ids), self._context_length, limit)
         trace.get_current_span().set_attributes(
             {"gen_ai.request.model": self._model_id, "gen_ai.usage.input_tokens": len(token_ids)}
         )
@@ -66,7 +66,9 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServicer):
         )
         # The template already placed any BOS/special tokens the model expects.
         token_ids = self._tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        reply = self._reply(token_ids, request.sampling, canonical(variables) if variables else "")
+        reply = self._reply(
+            token_ids, request.sampling, request.max_tokens_limit, canonical(variables) if variables else ""
+        )
         ending = prompt.rstrip()
         reply.reasoning_opened = bool(request.reasoning_open) and ending.endswith(request.reasoning_open)
         reply.reasoning_skipped = bool(request.reasoning_close) and ending.endswith(request.reasoning_close)
@@ -88,7 +90,7 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServicer):
         else:
             text = request.prompt
             token_ids = self._tokenizer(text, add_special_tokens=True)["input_ids"] if text else []
-        reply = self._reply(token_ids, request.sampling)
+        reply = self._reply(token_ids, request.sampling, request.max_tokens_limit)
         reply.prompt_text = text
         return reply
 

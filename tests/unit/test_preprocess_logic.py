@@ -13,10 +13,15 @@ def _params(**kw) -> common_pb2.SamplingParams:
     return common_pb2.SamplingParams(**kw)
 
 
-def test_unset_max_tokens_takes_the_room_left_in_the_context() -> None:
-    resolved = resolve_sampling(_params(temperature=0), prompt_tokens=100, context_length=2048)
+def test_unset_max_tokens_takes_the_room_left_in_the_context_up_to_the_limit() -> None:
+    resolved = resolve_sampling(_params(temperature=0, top_p=0.5), prompt_tokens=100, context_length=2048)
     assert resolved.max_tokens == 1948
-    assert resolved.top_p == 1.0
+    assert resolved.top_p == 0.5  # the caller's decision, passed on as it is
+    assert resolve_sampling(_params(), prompt_tokens=100, context_length=2048, limit=64).max_tokens == 64
+    assert resolve_sampling(_params(), prompt_tokens=2000, context_length=2048, limit=64).max_tokens == 48
+    assert resolve_sampling(_params(max_tokens=10), prompt_tokens=100, context_length=2048, limit=64).max_tokens == 10
+    with pytest.raises(InvalidArgument, match="at most 64"):
+        resolve_sampling(_params(max_tokens=65), prompt_tokens=100, context_length=2048, limit=64)
 
 
 def test_max_tokens_beyond_the_context_is_rejected_naming_the_numbers() -> None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.mesh.stubs import common_pb2 as sluice_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asluice/v1/preprocess.proto\x12\tsluice.v1\x1a\x16sluice/v1/common.proto\"<\n\x0b\x43ontentPart\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\timage_url\x18\x03 \x01(\t\"\x81\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\'\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x16.sluice.v1.ContentPart\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x04 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\"\x8d\x02\n\x11RenderChatRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.sluice.v1.ChatMessage\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.sluice.v1.SamplingParams\x12\x12\n\ntools_json\x18\x05 \x01(\t\x12\x18\n\x10\x61ssistant_prefix\x18\x06 \x01(\t\x12\x16\n\x0ereasoning_open\x18\x07 \x01(\t\x12\x17\n\x0freasoning_close\x18\t \x01(\t\x12\x1f\n\x17template_variables_json\x18\x08 \x01(\t\"\x84\x01\n\x0fTokenizeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.sluice.v1.SamplingParams\x12\x11\n\ttoken_ids\x18\x05 \x03(\x05\"\xdd\x01\n\x0fPreprocessReply\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x11\n\tcache_key\x18\x03 \x01(\t\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.sluice.v1.SamplingParams\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\x05\x12\x18\n\x10reasoning_opened\x18\x06 \x01(\x08\x12\x19\n\x11reasoning_skipped\x18\x07 \x01(\x08\x12\x13\n\x0bprompt_text\x18\x08 \x01(\t2\x98\x01\n\nPreprocess\x12\x46\n\nRenderChat\x12\x1c.sluice.v1.RenderChatRequest\x1a\x1a.sluice.v1.PreprocessReply\x12\x42\n\x08Tokenize\x12\x1a.sluice.v1.TokenizeRequest\x1a\x1a.sluice.v1.PreprocessReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asluice/v1/preprocess.proto\x12\tsluice.v1\x1a\x16sluice/v1/common.proto\"<\n\x0b\x43ontentPart\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\timage_url\x18\x03 \x01(\t\"\x81\x01\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\'\n\x07\x63ontent\x18\x02 \x03(\x0b\x32\x16.sluice.v1.ContentPart\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x17\n\x0ftool_calls_json\x18\x04 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\"\xa7\x02\n\x11RenderChatRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.sluice.v1.ChatMessage\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.sluice.v1.SamplingParams\x12\x12\n\ntools_json\x18\x05 \x01(\t\x12\x18\n\x10\x61ssistant_prefix\x18\x06 \x01(\t\x12\x16\n\x0ereasoning_open\x18\x07 \x01(\t\x12\x17\n\x0freasoning_close\x18\t \x01(\t\x12\x1f\n\x17template_variables_json\x18\x08 \x01(\t\x12\x18\n\x10max_tokens_limit\x18\n \x01(\x05\"\x9e\x01\n\x0fTokenizeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.sluice.v1.SamplingParams\x12\x11\n\ttoken_ids\x18\x05 \x03(\x05\x12\x18\n\x10max_tokens_limit\x18\x06 \x01(\x05\"\xdd\x01\n\x0fPreprocessReply\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x11\n\tcache_key\x18\x03 \x01(\t\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.sluice.v1.SamplingParams\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\x05\x12\x18\n\x10reasoning_opened\x18\x06 \x01(\x08\x12\x19\n\x11reasoning_skipped\x18\x07 \x01(\x08\x12\x13\n\x0bprompt_text\x18\x08 \x01(\t2\x98\x01\n\nPreprocess\x12\x46\n\nRenderChat\x12\x1c.sluice.v1.RenderChatRequest\x1a\x1a.sluice.v1.PreprocessReply\x12\x42\n\x08Tokenize\x12\x1a.sluice.v1.TokenizeRequest\x1a\x1a.sluice.v1.PreprocessReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,11 +37,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=128
   _globals['_CHATMESSAGE']._serialized_end=257
   _globals['_RENDERCHATREQUEST']._serialized_start=260
-  _globals['_RENDERCHATREQUEST']._serialized_end=529
-  _globals['_TOKENIZEREQUEST']._serialized_start=532
-  _globals['_TOKENIZEREQUEST']._serialized_end=664
-  _globals['_PREPROCESSREPLY']._serialized_start=667
-  _globals['_PREPROCESSREPLY']._serialized_end=888
-  _globals['_PREPROCESS']._serialized_start=891
-  _globals['_PREPROCESS']._serialized_end=1043
+  _globals['_RENDERCHATREQUEST']._serialized_end=555
+  _globals['_TOKENIZEREQUEST']._serialized_start=558
+  _globals['_TOKENIZEREQUEST']._serialized_end=716
+  _globals['_PREPROCESSREPLY']._serialized_start=719
+  _globals['_PREPROCESSREPLY']._serialized_end=940
+  _globals['_PREPROCESS']._serialized_start=943
+  _globals['_PREPROCESS']._serialized_end=1095
 # @@protoc_insertion_point(module_scope)

@@ -32,7 +32,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[_Iterable[_Union[ContentPart, _Mapping]]] = ..., name: _Optional[str] = ..., tool_calls_json: _Optional[str] = ..., tool_call_id: _Optional[str] = ...) -> None: ...
 
 class RenderChatRequest(_message.Message):
-    __slots__ = ("request_id", "model", "messages", "sampling", "tools_json", "assistant_prefix", "reasoning_open", "reasoning_close", "template_variables_json")
+    __slots__ = ("request_id", "model", "messages", "sampling", "tools_json", "assistant_prefix", "reasoning_open", "reasoning_close", "template_variables_json", "max_tokens_limit")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class RenderChatRequest(_message.Message):
     REASONING_OPEN_FIELD_NUMBER: _ClassVar[int]
     REASONING_CLOSE_FIELD_NUMBER: _ClassVar[int]
     TEMPLATE_VARIABLES_JSON_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_LIMIT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
@@ -51,21 +52,24 @@ class RenderChatRequest(_message.Message):
     reasoning_open: str
     reasoning_close: str
     template_variables_json: str
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., tools_json: _Optional[str] = ..., assistant_prefix: _Optional[str] = ..., reasoning_open: _Optional[str] = ..., reasoning_close: _Optional[str] = ..., template_variables_json: _Optional[str] = ...) -> None: ...
+    max_tokens_limit: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., tools_json: _Optional[str] = ..., assistant_prefix: _Optional[str] = ..., reasoning_open: _Optional[str] = ..., reasoning_close: _Optional[str] = ..., template_variables_json: _Optional[str] = ..., max_tokens_limit: _Optional[int] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
-    __slots__ = ("request_id", "model", "prompt", "sampling", "token_ids")
+    __slots__ = ("request_id", "model", "prompt", "sampling", "token_ids", "max_tokens_limit")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_LIMIT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     prompt: str
     sampling: _common_pb2.SamplingParams
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    max_tokens_limit: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., token_ids: _Optional[_Iterable[int]] = ..., max_tokens_limit: _Optional[int] = ...) -> None: ...
 
 class PreprocessReply(_message.Message):
     __slots__ = ("token_ids", "prompt_tokens", "cache_key", "sampling", "context_length", "reasoning_opened", "reasoning_skipped", "prompt_text")
