@@ -11,63 +11,18 @@ from pathlib import Path
 from services.inference.default_model import PRESETS
 from services.mesh.config import (
     DEFAULT_MODEL,
+    ENVOY,
+    MESH,
+    SERVICES,
     Settings,
     add_config_flag,
     add_setting_flags,
     comma_list,
+    settings_for,
     settings_from_args,
+    up_settings,
 )
 from services.mesh.logs import configure_logging
-
-SERVICE_FLAGS = {
-    "preprocess": ("preprocess_port", "metrics_port", "model", "served_model_name"),
-    "inference": (
-        "inference_port",
-        "metrics_port",
-        "model",
-        "served_model_name",
-        "served_model_version",
-        "model_manifest",
-        "allow_missing_manifest",
-        "device",
-        "torch_threads",
-        "stall_timeout_s",
-        "max_running",
-        "max_waiting",
-        "max_batched_tokens",
-        "prefill_chunk",
-        "kv_cache_bytes",
-    ),
-    "cache": (
-        "cache_port",
-        "metrics_port",
-        "cache_backend",
-        "redis_url",
-        "cache_max_entries",
-        "cache_max_bytes",
-        "cache_ttl_s",
-    ),
-    "edge": (
-        "edge_port",
-        "preprocess_addr",
-        "inference_addr",
-        "cache_addr",
-        "cache_enabled",
-        "upstream_timeout_s",
-        "generate_timeout_s",
-        "max_request_bytes",
-        *("auth", "keys_file", "max_messages", "max_tokens_limit", "cache_backend", "redis_url"),
-        *("model_weights", "model_aliases", "sse_keepalive_s", "reasoning_field", "embedding_truncate"),
-    ),
-}
-MESH_FLAGS = (
-    "host", "advertise_host", "certs_dir", "insecure", "drain_grace_s", "log_level", "log_format",
-    "discovery", "consul_addr", "consul_scheme", "consul_token", "consul_ca", "consul_check_interval_s",
-)  # fmt: skip
-ENVOY_FLAGS = (
-    "envoy_port", "envoy_admin_port", "envoy_tls_cert", "envoy_tls_key", "max_request_bytes",
-    "envoy_rate_limit_rps",
-)  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,28 +43,29 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--port", dest="edge_port", type=int, default=None, help="HTTP port of the OpenAI API (default 8000)"
     )
-    add_setting_flags(
-        up, *MESH_FLAGS, "model", "served_model_name", "served_model_version", "model_manifest", "embedding_model",
-        "allow_missing_manifest", "device", "torch_threads", "model_weights", "model_aliases", "reasoning_field",
-        "embedding_truncate",
-        "cache_enabled", "cache_backend",
-        "redis_url", "auth", "keys_file", "max_messages", "max_tokens_limit",
-        "max_running", "max_waiting", "max_batched_tokens", "prefill_chunk", "kv_cache_bytes", "stall_timeout_s",
-    )  # fmt: skip
+    add_setting_flags(up, *(name for name in up_settings() if name != "edge_port"))
     up.add_argument(
-        "--with-envoy", action="store_true",
+        "--with-envoy",
+        action="store_true",
         help="also start Envoy in front of the edge: TLS on --envoy-port (see `sluice envoy-config --help`)",
-    )  # fmt: skip
-    add_setting_flags(up, *ENVOY_FLAGS)
+    )
     up.add_argument(
-        "--replicas", type=_replicas, default={}, metavar="SERVICE=N[,SERVICE=N]",
+        "--replicas",
+        type=_replicas,
+        default={},
+        metavar="SERVICE=N[,SERVICE=N]",
         help="run N processes of a backend service (e.g. inference=2); the edge balances across them",
-    )  # fmt: skip
+    )
     up.add_argument(
-        "--extra-model", dest="extra_models", type=_model_spec, action="append", default=[], metavar="DIR[@VERSION]",
+        "--extra-model",
+        dest="extra_models",
+        type=_model_spec,
+        action="append",
+        default=[],
+        metavar="DIR[@VERSION]",
         help="also serve this model directory (served as its directory name), e.g. a canary version of --model: "
         "models/v2/sluice-tiny@2 (repeatable; split traffic with --model-weights)",
-    )  # fmt: skip
+    )
     up.add_argument("--state-file", type=Path, help="write the base URL and every service's addresses here (JSON)")
     up.add_argument(
         "--log-dir", type=Path, help="write each service's log to DIR/<service>.log instead of the terminal"
@@ -118,10 +74,10 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run one service (what `sluice up` starts)")
     services = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")
-    for name, flags in SERVICE_FLAGS.items():
+    for name in SERVICES:
         service = services.add_parser(name, help=f"run the {name} service", description=f"Run the {name} service.")
         add_config_flag(service)
-        add_setting_flags(service, *MESH_FLAGS, *flags)
+        add_setting_flags(service, *settings_for(MESH, name))
         service.add_argument("--ready-file", type=Path, help="write the bound addresses here (JSON) once serving")
 
     envoy = commands.add_parser(
@@ -135,10 +91,7 @@ def _parser() -> argparse.ArgumentParser:
         "checked with `envoy --mode validate` when the Envoy binary is installed.",
     )
     add_config_flag(envoy)
-    add_setting_flags(
-        envoy, "host", "certs_dir", "edge_port", "preprocess_addr", "inference_addr", "cache_addr",
-        "upstream_timeout_s", "generate_timeout_s", *ENVOY_FLAGS, "envoy_grpc_port",
-    )  # fmt: skip
+    add_setting_flags(envoy, *settings_for(ENVOY))
     envoy.add_argument("--edge-addr", default="", help="host:port of the edge (default: --host and --edge-port)")
     envoy.add_argument("--internal-grpc", action="store_true", help="also front the gRPC services (mTLS both ways)")
     envoy.add_argument("--out", type=Path, help="write the bootstrap here (default: standard output)")

@@ -27,116 +27,270 @@ def env_name(setting: str) -> str:
     return ENV_PREFIX + setting.upper()
 
 
+# Who reads a setting: every service (MESH), one service, `sluice envoy-config` and Envoy under
+# `sluice up` (ENVOY), or `sluice up` alone (UP). The command line offers each setting exactly
+# where it is read; `sluice up` offers all of them but those it decides itself (up=False).
+MESH, PREPROCESS, INFERENCE, CACHE, EDGE, ENVOY, UP = "mesh", "preprocess", "inference", "cache", "edge", "envoy", "up"
+SERVICES = (PREPROCESS, INFERENCE, CACHE, EDGE)
+
+
+def used_by(*readers: str, up: bool = True) -> dict[str, Any]:
+    return {"used_by": list(readers), "up": up}
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
-    host: str = Field("127.0.0.1", description="address every service binds to")
+    host: str = Field("127.0.0.1", description="address every service binds to", json_schema_extra=used_by(MESH, ENVOY))
     advertise_host: str = Field(
-        "", description="host other machines reach this service at (default: host; 127.0.0.1 for 0.0.0.0)"
+        "",
+        description="host other machines reach this service at (default: host; 127.0.0.1 for 0.0.0.0)",
+        json_schema_extra=used_by(MESH),
     )
-    certs_dir: Path = Field(Path("certs"), description="folder with ca.crt and <service>.crt/.key")
-    insecure: bool = Field(False, description="plaintext gRPC between services (development only; warns)")
+    certs_dir: Path = Field(
+        Path("certs"), description="folder with ca.crt and <service>.crt/.key", json_schema_extra=used_by(MESH, ENVOY)
+    )
+    insecure: bool = Field(
+        False, description="plaintext gRPC between services (development only; warns)", json_schema_extra=used_by(MESH)
+    )
 
-    model: Path = Field(DEFAULT_MODEL, description="Hugging Face model directory to serve")
-    served_model_name: str = Field("", description="model id clients send (default: the directory name)")
-    served_model_version: str = Field("", description="version of the model this instance serves (e.g. 2)")
-    model_manifest: Path | None = Field(None, description="SHA-256 manifest (default: <model>/sluice-manifest.json)")
+    model: Path = Field(
+        DEFAULT_MODEL,
+        description="Hugging Face model directory to serve",
+        json_schema_extra=used_by(PREPROCESS, INFERENCE),
+    )
+    served_model_name: str = Field(
+        "",
+        description="model id clients send (default: the directory name)",
+        json_schema_extra=used_by(PREPROCESS, INFERENCE),
+    )
+    served_model_version: str = Field(
+        "", description="version of the model this instance serves (e.g. 2)", json_schema_extra=used_by(INFERENCE)
+    )
+    model_manifest: Path | None = Field(
+        None,
+        description="SHA-256 manifest (default: <model>/sluice-manifest.json)",
+        json_schema_extra=used_by(INFERENCE),
+    )
     reasoning_tags: str = Field(
         "auto",
         description="OPEN,CLOSE tags of the reasoning block outputs open with (auto: <think> if the "
         "tokenizer knows it; none: off)",
+        json_schema_extra=used_by(INFERENCE),
     )
     reasoning_field: Literal["both", "reasoning_content", "reasoning"] = Field(
         "both",
         description="edge: the field reasoning text is sent in (reasoning_content: DeepSeek's, Dify's; "
         "reasoning: vLLM's newer name; both)",
+        json_schema_extra=used_by(EDGE),
     )
     tool_parser: str = Field(
-        "auto", description="how the model writes tool calls: hermes, json, none (auto: from its chat template)"
+        "auto",
+        description="how the model writes tool calls: hermes, json, none (auto: from its chat template)",
+        json_schema_extra=used_by(INFERENCE),
     )
     embedding_model: str = Field(
-        "auto", description="sluice up: embedding model directory to serve too (auto: all-MiniLM-L6-v2; none: off)"
+        "auto",
+        description="sluice up: embedding model directory to serve too (auto: all-MiniLM-L6-v2; none: off)",
+        json_schema_extra=used_by(UP),
     )
     embedding_truncate: bool = Field(
         True,
         description="cut embedding inputs longer than the model takes to its limit (false: refuse them, 400) "
         "unless a request sets truncate_prompt_tokens",
+        json_schema_extra=used_by(EDGE),
     )
     allow_missing_manifest: bool = Field(
-        False, description="serve a model directory without sluice-manifest.json, unverified (warns)"
+        False,
+        description="serve a model directory without sluice-manifest.json, unverified (warns)",
+        json_schema_extra=used_by(INFERENCE),
     )
-    device: str = Field("auto", description="torch device for inference: auto, cpu, cuda, cuda:N")
-    torch_threads: int = Field(0, ge=0, description="CPU threads per torch op in inference (0: torch's default)")
+    device: str = Field(
+        "auto", description="torch device for inference: auto, cpu, cuda, cuda:N", json_schema_extra=used_by(INFERENCE)
+    )
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="CPU threads per torch op in inference (0: torch's default)",
+        json_schema_extra=used_by(INFERENCE),
+    )
 
-    edge_port: int = Field(8000, description="HTTP port of the OpenAI API")
-    preprocess_port: int = Field(0, description="gRPC port of preprocess (0: a free port)")
-    inference_port: int = Field(0, description="gRPC port of inference (0: a free port)")
-    cache_port: int = Field(0, description="gRPC port of cache (0: a free port)")
-    metrics_port: int = Field(0, description="Prometheus port of a gRPC service (0: a free port)")
+    edge_port: int = Field(8000, description="HTTP port of the OpenAI API", json_schema_extra=used_by(EDGE, ENVOY))
+    preprocess_port: int = Field(
+        0, description="gRPC port of preprocess (0: a free port)", json_schema_extra=used_by(PREPROCESS)
+    )
+    inference_port: int = Field(
+        0, description="gRPC port of inference (0: a free port)", json_schema_extra=used_by(INFERENCE)
+    )
+    cache_port: int = Field(0, description="gRPC port of cache (0: a free port)", json_schema_extra=used_by(CACHE))
+    metrics_port: int = Field(
+        0,
+        description="Prometheus port of a gRPC service (0: a free port)",
+        json_schema_extra=used_by(PREPROCESS, INFERENCE, CACHE, up=False),
+    )
 
     discovery: Literal["static", "consul"] = Field(
-        "static", description="how services find each other: the *_addr settings, or Consul"
+        "static",
+        description="how services find each other: the *_addr settings, or Consul",
+        json_schema_extra=used_by(MESH),
     )
-    consul_addr: str = Field("127.0.0.1:8500", description="host:port of the local Consul agent's HTTP API")
-    consul_scheme: Literal["http", "https"] = Field("http", description="scheme of the Consul HTTP API")
-    consul_token: str = Field("", description="Consul ACL token")
-    consul_ca: str = Field("", description="CA file to verify Consul's HTTPS certificate (default: system CAs)")
-    consul_check_interval_s: float = Field(5.0, gt=0, description="Consul gRPC check interval; TTL is 3x this")
+    consul_addr: str = Field(
+        "127.0.0.1:8500", description="host:port of the local Consul agent's HTTP API", json_schema_extra=used_by(MESH)
+    )
+    consul_scheme: Literal["http", "https"] = Field(
+        "http", description="scheme of the Consul HTTP API", json_schema_extra=used_by(MESH)
+    )
+    consul_token: str = Field("", description="Consul ACL token", json_schema_extra=used_by(MESH))
+    consul_ca: str = Field(
+        "",
+        description="CA file to verify Consul's HTTPS certificate (default: system CAs)",
+        json_schema_extra=used_by(MESH),
+    )
+    consul_check_interval_s: float = Field(
+        5.0, gt=0, description="Consul gRPC check interval; TTL is 3x this", json_schema_extra=used_by(MESH)
+    )
     stall_timeout_s: float = Field(
-        30.0, gt=0, description="inference turns NOT_SERVING when its engine makes no progress this long with work"
+        30.0,
+        gt=0,
+        description="inference turns NOT_SERVING when its engine makes no progress this long with work",
+        json_schema_extra=used_by(INFERENCE),
     )
 
     preprocess_addr: str = Field(
-        "", description="host:port of preprocess, comma-separated for replicas (static discovery)"
+        "",
+        description="host:port of preprocess, comma-separated for replicas (static discovery)",
+        json_schema_extra=used_by(EDGE, ENVOY, up=False),
     )
     inference_addr: str = Field(
-        "", description="host:port of inference, comma-separated for replicas (static discovery)"
+        "",
+        description="host:port of inference, comma-separated for replicas (static discovery)",
+        json_schema_extra=used_by(EDGE, ENVOY, up=False),
     )
-    cache_addr: str = Field("", description=f"host:port of cache{_REPLICAS}")
+    cache_addr: str = Field(
+        "", description=f"host:port of cache{_REPLICAS}", json_schema_extra=used_by(EDGE, ENVOY, up=False)
+    )
 
-    max_running: int = Field(32, ge=1, description="sequences decoded together in one batch")
-    max_waiting: int = Field(256, ge=0, description="requests queued for the batch; more are refused (429)")
-    max_batched_tokens: int = Field(512, ge=8, description="tokens packed into one forward pass (decode + prefill)")
-    prefill_chunk: int = Field(256, ge=1, description="prompt tokens prefilled per sequence per step")
-    kv_cache_bytes: int = Field(1 << 30, ge=1 << 20, description="KV cache budget of the inference engine in bytes")
+    max_running: int = Field(
+        32, ge=1, description="sequences decoded together in one batch", json_schema_extra=used_by(INFERENCE)
+    )
+    max_waiting: int = Field(
+        256,
+        ge=0,
+        description="requests queued for the batch; more are refused (429)",
+        json_schema_extra=used_by(INFERENCE),
+    )
+    max_batched_tokens: int = Field(
+        512,
+        ge=8,
+        description="tokens packed into one forward pass (decode + prefill)",
+        json_schema_extra=used_by(INFERENCE),
+    )
+    prefill_chunk: int = Field(
+        256, ge=1, description="prompt tokens prefilled per sequence per step", json_schema_extra=used_by(INFERENCE)
+    )
+    kv_cache_bytes: int = Field(
+        1 << 30,
+        ge=1 << 20,
+        description="KV cache budget of the inference engine in bytes",
+        json_schema_extra=used_by(INFERENCE),
+    )
 
     cache_backend: Literal["memory", "redis"] = Field(
-        "memory", description="where the cache service keeps completions (redis: shared by replicas)"
+        "memory",
+        description="where the cache service keeps completions (redis: shared by replicas)",
+        json_schema_extra=used_by(CACHE, EDGE),
     )
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis for cache_backend=redis")
-    cache_enabled: bool = Field(True, description="cache deterministic completions")
-    cache_max_entries: int = Field(4096, ge=1, description="cache entry bound")
-    cache_max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="cache size bound in bytes")
-    cache_ttl_s: float = Field(3600.0, gt=0, description="seconds a cached completion stays valid")
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Redis for cache_backend=redis", json_schema_extra=used_by(CACHE, EDGE)
+    )
+    cache_enabled: bool = Field(True, description="cache deterministic completions", json_schema_extra=used_by(EDGE))
+    cache_max_entries: int = Field(4096, ge=1, description="cache entry bound", json_schema_extra=used_by(CACHE))
+    cache_max_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="cache size bound in bytes", json_schema_extra=used_by(CACHE)
+    )
+    cache_ttl_s: float = Field(
+        3600.0, gt=0, description="seconds a cached completion stays valid", json_schema_extra=used_by(CACHE)
+    )
 
-    envoy_port: int = Field(8443, description="TLS port Envoy serves the OpenAI API on (sluice up --with-envoy)")
-    envoy_grpc_port: int = Field(8444, description="mTLS port of Envoy's internal gRPC listener (--internal-grpc)")
-    envoy_admin_port: int = Field(0, description="Envoy admin port on 127.0.0.1 (0: a free port)")
-    envoy_tls_cert: str = Field("", description="certificate Envoy presents to clients (default: certs/envoy.crt)")
-    envoy_tls_key: str = Field("", description="its private key (default: certs/envoy.key)")
-    envoy_rate_limit_rps: int = Field(200, ge=0, description="requests per second Envoy admits, burst 2x (0: off)")
+    envoy_port: int = Field(
+        8443,
+        description="TLS port Envoy serves the OpenAI API on (sluice up --with-envoy)",
+        json_schema_extra=used_by(ENVOY),
+    )
+    envoy_grpc_port: int = Field(
+        8444,
+        description="mTLS port of Envoy's internal gRPC listener (--internal-grpc)",
+        json_schema_extra=used_by(ENVOY),
+    )
+    envoy_admin_port: int = Field(
+        0, description="Envoy admin port on 127.0.0.1 (0: a free port)", json_schema_extra=used_by(ENVOY)
+    )
+    envoy_tls_cert: str = Field(
+        "",
+        description="certificate Envoy presents to clients (default: certs/envoy.crt)",
+        json_schema_extra=used_by(ENVOY),
+    )
+    envoy_tls_key: str = Field(
+        "", description="its private key (default: certs/envoy.key)", json_schema_extra=used_by(ENVOY)
+    )
+    envoy_rate_limit_rps: int = Field(
+        200, ge=0, description="requests per second Envoy admits, burst 2x (0: off)", json_schema_extra=used_by(ENVOY)
+    )
 
     auth: bool = Field(
-        True, description="require an API key (Authorization: Bearer) at the edge; --no-auth serves anyone"
+        True,
+        description="require an API key (Authorization: Bearer) at the edge; --no-auth serves anyone",
+        json_schema_extra=used_by(EDGE),
     )
-    keys_file: Path = Field(Path("sluice-keys.json"), description="API keys (salted hashes) from `sluice keys create`")
-    max_request_bytes: int = Field(1 << 20, ge=1024, description="largest request body the edge and Envoy accept (413)")
-    max_messages: int = Field(1024, ge=1, description="most chat messages one request may carry")
+    keys_file: Path = Field(
+        Path("sluice-keys.json"),
+        description="API keys (salted hashes) from `sluice keys create`",
+        json_schema_extra=used_by(EDGE),
+    )
+    max_request_bytes: int = Field(
+        1 << 20,
+        ge=1024,
+        description="largest request body the edge and Envoy accept (413)",
+        json_schema_extra=used_by(EDGE, ENVOY),
+    )
+    max_messages: int = Field(
+        1024, ge=1, description="most chat messages one request may carry", json_schema_extra=used_by(EDGE)
+    )
     max_tokens_limit: int = Field(
-        4096, ge=1, description="most tokens one request may generate (max_tokens above it is refused)"
+        4096,
+        ge=1,
+        description="most tokens one request may generate (max_tokens above it is refused)",
+        json_schema_extra=used_by(EDGE),
     )
 
-    model_weights: str = Field("", description="edge: traffic shares of model versions, e.g. m@1=90,m@2=10")
-    model_aliases: str = Field("", description="edge: other names for model ids, e.g. deepseek-chat=qwen2.5-7b")
+    model_weights: str = Field(
+        "", description="edge: traffic shares of model versions, e.g. m@1=90,m@2=10", json_schema_extra=used_by(EDGE)
+    )
+    model_aliases: str = Field(
+        "",
+        description="edge: other names for model ids, e.g. deepseek-chat=qwen2.5-7b",
+        json_schema_extra=used_by(EDGE),
+    )
 
     sse_keepalive_s: float = Field(
-        15.0, gt=0, description="edge: a `: ping` SSE comment this often while a stream waits for its first token"
+        15.0,
+        gt=0,
+        description="edge: a `: ping` SSE comment this often while a stream waits for its first token",
+        json_schema_extra=used_by(EDGE),
     )
-    upstream_timeout_s: float = Field(10.0, gt=0, description="deadline for unary calls between services")
-    generate_timeout_s: float = Field(600.0, gt=0, description="deadline for one generation")
-    drain_grace_s: float = Field(10.0, ge=0, description="seconds in-flight work may finish after SIGTERM")
-    log_level: str = Field("info", description="debug, info, warning or error")
-    log_format: Literal["json", "text"] = Field("json", description="log lines as JSON objects or plain text")
+    upstream_timeout_s: float = Field(
+        10.0, gt=0, description="deadline for unary calls between services", json_schema_extra=used_by(EDGE, ENVOY)
+    )
+    generate_timeout_s: float = Field(
+        600.0, gt=0, description="deadline for one generation", json_schema_extra=used_by(EDGE, ENVOY)
+    )
+    drain_grace_s: float = Field(
+        10.0, ge=0, description="seconds in-flight work may finish after SIGTERM", json_schema_extra=used_by(MESH)
+    )
+    log_level: str = Field("info", description="debug, info, warning or error", json_schema_extra=used_by(MESH))
+    log_format: Literal["json", "text"] = Field(
+        "json", description="log lines as JSON objects or plain text", json_schema_extra=used_by(MESH)
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -167,6 +321,21 @@ class Settings(BaseSettings):
                 continue  # unset: the child's default, as here
             env[env_name(name)] = str(value).lower() if isinstance(value, bool) else str(value)
         return env
+
+
+def settings_for(*readers: str) -> list[str]:
+    """The settings any of `readers` reads, in the order Settings declares them."""
+    wanted = set(readers)
+    return [name for name, field in Settings.model_fields.items() if wanted & set(_extra(field)["used_by"])]
+
+
+def up_settings() -> list[str]:
+    """The settings `sluice up` takes: all but those it decides for its children itself."""
+    return [name for name, field in Settings.model_fields.items() if _extra(field)["up"]]
+
+
+def _extra(field: Any) -> dict[str, Any]:
+    return field.json_schema_extra  # type: ignore[no-any-return]
 
 
 def comma_list(text: str) -> list[str]:
