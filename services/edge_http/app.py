@@ -140,8 +140,11 @@ def create_app(settings: Settings) -> FastAPI:
         serving = {s.id: s for s in upstreams.served() if s.healthy}
         names = {model_id: model_id for model_id in serving}
         names |= {alias: target for alias, target in router.aliases.items() if target in serving}
-        visible = [(name, serving[target]) for name, target in sorted(names.items())
-                   if key is None or key.allows(name) or key.allows(target)]  # fmt: skip
+        visible = [
+            (name, serving[target])
+            for name, target in sorted(names.items())
+            if key is None or key.allows(name) or key.allows(target)
+        ]
         return ModelList(data=[Model(id=name, created=s.created, owned_by="sluice") for name, s in visible])
 
     @app.post("/v1/embeddings", responses=ERROR_RESPONSES)

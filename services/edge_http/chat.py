@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.edge_http.errors import OpenAIError
-from services.edge_http.generation import Prepared
+from services.edge_http.generation import Plan
 from services.edge_http.logprobs import chat_logprobs
 from services.edge_http.models import Served
 from services.edge_http.openai_schema import (
@@ -28,7 +28,7 @@ from services.edge_http.openai_schema import (
 )
 from services.edge_http.pipeline import Pipeline, Run
 from services.edge_http.reasoning import ReasoningSplitter
-from services.edge_http.tools import ToolCall, forced_prefix, make_parser
+from services.edge_http.tools import ToolCall, ToolMode, forced_prefix, make_parser
 
 
 @dataclass(frozen=True)
@@ -38,14 +38,14 @@ class ChatFlow:
     body: ChatCompletionRequest
     id_prefix: str = "chatcmpl"
 
-    async def prepare(self, pipeline: Pipeline, target: Served, request_id: str) -> Prepared:
+    async def plan(self, pipeline: Pipeline, target: Served, request_id: str) -> Plan:
         tools = tool_mode(self.body, target)
         # Constrained JSON starts at its first byte: no thinking block to split off.
         tags = target.reasoning if self.body.json_schema is None else None
-        reply = await pipeline.prepare_chat(self.body, request_id, tags, tools[1] if tools else "")
+        reply = await pipeline.prepare_chat(self.body, request_id, tags, tools.forced_start if tools else "")
         if reply.reasoning_skipped:
             tags = None  # the template closed the block itself (thinking off): the output is the answer
-        return Prepared([reply], tags, reply.reasoning_opened, tools)
+        return Plan(target, (reply,), self.body.n or 1, tags, reply.reasoning_opened, tools)
 
     async def whole(self, run: Run, meta: ResponseMeta) -> ChatCompletion:
         return await chat_completion(run, meta)
@@ -54,14 +54,15 @@ class ChatFlow:
         return chat_chunks(run, meta, include_usage)
 
 
-def tool_mode(body: ChatCompletionRequest, target: Served) -> tuple[str, str] | None:
-    """(parser, forced start of the assistant's turn) when the request offers tools."""
+def tool_mode(body: ChatCompletionRequest, target: Served) -> ToolMode | None:
+    """How the output carries tool calls, when the request offers tools."""
     if not body.calls_tools:
         return None
-    if not target.tool_parser:
+    if target.tool_format is None:
         raise OpenAIError(400, f"`{target.id}` does not call tools (its chat template has no tools)", param="tools")
     forced = body.tool_choice == "required" or body.forced_function is not None
-    return target.tool_parser, forced_prefix(target.tool_parser, body.forced_function) if forced else ""
+    start = forced_prefix(target.tool_format, body.forced_function) if forced else ""
+    return ToolMode(target.tool_format, start)
 
 
 @dataclass
@@ -76,10 +77,10 @@ class OutputShaper:
 
     def __init__(self, meta: ResponseMeta) -> None:
         self._splitter = ReasoningSplitter(meta.reasoning, meta.reasoning_opened) if meta.reasoning else None
-        self._parser = make_parser(meta.tools[0]) if meta.tools else None
+        self._parser = make_parser(meta.tools.format) if meta.tools else None
         self.calls_made = 0
-        if self._parser is not None and meta.tools[1]:
-            self._parser.feed(meta.tools[1])  # the forced start of the call is part of the output
+        if self._parser is not None and meta.tools.forced_start:
+            self._parser.feed(meta.tools.forced_start)  # the forced start of the call is part of the output
 
     def feed(self, text: str, final: bool = False) -> Shaped:
         out = Shaped()

@@ -8,7 +8,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from services.edge_http.generation import Prepared
+from services.edge_http.generation import Plan
 from services.edge_http.logprobs import completion_logprobs, joined
 from services.edge_http.models import Served
 from services.edge_http.openai_schema import (
@@ -26,9 +26,9 @@ class CompletionFlow:
     body: CompletionRequest
     id_prefix: str = "cmpl"
 
-    async def prepare(self, pipeline: Pipeline, target: Served, request_id: str) -> Prepared:
+    async def plan(self, pipeline: Pipeline, target: Served, request_id: str) -> Plan:
         prompts = [pipeline.prepare_completion(self.body, prompt, request_id) for prompt in self.body.prompts]
-        return Prepared(list(await asyncio.gather(*prompts)))
+        return Plan(target, tuple(await asyncio.gather(*prompts)), self.body.n or 1)
 
     async def whole(self, run: Run, meta: ResponseMeta) -> Completion:
         return await text_completion(run, meta, self.body.echo)

@@ -30,9 +30,11 @@ def embedding_list(body: EmbeddingRequest, model: str, reply: inference_pb2.Embe
     dimensions = len(reply.embeddings[0].values) if reply.embeddings else 0
     if body.dimensions is not None and body.dimensions != dimensions:
         raise OpenAIError(
-            400, f"dimensions: {model} returns {dimensions}-dimensional embeddings and cannot shorten them",
-            param="dimensions", code="unsupported_value",
-        )  # fmt: skip
+            400,
+            f"dimensions: {model} returns {dimensions}-dimensional embeddings and cannot shorten them",
+            param="dimensions",
+            code="unsupported_value",
+        )
     return EmbeddingList(
         data=[
             EmbeddingData(index=i, embedding=_encode(e.values, body.encoding_format))

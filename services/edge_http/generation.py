@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from fastapi import Request
@@ -32,6 +32,7 @@ from services.edge_http.openai_schema import REASONING_FIELDS, ReasoningTags, Re
 from services.edge_http.pipeline import Pipeline, Run
 from services.edge_http.routing import route, version_header
 from services.edge_http.streaming import kept_alive, sse_stream
+from services.edge_http.tools import ToolMode
 from services.mesh.stubs import preprocess_pb2
 
 T = TypeVar("T")
@@ -40,17 +41,29 @@ CLIENT_GONE = 499
 
 
 @dataclass(frozen=True)
-class Prepared:
-    """What preprocess made of a request's prompts (chat: one), and how its output is read."""
+class Plan:
+    """Everything decided about a request before it costs anything, decided once (see
+    docs/design.md, "Where each setting is decided"): the model version, each prompt as
+    preprocess resolved it (token ids; sampling with every default and limit applied, stop
+    strings included; the cache key made from exactly that), how many choices per prompt, and
+    how the output is read."""
 
-    prompts: list[preprocess_pb2.PreprocessReply]
+    target: Served
+    prompts: tuple[preprocess_pb2.PreprocessReply, ...]  # chat: one
+    choices: int = 1  # `n`, per prompt
     reasoning: ReasoningTags | None = None  # the output may open with a reasoning block
     reasoning_opened: bool = False  # the prompt opened it: the output starts inside it
-    tools: tuple[str, str] | None = None  # (tool call parser, forced start of the turn)
-    prompt_tokens: int = field(init=False)
+    tools: ToolMode | None = None
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "prompt_tokens", sum(len(p.token_ids) for p in self.prompts))
+    @property
+    def prompt_tokens(self) -> int:
+        """Every prompt counted once, as usage reports it."""
+        return sum(len(p.token_ids) for p in self.prompts)
+
+    @property
+    def most_tokens(self) -> int:
+        """What the request may cost at most: its prompts, and every choice at its max_tokens."""
+        return self.prompt_tokens + self.choices * sum(p.sampling.max_tokens for p in self.prompts)
 
 
 class Flow(Protocol):
@@ -58,7 +71,7 @@ class Flow(Protocol):
 
     id_prefix: str
 
-    async def prepare(self, pipeline: Pipeline, target: Served, request_id: str) -> Prepared: ...
+    async def plan(self, pipeline: Pipeline, target: Served, request_id: str) -> Plan: ...
 
     async def whole(self, run: Run, meta: ResponseMeta) -> BaseModel: ...
 
@@ -112,18 +125,16 @@ async def answer(request: Request, key: KeyRecord | None, body: SamplingFields, 
     guard.check(body)
     target = await route(request, key, body.model, "chat")
     body.model = target.id  # aliases answer with the model they stand for, as OpenAI's do
-    prepared = await flow.prepare(pipeline, target, rid)
-    n = body.n or 1
-    most = prepared.prompt_tokens + n * sum(prompt.sampling.max_tokens for prompt in prepared.prompts)
-    account = audited(request, await guard.reserve(key, most))
+    plan = await flow.plan(pipeline, target, rid)
+    account = audited(request, await guard.reserve(key, plan.most_tokens))
 
     async def opened() -> list[Run]:
         try:
-            runs = await pipeline.open_choices(target, prepared.prompts, rid, _wants_no_cache(request), n)
+            runs = await pipeline.open_choices(target, plan.prompts, rid, _wants_no_cache(request), plan.choices)
         except BaseException:
             await account(0)  # nothing was generated: the reservation goes back
             raise
-        parts = shared_settle(account, [len(run.prompt.token_ids) for run in runs], prepared.prompt_tokens)
+        parts = shared_settle(account, [len(run.prompt.token_ids) for run in runs], plan.prompt_tokens)
         for run, part in zip(runs, parts, strict=True):
             run.rest = settled(run.rest, run.first, part)
             CACHE_RESULTS.labels(run.cache_status).inc()
@@ -137,14 +148,14 @@ async def answer(request: Request, key: KeyRecord | None, body: SamplingFields, 
         f"{flow.id_prefix}-{rid}",
         int(time.time()),
         body.model,
-        prepared.reasoning,
-        prepared.tools,
-        prepared.reasoning_opened,
+        plan.reasoning,
+        plan.tools,
+        plan.reasoning_opened,
         fields,
     )
     headers = version_header(target)
     if not body.stream:
-        return await _whole(request, opened, flow, meta, prepared.prompt_tokens, headers)
+        return await _whole(request, opened, flow, meta, plan.prompt_tokens, headers)
     headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     interval = request.app.state.settings.sse_keepalive_s
     opening = asyncio.ensure_future(opened())
@@ -155,7 +166,7 @@ async def answer(request: Request, key: KeyRecord | None, body: SamplingFields, 
         raise
 
     def streamed(runs: list[Run]) -> AsyncIterator[BaseModel]:
-        return streamed_choices(runs, meta, body.include_usage, flow.chunks, prepared.prompt_tokens)
+        return streamed_choices(runs, meta, body.include_usage, flow.chunks, plan.prompt_tokens)
 
     if not opening.done():
         # A long wait in the queue or in prefill: answer now and keep the connection alive with

@@ -12,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from services.edge_http.errors import OpenAIError
 from services.edge_http.keys import KeyRecord, KeyStore
 from services.edge_http.limits import Limiter, LocalBuckets, RedisBuckets, Refused
+from services.edge_http.observe import record
 from services.edge_http.openai_schema import ChatCompletionRequest, SamplingFields
 from services.edge_http.pipeline import Event
 from services.mesh.config import Settings
@@ -25,9 +26,12 @@ bearer = HTTPBearer(auto_error=False, description="an API key from `sluice keys 
 
 def _rate_limited(refused: Refused) -> OpenAIError:
     return OpenAIError(
-        429, f"rate limit reached: this key allows {refused.limit} {refused.what} per minute",
-        "rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": str(max(1, refused.retry_after_s))},
-    )  # fmt: skip
+        429,
+        f"rate limit reached: this key allows {refused.limit} {refused.what} per minute",
+        "rate_limit_error",
+        code="rate_limit_exceeded",
+        headers={"Retry-After": str(max(1, refused.retry_after_s))},
+    )
 
 
 class Guard:
@@ -47,13 +51,15 @@ class Guard:
             return None
         if credentials is None:
             raise OpenAIError(
-                401, "no API key: send it as `Authorization: Bearer <key>`", code="invalid_api_key",
+                401,
+                "no API key: send it as `Authorization: Bearer <key>`",
+                code="invalid_api_key",
                 headers={"WWW-Authenticate": "Bearer"},
-            )  # fmt: skip
+            )
         key = self._keys.verify(credentials.credentials)
         if key is None:
             raise OpenAIError(401, "invalid API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        request.scope["state"]["key_name"] = key.name
+        record(request.scope).key_name = key.name
         refused = await self._limiter.admit(key.id, key.rpm)
         if refused:
             raise _rate_limited(refused)
@@ -64,9 +70,11 @@ class Guard:
         if key is not None and not (key.allows(name) or key.allows(model_id)):
             # As OpenAI does: a model the key may not use is indistinguishable from a missing one.
             raise OpenAIError(
-                404, f"the model `{name}` does not exist or you do not have access to it",
-                param="model", code="model_not_found",
-            )  # fmt: skip
+                404,
+                f"the model `{name}` does not exist or you do not have access to it",
+                param="model",
+                code="model_not_found",
+            )
 
     def check(self, body: SamplingFields) -> None:
         """The deployment's request-shape limits."""
@@ -75,9 +83,11 @@ class Guard:
             raise OpenAIError(400, f"max_tokens: at most {limit} per request", param="max_tokens", code="invalid_value")
         if isinstance(body, ChatCompletionRequest) and len(body.messages) > self._settings.max_messages:
             raise OpenAIError(
-                400, f"messages: at most {self._settings.max_messages} per request", param="messages",
+                400,
+                f"messages: at most {self._settings.max_messages} per request",
+                param="messages",
                 code="invalid_value",
-            )  # fmt: skip
+            )
 
     async def reserve(self, key: KeyRecord | None, tokens: int) -> Settle:
         """Charge `tokens` to the key's tokens per minute; returns the settlement, to call with the
@@ -100,7 +110,7 @@ def audited(request: Request, settle: Settle) -> Settle:
     """The settlement, also noting the tokens used on the request's audit line."""
 
     async def account(used: int | None) -> None:
-        request.scope["state"]["tokens"] = used
+        record(request.scope).tokens = used
         await settle(used)
 
     return account

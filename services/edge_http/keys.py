@@ -89,9 +89,15 @@ def _create(path: Path, name: str, rpm: int, tpm: int, models: list[str]) -> tup
         raise ValueError(f"a key named {name!r} already exists in {path}")
     key_id, secret, salt = secrets.token_hex(6), secrets.token_urlsafe(32), secrets.token_hex(16)
     record = KeyRecord(
-        name=name, id=key_id, salt=salt, sha256=_digest(salt, secret), rpm=rpm, tpm=tpm,
-        models=models, created=int(time.time()),
-    )  # fmt: skip
+        name=name,
+        id=key_id,
+        salt=salt,
+        sha256=_digest(salt, secret),
+        rpm=rpm,
+        tpm=tpm,
+        models=models,
+        created=int(time.time()),
+    )
     content.keys.append(record)
     _save(path, content)
     return f"{PREFIX}{key_id}-{secret}", record

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from services.edge_http.openai_schema import ReasoningTags
 from services.mesh.config import comma_list
+from services.mesh.tool_formats import ToolFormat
 
 VERSION_HEADER = "X-Sluice-Model-Version"
 
@@ -31,7 +32,7 @@ class Served:
     created: int
     healthy: bool
     reasoning: ReasoningTags | None = None  # the tags around the block its output opens with
-    tool_parser: str = ""  # how its output carries tool calls (hermes, json; empty: no tools)
+    tool_format: ToolFormat | None = None  # how its output carries tool calls (None: no tools)
 
 
 class UnknownModel(LookupError):

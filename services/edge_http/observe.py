@@ -11,6 +11,7 @@ import logging
 import re
 import time
 import uuid
+from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -25,14 +26,26 @@ _QUIET_ROUTES = ("/health", "/metrics")  # polled constantly; counted, not logge
 _CLIENT_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
+@dataclass
+class RequestRecord:
+    """What the edge learns about a request while serving it, for its metrics and audit line."""
+
+    request_id: str
+    key_name: str = ""  # the caller's API key, once authenticated
+    model: str = ""  # a model known to exist (never raw client input): a metrics label
+    tokens: int | None = None  # prompt + completion tokens charged, once settled
+
+
+_RECORD = "sluice"  # its key in the ASGI scope's state
+
+
+def record(scope: Scope) -> RequestRecord:
+    """The record of the request being served (made by ObserveRequests)."""
+    return scope["state"][_RECORD]
+
+
 def request_id(scope: Scope) -> str:
-    """The id of the request being served (set by ObserveRequests)."""
-    return scope["state"]["request_id"]
-
-
-def set_model(scope: Scope, model: str) -> None:
-    """Label the request's metrics with a model known to exist (never raw client input)."""
-    scope["state"]["model"] = model
+    return record(scope).request_id
 
 
 class ObserveRequests:
@@ -45,8 +58,8 @@ class ObserveRequests:
             return
         sent = next((v for k, v in scope["headers"] if k == REQUEST_ID_HEADER), b"")
         rid = sent.decode() if _CLIENT_ID.fullmatch(sent) else uuid.uuid4().hex
-        state = scope.setdefault("state", {})
-        state["request_id"] = rid
+        noted = RequestRecord(rid)
+        scope.setdefault("state", {})[_RECORD] = noted
         started = time.perf_counter()
         status = "500"  # what the client gets if the app fails before answering
 
@@ -63,16 +76,33 @@ class ObserveRequests:
             finally:
                 elapsed = time.perf_counter() - started
                 route = getattr(scope.get("route"), "path", "unmatched")
-                labels = (route, state.get("model", ""), status)
+                labels = (route, noted.model, status)
                 REQUESTS.labels(*labels).inc()
                 REQUEST_DURATION.labels(*labels).observe(elapsed)
                 if route not in _QUIET_ROUTES:
-                    # The audit line: who, which model, how many tokens, outcome, latency; never the prompt.
-                    key, tokens = state.get("key_name", ""), state.get("tokens")
-                    audit.info(
-                        "%s %s %s %.1f ms key=%s model=%s tokens=%s", scope["method"], scope["path"], status,
-                        elapsed * 1e3, key or "-", state.get("model") or "-", "-" if tokens is None else tokens,
-                        extra={"method": scope["method"], "path": scope["path"], "status": int(status),
-                               "duration_ms": round(elapsed * 1e3, 1), "key": key, "model": state.get("model", ""),
-                               "tokens": tokens},
-                    )  # fmt: skip
+                    _audit(scope, status, elapsed, noted)
+
+
+def _audit(scope: Scope, status: str, elapsed: float, noted: RequestRecord) -> None:
+    """The audit line: who, which model, how many tokens, outcome, latency; never the prompt."""
+    tokens = "-" if noted.tokens is None else noted.tokens
+    fields = {
+        "method": scope["method"],
+        "path": scope["path"],
+        "status": int(status),
+        "duration_ms": round(elapsed * 1e3, 1),
+        "key": noted.key_name,
+        "model": noted.model,
+        "tokens": noted.tokens,
+    }
+    audit.info(
+        "%s %s %s %.1f ms key=%s model=%s tokens=%s",
+        scope["method"],
+        scope["path"],
+        status,
+        elapsed * 1e3,
+        noted.key_name or "-",
+        noted.model or "-",
+        tokens,
+        extra=fields,
+    )

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from services.edge_http.tools import ToolMode
 from services.mesh.template_variables import variables_problem
 
 FinishReason = Literal["stop", "length", "tool_calls"]
@@ -109,7 +110,11 @@ class JsonSchemaFormat(_Lenient):
     schema_: dict[str, Any] = Field(
         default_factory=dict, alias="schema", description="the JSON schema the output must match ({}: any JSON)"
     )
-    strict: bool | None = Field(None, description="accepted; the output always matches the schema")
+    strict: bool | None = Field(
+        None,
+        description="accepted; the output is always constrained to the schema, and ends valid unless it is cut "
+        "at max_tokens (finish_reason length)",
+    )
 
 
 class ResponseFormat(_Lenient):
@@ -381,7 +386,7 @@ class ResponseMeta:
     created: int
     model: str
     reasoning: ReasoningTags | None = None  # the model's reasoning tags, when its output may reason
-    tools: tuple[str, str] | None = None  # (tool call parser, forced start of the turn) when tools are offered
+    tools: ToolMode | None = None  # how tool calls are read, when tools are offered
     reasoning_opened: bool = False  # the prompt opened the reasoning block: the output starts inside it
     reasoning_fields: tuple[str, ...] = REASONING_FIELDS  # the names reasoning text is sent under
 

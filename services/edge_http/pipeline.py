@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,9 +30,8 @@ from services.edge_http.openai_schema import (
     SamplingFields,
     Usage,
 )
-from services.edge_http.upstreams import Accept, Upstreams
+from services.edge_http.upstreams import Accept, Upstream, Upstreams
 from services.mesh import finish_reasons
-from services.mesh.balancer import Endpoint
 from services.mesh.config import Settings
 from services.mesh.stubs import (
     cache_pb2,
@@ -129,9 +128,11 @@ def _chat_messages(body: ChatCompletionRequest) -> list[preprocess_pb2.ChatMessa
     messages = []
     for message in body.messages:
         out = preprocess_pb2.ChatMessage(
-            role=message.role, name=message.name or "", tool_call_id=message.tool_call_id or "",
+            role=message.role,
+            name=message.name or "",
+            tool_call_id=message.tool_call_id or "",
             tool_calls_json=_tool_calls_json(message),
-        )  # fmt: skip
+        )
         if isinstance(message.content, str):
             out.content.add(type="text", text=message.content)
         elif message.content is not None:
@@ -155,9 +156,14 @@ class Pipeline:
         """A balanced unary call with the mesh's deadline and the request id; the caller decides what a
         failure means."""
         return await self._up.unary(
-            service, STUBS[service], method, request, accept=accept,
-            timeout=self._settings.upstream_timeout_s, metadata=self._metadata(request_id),
-        )  # fmt: skip
+            service,
+            STUBS[service],
+            method,
+            request,
+            accept=accept,
+            timeout=self._settings.upstream_timeout_s,
+            metadata=self._metadata(request_id),
+        )
 
     async def embed(
         self, target: Served, inputs: list[inference_pb2.EmbedInput], request_id: str, truncate: int | None = None
@@ -241,7 +247,12 @@ class Pipeline:
         return Run(status, prepared, first, rest)
 
     async def open_choices(
-        self, target: Served, prompts: list[preprocess_pb2.PreprocessReply], request_id: str, no_cache: bool, n: int
+        self,
+        target: Served,
+        prompts: Sequence[preprocess_pb2.PreprocessReply],
+        request_id: str,
+        no_cache: bool,
+        n: int,
     ) -> list[Run]:
         """`n` runs of each prompt, opened side by side, prompt by prompt (choice p * n + i is the
         i-th of prompt p, as OpenAI numbers them); if one fails, the others are closed."""
@@ -277,9 +288,11 @@ class Pipeline:
     async def _store(self, key: str, completion: cache_pb2.Completion, request_id: str) -> None:
         try:
             await self._unary(
-                "cache", "Store", cache_pb2.StoreRequest(cache_key=key, completion=completion, request_id=request_id),
+                "cache",
+                "Store",
+                cache_pb2.StoreRequest(cache_key=key, completion=completion, request_id=request_id),
                 request_id,
-            )  # fmt: skip
+            )
         except grpc.aio.AioRpcError as err:
             UPSTREAM_ERRORS.labels("cache", err.code().name).inc()
             log.warning("cache store failed (%s)", err.code().name)
@@ -289,7 +302,9 @@ class Pipeline:
     ) -> AsyncIterator[Event]:
         """The generation's events; with `store_as`, the finished completion is cached under it."""
         chunks = self._up.stream(
-            "inference", STUBS["inference"], "Generate",
+            "inference",
+            STUBS["inference"],
+            "Generate",
             inference_pb2.GenerateRequest(
                 request_id=request_id, model=target.id, token_ids=prepared.token_ids, sampling=prepared.sampling
             ),
@@ -299,7 +314,7 @@ class Pipeline:
             commits=lambda chunk: bool(chunk.text or chunk.finish_reason),
             timeout=self._settings.generate_timeout_s,
             metadata=self._metadata(request_id),
-        )  # fmt: skip
+        )
         # Only a completion that will be cached is gathered (the cache stores text and token ids).
         texts: list[str] = []
         token_ids: list[int] = []
@@ -351,7 +366,7 @@ def _choice(prepared: preprocess_pb2.PreprocessReply, index: int) -> preprocess_
     return choice
 
 
-def _serves(target: Served) -> Callable[[Endpoint], bool]:
+def _serves(target: Served) -> Callable[[Upstream], bool]:
     """Instances of exactly the chosen model version."""
     return lambda e: e.info is not None and (e.info.id, e.info.version) == (target.id, target.version)
 

@@ -10,7 +10,7 @@ from services.edge_http.errors import RETRY_AFTER_S, OpenAIError
 from services.edge_http.guard import Guard
 from services.edge_http.keys import KeyRecord
 from services.edge_http.models import VERSION_HEADER, ModelRouter, Served, UnknownModel, UnknownVersion
-from services.edge_http.observe import set_model
+from services.edge_http.observe import record
 from services.edge_http.upstreams import Upstreams
 
 
@@ -39,7 +39,7 @@ async def route(request: Request, key: KeyRecord | None, name: str, kind: str) -
     if target.kind != kind:
         use = "/v1/embeddings" if target.kind == "embedding" else "/v1/chat/completions"
         raise OpenAIError(400, f"`{name}` is a {target.kind} model: use {use}", param="model", code="wrong_model_kind")
-    set_model(request.scope, target.id)
+    record(request.scope).model = target.id
     trace.get_current_span().set_attributes(
         {"gen_ai.response.model": target.id, "sluice.model.version": target.version}
     )

@@ -16,9 +16,9 @@ import uuid
 from dataclasses import dataclass, field
 
 from services.mesh.partial_match import partial_match
+from services.mesh.tool_formats import ToolFormat
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
-PARSERS = ("hermes", "json")
 
 
 @dataclass(frozen=True)
@@ -125,12 +125,21 @@ class JsonParser:
         return Parsed(calls=[c for c in calls if c is not None])
 
 
-def make_parser(kind: str) -> HermesParser | JsonParser:
-    return HermesParser() if kind == "hermes" else JsonParser()
+@dataclass(frozen=True)
+class ToolMode:
+    """How a request's output carries tool calls: the model's format, and the text its turn is
+    forced to start with (tool_choice `required` or a named function; empty: the model decides)."""
+
+    format: ToolFormat
+    forced_start: str = ""
 
 
-def forced_prefix(kind: str, function: str | None) -> str:
+def make_parser(kind: ToolFormat) -> HermesParser | JsonParser:
+    return HermesParser() if kind == ToolFormat.HERMES else JsonParser()
+
+
+def forced_prefix(kind: ToolFormat, function: str | None) -> str:
     """What the assistant's turn starts with to force a call (of `function`, or of any tool)."""
-    if kind == "hermes":
+    if kind == ToolFormat.HERMES:
         return f'{HERMES_OPEN}\n{{"name": {json.dumps(function)}, "arguments": ' if function else f"{HERMES_OPEN}\n"
     return f'{{"name": {json.dumps(function)}, "arguments": ' if function else '{"name": "'

@@ -31,22 +31,32 @@ from services.mesh.config import Settings
 from services.mesh.discovery import UPSTREAM_SERVICES, Discovery, Instance
 from services.mesh.errors import is_instance_fault
 from services.mesh.health import SERVING, check_async
-from services.mesh.stubs.inference_pb2 import ListModelsRequest
+from services.mesh.stubs.inference_pb2 import ListModelsRequest, ModelInfo
 from services.mesh.stubs.inference_pb2_grpc import InferenceStub
+from services.mesh.tool_formats import ToolFormat
 
 log = logging.getLogger(__name__)
 
 IDENTITY = "edge"
-Accept = Callable[[Endpoint], bool] | None
+# An instance of any service; inference ones say what they serve (ListModels) once asked.
+Upstream = Endpoint[ModelInfo]
+Accept = Callable[[Upstream], bool] | None
 HEALTH_INTERVAL_S = 1.0
 
 
-def _served(endpoint: Endpoint) -> Served:
+def _served(endpoint: Upstream) -> Served:
     info = endpoint.info
     reasoning = ReasoningTags(info.reasoning_open, info.reasoning_close) if info.reasoning_open else None
     kind = info.kind or "chat"
     return Served(
-        info.id, info.version, kind, info.context_length, info.created, endpoint.healthy, reasoning, info.tool_parser
+        info.id,
+        info.version,
+        kind,
+        info.context_length,
+        info.created,
+        endpoint.healthy,
+        reasoning,
+        ToolFormat(info.tool_parser) if info.tool_parser in tuple(ToolFormat) else None,
     )
 
 
@@ -56,7 +66,7 @@ class Upstreams:
         self._discovery = discovery
         self._loop = asyncio.get_running_loop()
         self.pools = {
-            svc: Pool(
+            svc: Pool[ModelInfo](
                 svc,
                 lambda address: aio_channel(settings, address, IDENTITY),
                 on_eject=lambda _, svc=svc: UPSTREAM_EJECTIONS.labels(svc).inc(),
@@ -95,7 +105,7 @@ class Upstreams:
                     watchers[key] = asyncio.create_task(self._watch_health(endpoint))
             await asyncio.sleep(HEALTH_INTERVAL_S)
 
-    async def _watch_health(self, endpoint: Endpoint) -> None:
+    async def _watch_health(self, endpoint: Upstream) -> None:
         healthy = False
         try:
             async for reply in HealthStub(endpoint.channel).Watch(HealthCheckRequest()):
@@ -109,14 +119,18 @@ class Upstreams:
         self._set_health(endpoint, False)
 
     @staticmethod
-    def _set_health(endpoint: Endpoint, healthy: bool) -> None:
+    def _set_health(endpoint: Upstream, healthy: bool) -> None:
         if endpoint.healthy != healthy:
-            log.warning("%s at %s is %s", endpoint.instance.service, endpoint.instance.address,
-                        "SERVING again" if healthy else "not SERVING")  # fmt: skip
+            log.warning(
+                "%s at %s is %s",
+                endpoint.instance.service,
+                endpoint.instance.address,
+                "SERVING again" if healthy else "not SERVING",
+            )
         endpoint.healthy = healthy
 
     @staticmethod
-    async def _describe(endpoint: Endpoint) -> None:
+    async def _describe(endpoint: Upstream) -> None:
         if endpoint.info is None:
             described = await endpoint.stub(InferenceStub).ListModels(ListModelsRequest(), timeout=10)
             endpoint.info = described.models[0]
@@ -209,11 +223,11 @@ class _Call:
     to the pool, and whether a failure may be retried on another instance."""
 
     service: str
-    pool: Pool
+    pool: Pool[ModelInfo]
     accept: Accept
     tried: list[str] = field(default_factory=list)
 
-    def pick(self) -> Endpoint:
+    def pick(self) -> Upstream:
         try:
             return self.pool.pick(self.tried, self.accept)
         except NoInstance as err:
@@ -222,7 +236,7 @@ class _Call:
             ) from err
 
     @contextlib.contextmanager
-    def attempt(self, endpoint: Endpoint) -> Iterator[None]:
+    def attempt(self, endpoint: Upstream) -> Iterator[None]:
         self.pool.started(endpoint)
         fault = False
         try:
@@ -233,7 +247,7 @@ class _Call:
         finally:
             self.pool.finished(endpoint, fault)
 
-    def may_retry(self, endpoint: Endpoint, err: grpc.aio.AioRpcError) -> bool:
+    def may_retry(self, endpoint: Upstream, err: grpc.aio.AioRpcError) -> bool:
         """An instance's fault, or its being overloaded, is worth one more try elsewhere; a request's
         own error would only fail again."""
         self.tried.append(endpoint.instance.key)
@@ -241,8 +255,10 @@ class _Call:
         if worth_it and self.pool.alternatives(self.tried, self.accept):
             log.warning(
                 "%s at %s failed (%s); retrying on another instance",
-                self.service, endpoint.instance.address, err.code().name,
-            )  # fmt: skip
+                self.service,
+                endpoint.instance.address,
+                err.code().name,
+            )
             UPSTREAM_RETRIES.labels(self.service).inc()
             return True
         return False

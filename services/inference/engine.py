@@ -301,6 +301,16 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
 
+    @property
+    def running(self) -> int:
+        """Sequences in the running batch now."""
+        return len(self._running)
+
+    @property
+    def kv_reserved_bytes(self) -> int:
+        """KV cache memory the running sequences hold now."""
+        return self._reserved
+
     def stalled(self, after_s: float) -> bool:
         """Work is waiting or running, yet the loop has not completed a step for `after_s` seconds:
         a hung engine behind a live process."""

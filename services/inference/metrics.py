@@ -15,15 +15,22 @@ TOKENS_GENERATED = Counter("sluice_inference_generated_tokens_total", "Tokens sa
 PROMPT_TOKENS = Counter("sluice_inference_prompt_tokens_total", "Prompt tokens prefilled by the engine")
 QUEUE_DEPTH = Gauge("sluice_inference_queue_depth", "Requests waiting to join the batch")
 RUNNING = Gauge("sluice_inference_running_sequences", "Sequences in the running batch")
-QUEUE_WAIT = Histogram("sluice_inference_queue_wait_seconds", "Time from submit to joining the batch",
-                       buckets=_LATENCY_BUCKETS)  # fmt: skip
-TIME_TO_FIRST_TOKEN = Histogram("sluice_inference_time_to_first_token_seconds", "Submit to first sampled token",
-                                buckets=_LATENCY_BUCKETS)  # fmt: skip
-INTER_TOKEN = Histogram("sluice_inference_inter_token_seconds", "Time between a sequence's consecutive tokens",
-                        buckets=_LATENCY_BUCKETS)  # fmt: skip
-BATCH_TOKENS = Histogram("sluice_inference_batch_tokens", "Tokens packed into one forward pass",
-                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))  # fmt: skip
-BATCH_SEQUENCES = Histogram("sluice_inference_batch_sequences", "Sequences advanced by one forward pass",
-                            buckets=(1, 2, 4, 8, 16, 32, 64))  # fmt: skip
+QUEUE_WAIT = Histogram(
+    "sluice_inference_queue_wait_seconds", "Time from submit to joining the batch", buckets=_LATENCY_BUCKETS
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "sluice_inference_time_to_first_token_seconds", "Submit to first sampled token", buckets=_LATENCY_BUCKETS
+)
+INTER_TOKEN = Histogram(
+    "sluice_inference_inter_token_seconds", "Time between a sequence's consecutive tokens", buckets=_LATENCY_BUCKETS
+)
+BATCH_TOKENS = Histogram(
+    "sluice_inference_batch_tokens",
+    "Tokens packed into one forward pass",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+BATCH_SEQUENCES = Histogram(
+    "sluice_inference_batch_sequences", "Sequences advanced by one forward pass", buckets=(1, 2, 4, 8, 16, 32, 64)
+)
 EMBEDDING_PASSES = Counter("sluice_inference_embedding_passes_total", "Forward passes of the embedding model")
 EMBEDDED_INPUTS = Counter("sluice_inference_embedded_inputs_total", "Inputs embedded (several share one pass)")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
+from services.mesh.tool_formats import ToolFormat
+
 # Config keys models use for their context window, most specific first.
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 
@@ -53,17 +55,18 @@ def reasoning_tags(setting: str, vocabulary: Container[str]) -> tuple[str, str] 
     return open_tag.strip(), close_tag.strip()
 
 
-def tool_parser(setting: str, chat_template: str | None) -> str:
+def tool_parser(setting: str, chat_template: str | None) -> ToolFormat | None:
     """How the model writes tool calls: `auto` reads its chat template (`<tool_call>` → hermes,
-    another template that takes `tools` → json), or hermes, json, none."""
+    another template that takes `tools` → json), a format by name, or none."""
     choice = setting.lower()
     if choice in ("", "none", "off"):
-        return ""
-    if choice in ("hermes", "json"):
-        return choice
+        return None
+    if choice in tuple(ToolFormat):
+        return ToolFormat(choice)
     if choice != "auto":
-        raise ValueError(f"tool_parser: expected auto, hermes, json or none, not {setting!r}")
+        names = ", ".join(ToolFormat)
+        raise ValueError(f"tool_parser: expected auto, {names} or none, not {setting!r}")
     template = chat_template or ""
     if "<tool_call>" in template:
-        return "hermes"
-    return "json" if "tools" in template else ""
+        return ToolFormat.HERMES
+    return ToolFormat.JSON if "tools" in template else None

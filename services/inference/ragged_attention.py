@@ -20,8 +20,9 @@ from transformers import AttentionInterface, PreTrainedModel
 class SequenceKV:
     """One sequence's keys and values for every layer, sized once for prompt + max_tokens."""
 
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype,
-                 device: torch.device) -> None:  # fmt: skip
+    def __init__(
+        self, layers: int, kv_heads: int, head_dim: int, capacity: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
         shape = (layers, kv_heads, capacity, head_dim)
         self.keys = torch.empty(shape, dtype=dtype, device=device)
         self.values = torch.empty(shape, dtype=dtype, device=device)

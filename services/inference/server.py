@@ -20,7 +20,7 @@ from services.inference.sampling import SamplingConfig
 from services.inference.tracing import record_phases
 from services.mesh import finish_reasons
 from services.mesh.config import Settings
-from services.mesh.errors import InvalidArgument, ModelNotFound, WrongModelKind
+from services.mesh.errors import InvalidArgument, WrongModelKind, check_model
 from services.mesh.grpc_service import GrpcService, serve
 from services.mesh.stubs import common_pb2, inference_pb2, inference_pb2_grpc
 
@@ -68,14 +68,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         assert self._engine is not None
         return self._engine.loaded.tokenizer.decode([token_id])
 
-    def _check_model(self, model: str) -> None:
-        if model and model != self._info.id:
-            raise ModelNotFound(f"this instance serves {self._info.id}, not {model}", "model")
-
     def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[inference_pb2.GenerateChunk]:
-        self._check_model(request.model)
+        check_model(request.model, self._info.id)
         if self._engine is None:
             raise WrongModelKind(f"{self._info.id} is an embedding model: it generates no text", "model")
         remaining = context.time_remaining()
@@ -105,13 +101,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             handle.cancel()
             record_phases(handle, tokens, finish)
             log.info(
-                "generated %d tokens (%s)", tokens, finish or "cancelled",
-                extra={"tokens": tokens, "finish_reason": finish or "cancelled",
-                       "prompt_tokens": len(request.token_ids)},
-            )  # fmt: skip
+                "generated %d tokens (%s)",
+                tokens,
+                finish or "cancelled",
+                extra={
+                    "tokens": tokens,
+                    "finish_reason": finish or "cancelled",
+                    "prompt_tokens": len(request.token_ids),
+                },
+            )
 
     def Embed(self, request: inference_pb2.EmbedRequest, context: grpc.ServicerContext) -> inference_pb2.EmbedReply:
-        self._check_model(request.model)
+        check_model(request.model, self._info.id)
         if self._embedder is None:
             raise WrongModelKind(f"{self._info.id} generates text: it has no embeddings", "model")
         if not request.inputs:
@@ -145,9 +146,12 @@ def run(settings: Settings, ready_file: Path | None) -> int:
         return 1
     kind = model_kind(settings.model)
     info = inference_pb2.ModelInfo(
-        id=settings.model_name, version=settings.served_model_version, kind=kind, owned_by="sluice",
+        id=settings.model_name,
+        version=settings.served_model_version,
+        kind=kind,
+        owned_by="sluice",
         created=int(time.time()),
-    )  # fmt: skip
+    )
     engine, embedder, live = None, None, lambda: True
     if kind == "embedding":
         embedder = Embedder(settings.model, settings.device)
@@ -160,7 +164,7 @@ def run(settings: Settings, ready_file: Path | None) -> int:
         tags = reasoning_tags(settings.reasoning_tags, loaded.tokenizer.get_vocab())
         if tags:
             info.reasoning_open, info.reasoning_close = tags
-        info.tool_parser = tool_parser(settings.tool_parser, loaded.tokenizer.chat_template)
+        info.tool_parser = tool_parser(settings.tool_parser, loaded.tokenizer.chat_template) or ""
         engine = Engine(loaded, limits)
         live = lambda: not engine.stalled(settings.stall_timeout_s)  # noqa: E731
         # Every running or queued stream holds a worker thread while it waits for tokens.

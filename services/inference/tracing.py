@@ -21,11 +21,19 @@ def record_phases(handle: SequenceHandle, tokens: int, finish_reason: str | None
     request = handle.request
     phases = (
         ("inference.queue", handle.queued_at, handle.admitted_at or ended, {}),
-        ("inference.prefill", handle.admitted_at, handle.first_token_at or ended,
-         {"gen_ai.usage.input_tokens": len(request.prompt_ids)}),
-        ("inference.decode", handle.first_token_at, ended,
-         {"gen_ai.usage.output_tokens": tokens, "gen_ai.response.finish_reasons": [finish_reason or "cancelled"]}),
-    )  # fmt: skip
+        (
+            "inference.prefill",
+            handle.admitted_at,
+            handle.first_token_at or ended,
+            {"gen_ai.usage.input_tokens": len(request.prompt_ids)},
+        ),
+        (
+            "inference.decode",
+            handle.first_token_at,
+            ended,
+            {"gen_ai.usage.output_tokens": tokens, "gen_ai.response.finish_reasons": [finish_reason or "cancelled"]},
+        ),
+    )
     for name, start, end, attributes in phases:
         if start is None:
             continue  # never reached this phase (dropped from the queue, cancelled in prefill)

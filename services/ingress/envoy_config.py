@@ -141,10 +141,13 @@ def _local_replies() -> dict[str, Any]:
     def mapper(status: int, kind: str) -> dict[str, Any]:
         error = {"message": "%LOCAL_REPLY_BODY%", "type": kind, "param": None, "code": "%RESPONSE_CODE_DETAILS%"}
         out: dict[str, Any] = {
-            "filter": {"status_code_filter": {"comparison": {"op": "EQ", "value": {"default_value": status,
-                                                                                    "runtime_key": "unused"}}}},
+            "filter": {
+                "status_code_filter": {
+                    "comparison": {"op": "EQ", "value": {"default_value": status, "runtime_key": "unused"}}
+                }
+            },
             "body_format_override": {"json_format": {"error": error}},
-        }  # fmt: skip
+        }
         if status in (429, 503):
             out["headers_to_add"] = [
                 {"header": {"key": "Retry-After", "value": "1"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
@@ -156,8 +159,11 @@ def _local_replies() -> dict[str, Any]:
 
 def _public_routes(p: EnvoyPlan) -> dict[str, Any]:
     # Completions stream: no cut while tokens flow, nor while a long prefill is silent.
-    streaming = {"cluster": "sluice_edge", "timeout": _duration(p.stream_timeout_s),
-                 "idle_timeout": _duration(p.stream_timeout_s)}  # fmt: skip
+    streaming = {
+        "cluster": "sluice_edge",
+        "timeout": _duration(p.stream_timeout_s),
+        "idle_timeout": _duration(p.stream_timeout_s),
+    }
     routes = [{"match": {"path": path}, "route": streaming} for path in COMPLETION_PATHS]
     routes.append(
         {"match": {"prefix": "/"}, "route": {"cluster": "sluice_edge", "timeout": _duration(p.unary_timeout_s)}}
@@ -179,20 +185,25 @@ def _http_filters(p: EnvoyPlan) -> list[dict[str, Any]]:
     if p.rate_limit_rps:
         bucket = {"max_tokens": 2 * p.rate_limit_rps, "tokens_per_fill": p.rate_limit_rps, "fill_interval": "1s"}
         everyone = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}, "runtime_key": "unused"}
-        filters.append({
-            "name": "envoy.filters.http.local_ratelimit",
-            "typed_config": {
-                "@type": f"{_TYPES}.filters.http.local_ratelimit.v3.LocalRateLimit",
-                "stat_prefix": "sluice_ingress", "token_bucket": bucket,
-                "filter_enabled": everyone, "filter_enforced": everyone,
-            },
-        })  # fmt: skip
+        filters.append(
+            {
+                "name": "envoy.filters.http.local_ratelimit",
+                "typed_config": {
+                    "@type": f"{_TYPES}.filters.http.local_ratelimit.v3.LocalRateLimit",
+                    "stat_prefix": "sluice_ingress",
+                    "token_bucket": bucket,
+                    "filter_enabled": everyone,
+                    "filter_enforced": everyone,
+                },
+            }
+        )
     filters.append(_ROUTER)
     return filters
 
 
-def _connection_manager(stat_prefix: str, routes: dict[str, Any], filters: list[dict[str, Any]],
-                        **extra: Any) -> dict[str, Any]:  # fmt: skip
+def _connection_manager(
+    stat_prefix: str, routes: dict[str, Any], filters: list[dict[str, Any]], **extra: Any
+) -> dict[str, Any]:
     config = {
         "@type": f"{_TYPES}.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": stat_prefix,
@@ -206,8 +217,9 @@ def _connection_manager(stat_prefix: str, routes: dict[str, Any], filters: list[
     return {"name": "envoy.filters.network.http_connection_manager", "typed_config": config}
 
 
-def _downstream_tls(cert: Path, key: Path, alpn: list[str], client_ca: Path | None = None,
-                    client_ids: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+def _downstream_tls(
+    cert: Path, key: Path, alpn: list[str], client_ca: Path | None = None, client_ids: list[str] | None = None
+) -> dict[str, Any]:
     common: dict[str, Any] = {"alpn_protocols": alpn, "tls_certificates": [_tls_certificate(cert, key)]}
     context: dict[str, Any] = {"common_tls_context": common}
     if client_ca is not None:
@@ -226,21 +238,25 @@ def _downstream_tls(cert: Path, key: Path, alpn: list[str], client_ca: Path | No
 
 def _public_listener(p: EnvoyPlan) -> dict[str, Any]:
     manager = _connection_manager(
-        "sluice_ingress", _public_routes(p), _http_filters(p),
+        "sluice_ingress",
+        _public_routes(p),
+        _http_filters(p),
         local_reply_config=_local_replies(),
         http2_protocol_options={"max_concurrent_streams": 256},
         # Streams are bounded by their route; idle keep-alive connections are closed after an hour.
         common_http_protocol_options={"idle_timeout": "3600s"},
         request_headers_timeout="10s",
-    )  # fmt: skip
+    )
     return {
         "name": PUBLIC_LISTENER,
         "address": p.listen.socket(),
-        "filter_chains": [{
-            "transport_socket": _downstream_tls(p.tls_cert, p.tls_key, ["h2", "http/1.1"]),
-            "filters": [manager],
-        }],
-    }  # fmt: skip
+        "filter_chains": [
+            {
+                "transport_socket": _downstream_tls(p.tls_cert, p.tls_key, ["h2", "http/1.1"]),
+                "filters": [manager],
+            }
+        ],
+    }
 
 
 def _cluster(name: str, addresses: list[Address], **extra: Any) -> dict[str, Any]:
@@ -251,36 +267,60 @@ def _cluster(name: str, addresses: list[Address], **extra: Any) -> dict[str, Any
         "connect_timeout": "2s",
         "lb_policy": "LEAST_REQUEST",
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
-        "outlier_detection": {"consecutive_5xx": 5, "consecutive_gateway_failure": 3, "interval": "5s",
-                              "base_ejection_time": "15s", "max_ejection_percent": 100},
-        "circuit_breakers": {"thresholds": [{"max_connections": 4096, "max_pending_requests": 4096,
-                                             "max_requests": 4096}]},
+        "outlier_detection": {
+            "consecutive_5xx": 5,
+            "consecutive_gateway_failure": 3,
+            "interval": "5s",
+            "base_ejection_time": "15s",
+            "max_ejection_percent": 100,
+        },
+        "circuit_breakers": {
+            "thresholds": [{"max_connections": 4096, "max_pending_requests": 4096, "max_requests": 4096}]
+        },
         **extra,
-    }  # fmt: skip
+    }
 
 
 def _health_check(**kind: Any) -> list[dict[str, Any]]:
-    return [{"timeout": "2s", "interval": "3s", "unhealthy_threshold": 2, "healthy_threshold": 1,
-             "no_traffic_interval": "3s", **kind}]  # fmt: skip
+    return [
+        {
+            "timeout": "2s",
+            "interval": "3s",
+            "unhealthy_threshold": 2,
+            "healthy_threshold": 1,
+            "no_traffic_interval": "3s",
+            **kind,
+        }
+    ]
 
 
 def _internal_listener(p: EnvoyPlan) -> dict[str, Any]:
     assert p.internal is not None and p.internal_listen is not None
     routes = [
         # Deadlines are the callers' (grpc-timeout), never cut by Envoy.
-        {"match": {"prefix": f"/sluice.v1.{svc.capitalize()}/"},
-         "route": {"cluster": f"sluice_{svc}", "timeout": "0s",
-                   "max_stream_duration": {"grpc_timeout_header_max": "0s"}}}
+        {
+            "match": {"prefix": f"/sluice.v1.{svc.capitalize()}/"},
+            "route": {
+                "cluster": f"sluice_{svc}",
+                "timeout": "0s",
+                "max_stream_duration": {"grpc_timeout_header_max": "0s"},
+            },
+        }
         for svc in p.internal
-    ]  # fmt: skip
+    ]
     manager = _connection_manager(
-        "sluice_mesh", {"name": "mesh", "virtual_hosts": [{"name": "mesh", "domains": ["*"], "routes": routes}]},
-        [_ROUTER], codec_type="HTTP2",
-    )  # fmt: skip
+        "sluice_mesh",
+        {"name": "mesh", "virtual_hosts": [{"name": "mesh", "domains": ["*"], "routes": routes}]},
+        [_ROUTER],
+        codec_type="HTTP2",
+    )
     # Only the edge may call the internal services, as it may without Envoy.
     tls = _downstream_tls(p.mesh_cert, p.mesh_key, ["h2"], p.ca_cert, [spiffe_id("edge")])
-    return {"name": "mesh_grpc", "address": p.internal_listen.socket(),
-            "filter_chains": [{"transport_socket": tls, "filters": [manager]}]}  # fmt: skip
+    return {
+        "name": "mesh_grpc",
+        "address": p.internal_listen.socket(),
+        "filter_chains": [{"transport_socket": tls, "filters": [manager]}],
+    }
 
 
 def _grpc_cluster(p: EnvoyPlan, service: str, addresses: list[Address]) -> dict[str, Any]:
@@ -295,16 +335,19 @@ def _grpc_cluster(p: EnvoyPlan, service: str, addresses: list[Address]) -> dict[
             },
         },
     }
-    http2 = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-        "@type": f"{_TYPES}.upstreams.http.v3.HttpProtocolOptions",
-        "explicit_http_config": {"http2_protocol_options": {}},
-    }}  # fmt: skip
+    http2 = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": f"{_TYPES}.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
     return _cluster(
-        f"sluice_{service}", addresses,
+        f"sluice_{service}",
+        addresses,
         transport_socket={"name": "envoy.transport_sockets.tls", "typed_config": tls},
         typed_extension_protocol_options=http2,
         health_checks=_health_check(grpc_health_check={"service_name": ""}),
-    )  # fmt: skip
+    )
 
 
 def bootstrap(p: EnvoyPlan) -> dict[str, Any]:

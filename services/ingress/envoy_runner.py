@@ -33,13 +33,18 @@ def envoy_binary() -> str:
 
 def envoy_argv(config: Path, admin_address_file: Path, log_level: str = "info") -> list[str]:
     return [
-        envoy_binary(), "--config-path", str(config),
+        envoy_binary(),
+        "--config-path",
+        str(config),
         # Several Envoys on one host (tests, replicas) must not share the default shared-memory id.
         "--use-dynamic-base-id",
-        "--admin-address-path", str(admin_address_file),
-        "--log-level", {"warning": "warn"}.get(log_level, log_level),
-        "--log-format", LOG_FORMAT,
-    ]  # fmt: skip
+        "--admin-address-path",
+        str(admin_address_file),
+        "--log-level",
+        {"warning": "warn"}.get(log_level, log_level),
+        "--log-format",
+        LOG_FORMAT,
+    ]
 
 
 def validate(config: Path) -> None:

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from services.mesh.discovery import Instance
 
@@ -25,15 +25,18 @@ class NoInstance(LookupError):
     pass
 
 
+Info = TypeVar("Info")
+
+
 @dataclass
-class Endpoint:
+class Endpoint(Generic[Info]):
     instance: Instance
-    channel: Any  # grpc.aio.Channel in production
+    channel: Any  # grpc.aio.Channel in production; stubs are made on it
     outstanding: int = 0
     failures: int = 0  # consecutive
     ejected_until: float = 0.0
     healthy: bool = True  # from health checks
-    info: Any = None  # what the instance says it serves (set by the pool's owner)
+    info: Info | None = None  # what the instance says about itself, once it has (set by the pool's owner)
     _stubs: dict[type, Any] = field(default_factory=dict)
 
     def stub(self, stub_class: type) -> Any:
@@ -42,14 +45,14 @@ class Endpoint:
         return self._stubs[stub_class]
 
 
-class Pool:
+class Pool(Generic[Info]):
     def __init__(
         self,
         service: str,
         make_channel: Callable[[str], Any],
         eject_after: int = 3,
         cooldown_s: float = 10.0,
-        on_eject: Callable[[Endpoint], None] = lambda _: None,
+        on_eject: Callable[[Endpoint[Info]], None] = lambda _: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.service = service
@@ -58,12 +61,12 @@ class Pool:
         self._cooldown_s = cooldown_s
         self._on_eject = on_eject
         self._clock = clock
-        self._endpoints: dict[str, Endpoint] = {}
+        self._endpoints: dict[str, Endpoint[Info]] = {}
         self._turn = 0
         self.retired: list[Any] = []  # channels of removed instances, for the owner to close
 
     @property
-    def endpoints(self) -> list[Endpoint]:
+    def endpoints(self) -> list[Endpoint[Info]]:
         return list(self._endpoints.values())
 
     def update(self, instances: Iterable[Instance]) -> None:
@@ -76,7 +79,9 @@ class Pool:
                 self._endpoints[key] = Endpoint(instance, self._make_channel(instance.address))
         log.info("%s instances: %s", self.service, ", ".join(e.instance.address for e in self.endpoints) or "none")
 
-    def pick(self, exclude: Iterable[str] = (), accept: Callable[[Endpoint], bool] | None = None) -> Endpoint:
+    def pick(
+        self, exclude: Iterable[str] = (), accept: Callable[[Endpoint[Info]], bool] | None = None
+    ) -> Endpoint[Info]:
         """The endpoint for the next call, among those `accept` allows (all by default)."""
         excluded = set(exclude)
         candidates = [e for key, e in self._endpoints.items() if key not in excluded and (accept is None or accept(e))]
@@ -92,14 +97,14 @@ class Pool:
         # Panic: everything is ejected or unhealthy; the one whose ejection ends first is the best bet.
         return min(candidates, key=lambda e: (not e.healthy, e.ejected_until, e.outstanding))
 
-    def alternatives(self, tried: Iterable[str], accept: Callable[[Endpoint], bool] | None = None) -> bool:
+    def alternatives(self, tried: Iterable[str], accept: Callable[[Endpoint[Info]], bool] | None = None) -> bool:
         untried = set(self._endpoints) - set(tried)
         return any(accept is None or accept(self._endpoints[key]) for key in untried)
 
-    def started(self, endpoint: Endpoint) -> None:
+    def started(self, endpoint: Endpoint[Info]) -> None:
         endpoint.outstanding += 1
 
-    def finished(self, endpoint: Endpoint, fault: bool) -> None:
+    def finished(self, endpoint: Endpoint[Info], fault: bool) -> None:
         """Record a call's outcome: `fault` when it failed because of the instance."""
         endpoint.outstanding -= 1
         if not fault:
@@ -111,6 +116,9 @@ class Pool:
             endpoint.failures = 0
             log.warning(
                 "%s at %s ejected for %.0fs after %d failures in a row",
-                self.service, endpoint.instance.address, self._cooldown_s, self._eject_after,
-            )  # fmt: skip
+                self.service,
+                endpoint.instance.address,
+                self._cooldown_s,
+                self._eject_after,
+            )
             self._on_eject(endpoint)

@@ -64,9 +64,10 @@ class CallObserver(grpc.ServerInterceptor):
             self._track(-1)  # the call had already terminated
 
     def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:  # fmt: skip
+    ) -> grpc.RpcMethodHandler | None:
         handler = continuation(details)
         if handler is None or handler.request_streaming:
             return handler  # client-streaming calls (reflection) are left unobserved

@@ -33,9 +33,12 @@ DEREGISTER_DEAD_AFTER = "1m"
 def client(settings: Settings) -> consul.Consul:
     host, _, port = settings.consul_addr.rpartition(":")
     return consul.Consul(
-        host=host or "127.0.0.1", port=int(port), scheme=settings.consul_scheme,
-        token=settings.consul_token or None, verify=settings.consul_ca or True,
-    )  # fmt: skip
+        host=host or "127.0.0.1",
+        port=int(port),
+        scheme=settings.consul_scheme,
+        token=settings.consul_token or None,
+        verify=settings.consul_ca or True,
+    )
 
 
 class ConsulRegistration:
@@ -74,9 +77,15 @@ class ConsulRegistration:
             "DeregisterCriticalServiceAfter": DEREGISTER_DEAD_AFTER,
         }
         self._consul.agent.service.register(
-            f"{SERVICE_PREFIX}{self._service}", service_id=self.service_id, address=self._host, port=self._port,
-            tags=self._tags, meta=self._meta, check=grpc_check, extra_checks=[ttl_check],
-        )  # fmt: skip
+            f"{SERVICE_PREFIX}{self._service}",
+            service_id=self.service_id,
+            address=self._host,
+            port=self._port,
+            tags=self._tags,
+            meta=self._meta,
+            check=grpc_check,
+            extra_checks=[ttl_check],
+        )
         log.info("registered in Consul as %s", self.service_id)
         self._beat()
         self._thread.start()

@@ -58,6 +58,12 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+def check_model(requested: str, served: str) -> None:
+    """A call names the model this instance serves (or none: whatever it serves)."""
+    if requested and requested != served:
+        raise ModelNotFound(f"the model `{requested}` is not served here; this instance serves `{served}`", "model")
+
+
 class WrongModelKind(MeshError):
     status = grpc.StatusCode.FAILED_PRECONDITION
     code = "wrong_model_kind"

@@ -107,8 +107,12 @@ def serve(settings: Settings, spec: GrpcService, port: int, ready_file: Path | N
             status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
             for name in ("", *spec.service_names):
                 health_servicer.set(name, status)
-            log.log(logging.INFO if serving else logging.ERROR, "%s is %s", spec.name,
-                    "making progress again: SERVING" if serving else "not making progress: NOT_SERVING")  # fmt: skip
+            log.log(
+                logging.INFO if serving else logging.ERROR,
+                "%s is %s",
+                spec.name,
+                "making progress again: SERVING" if serving else "not making progress: NOT_SERVING",
+            )
     log.info("%s draining: NOT_SERVING, up to %.1fs for in-flight calls", spec.name, settings.drain_grace_s)
     health_servicer.enter_graceful_shutdown()
     if registration is not None:

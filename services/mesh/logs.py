@@ -22,10 +22,6 @@ LOG_FORMATS = ("json", "text")
 _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("sluice_request_id", default=None)
 
 
-def current_request_id() -> str | None:
-    return _request_id.get()
-
-
 @contextmanager
 def request_scope(request_id: str | None) -> Iterator[None]:
     """Tag every log line written inside the block with this request id."""

@@ -29,9 +29,10 @@ def _lenient(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
 class RejectMalformed(grpc.ServerInterceptor):
     def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:  # fmt: skip
+    ) -> grpc.RpcMethodHandler | None:
         handler = continuation(details)
         if handler is None or handler.request_streaming or handler.request_deserializer is None:
             return handler  # streamed requests (reflection) are grpc's own

@@ -37,9 +37,10 @@ class PeerAuthorizer(grpc.ServerInterceptor):
         return identity in callers
 
     def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:  # fmt: skip
+    ) -> grpc.RpcMethodHandler | None:
         handler = continuation(details)
         if handler is None:
             return None

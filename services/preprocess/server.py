@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from services.inference.model_dir import check_model_dir, context_length
 from services.mesh.config import Settings
-from services.mesh.errors import InvalidArgument, ModelNotFound
+from services.mesh.errors import InvalidArgument, check_model
 from services.mesh.grpc_service import GrpcService, serve
 from services.mesh.stubs import common_pb2, preprocess_pb2, preprocess_pb2_grpc
 from services.mesh.template_variables import canonical
@@ -31,10 +31,6 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServicer):
         self._model_id = model_id
         self._context_length = context_length
         self._vocab_size = len(tokenizer)
-
-    def _check_model(self, model: str) -> None:
-        if model != self._model_id:
-            raise ModelNotFound(f"The model `{model}` does not exist. This server serves `{self._model_id}`.", "model")
 
     def _reply(
         self, token_ids: list[int], sampling: common_pb2.SamplingParams, limit: int, variables: str = ""
@@ -55,7 +51,7 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServicer):
         self, request: preprocess_pb2.RenderChatRequest, context: grpc.ServicerContext
     ) -> preprocess_pb2.PreprocessReply:
         REQUESTS.labels("chat").inc()
-        self._check_model(request.model)
+        check_model(request.model, self._model_id)
         messages = [
             Message(m.role, tuple(Part(p.type, p.text) for p in m.content), m.name, m.tool_calls_json, m.tool_call_id)
             for m in request.messages
@@ -78,7 +74,7 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServicer):
         self, request: preprocess_pb2.TokenizeRequest, context: grpc.ServicerContext
     ) -> preprocess_pb2.PreprocessReply:
         REQUESTS.labels("completion").inc()
-        self._check_model(request.model)
+        check_model(request.model, self._model_id)
         if request.token_ids:
             token_ids = list(request.token_ids)
             outside = next((t for t in token_ids if not 0 <= t < self._vocab_size), None)
