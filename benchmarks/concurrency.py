@@ -66,9 +66,14 @@ async def _load(base_url: str, model: str, concurrency: int, tokens: int, rounds
             count = 0
             try:
                 stream = await client.chat.completions.create(
-                    model=model, messages=[{"role": "user", "content": prompt}], max_tokens=tokens, temperature=0,
-                    stream=True, stream_options={"include_usage": True}, **extra,
-                )  # fmt: skip
+                    model=model,
+                    messages=[{"role": "user", "content": prompt}],
+                    max_tokens=tokens,
+                    temperature=0,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    **extra,
+                )
                 async for chunk in stream:
                     if chunk.usage:
                         count = chunk.usage.completion_tokens
@@ -102,8 +107,9 @@ def sequential_generate(model_dir: Path, prompts: list[list[int]], tokens: int) 
     started = time.perf_counter()
     with torch.inference_mode():
         for ids in prompts:
-            model.generate(torch.tensor([ids]), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                           pad_token_id=0)  # fmt: skip
+            model.generate(
+                torch.tensor([ids]), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0
+            )
     return len(prompts) * tokens / (time.perf_counter() - started)
 
 
@@ -124,9 +130,9 @@ def _free_port() -> int:
 
 def transformers_serve(model_dir: Path, work: Path, concurrency: list[int], tokens: int, rounds: int) -> dict:
     port = _free_port()
-    argv = [str(Path(sys.executable).with_name("transformers")), "serve", "--continuous-batching",
-            "--cb-num-blocks", "32", "--cb-max-batch-tokens", "1024", "--host", "127.0.0.1", "--port", str(port),
-            str(model_dir)]  # fmt: skip
+    transformers_cli = str(Path(sys.executable).with_name("transformers"))
+    batching = ["--continuous-batching", "--cb-num-blocks", "32", "--cb-max-batch-tokens", "1024"]
+    argv = [transformers_cli, "serve", *batching, "--host", "127.0.0.1", "--port", str(port), str(model_dir)]
     log = (work / "transformers-serve.log").open("wb")
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -193,15 +199,19 @@ def main() -> None:
             except RuntimeError as err:
                 print(f"peer skipped: {err}", flush=True)
 
-    print(f"\n{args.preset} model, {args.tokens} new tokens, greedy, {args.rounds} requests per client, "
-          f"mesh torch_threads {args.torch_threads}")  # fmt: skip
+    print(
+        f"\n{args.preset} model, {args.tokens} new tokens, greedy, {args.rounds} requests per client, "
+        f"mesh torch_threads {args.torch_threads}"
+    )
     print(f"sequential model.generate in-process: {sequential:8.0f} tokens/s")
     print(f"Sluice engine in-process, 16 at once: {engine16:8.0f} tokens/s")
     print(f"{'server':22} {'clients':>7} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} {'errors':>6}")
     for name, results in (("sluice mesh", ours), ("transformers serve cb", peer)):
         for c, r in results.items():
-            print(f"{name:22} {c:7d} {r.tokens_per_s:9.0f} {r.ttft_p50 * 1e3:7.0f}ms {r.ttft_p95 * 1e3:7.0f}ms "
-                  f"{r.itl_p50 * 1e3:6.1f}ms {r.errors:6d}")  # fmt: skip
+            print(
+                f"{name:22} {c:7d} {r.tokens_per_s:9.0f} {r.ttft_p50 * 1e3:7.0f}ms {r.ttft_p95 * 1e3:7.0f}ms "
+                f"{r.itl_p50 * 1e3:6.1f}ms {r.errors:6d}"
+            )
     for c, r in ours.items():
         line = (
             f"c={c}: mesh/sequential {r.tokens_per_s / sequential:.2f}x, mesh/engine {r.tokens_per_s / engine16:.2f}x"

@@ -71,9 +71,12 @@ def main() -> None:
         def generate_once() -> None:
             with torch.inference_mode():
                 loaded.model.generate(
-                    torch.tensor([ids]), max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
+                    torch.tensor([ids]),
+                    max_new_tokens=args.tokens,
+                    min_new_tokens=args.tokens,
+                    do_sample=False,
                     pad_token_id=0,
-                )  # fmt: skip
+                )
 
         started = time.perf_counter()
         mesh = start_mesh(work, certs, model_dir)
@@ -84,9 +87,13 @@ def main() -> None:
             def edge_once() -> float:
                 first = None
                 stream = client.chat.completions.create(
-                    model="sluice-tiny", messages=MESSAGES, max_tokens=args.tokens, temperature=0, stream=True,
+                    model="sluice-tiny",
+                    messages=MESSAGES,
+                    max_tokens=args.tokens,
+                    temperature=0,
+                    stream=True,
                     extra_headers={"Cache-Control": "no-cache"},
-                )  # fmt: skip
+                )
                 for chunk in stream:
                     if first is None and chunk.choices and chunk.choices[0].delta.content:
                         first = time.perf_counter()

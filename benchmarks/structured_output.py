@@ -25,11 +25,14 @@ from services.inference.sampling import SamplingConfig
 SCHEMA = json.dumps(
     {
         "type": "object",
-        "properties": {"title": {"type": "string"}, "pages": {"type": "integer"},
-                       "tags": {"type": "array", "items": {"type": "string"}}},
+        "properties": {
+            "title": {"type": "string"},
+            "pages": {"type": "integer"},
+            "tags": {"type": "array", "items": {"type": "string"}},
+        },
         "required": ["title", "pages", "tags"],
     }
-)  # fmt: skip
+)
 
 
 class GrammarClock:

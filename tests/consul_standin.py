@@ -55,6 +55,19 @@ class Check:
     next_run: float = 0.0
 
 
+def _listed_check(check: Check, service_name: str) -> dict:
+    """A check as GET /v1/health/service/<name> lists it."""
+    return {
+        "Node": "standin",
+        "CheckID": check.id,
+        "Name": check.name,
+        "Status": check.status,
+        "Output": check.output,
+        "ServiceID": check.service_id,
+        "ServiceName": service_name,
+    }
+
+
 class ConsulStandIn:
     def __init__(self, certs_dir: Path) -> None:
         self._certs = Settings(certs_dir=certs_dir)
@@ -75,7 +88,7 @@ class ConsulStandIn:
             self.index += 1
             self._changed.notify_all()
 
-    def _set_status(self, check_id: str, status: str, output: str = "") -> bool:
+    def set_status(self, check_id: str, status: str, output: str = "") -> bool:
         item = self.checks.get(check_id)
         if item is None:
             return False
@@ -121,15 +134,16 @@ class ConsulStandIn:
             checks = [c for c in self.checks.values() if c.service_id == service_id]
             if passing and any(c.status != "passing" for c in checks):
                 continue
-            service = {"ID": service_id, "Service": name, "Tags": _field(body, "tags") or [],
-                       "Address": _field(body, "address") or "", "Port": _field(body, "port") or 0,
-                       "Meta": _field(body, "meta") or {}}  # fmt: skip
-            out.append({
-                "Node": {"Node": "standin", "Address": "127.0.0.1"},
-                "Service": service,
-                "Checks": [{"Node": "standin", "CheckID": c.id, "Name": c.name, "Status": c.status,
-                            "Output": c.output, "ServiceID": service_id, "ServiceName": name} for c in checks],
-            })  # fmt: skip
+            service = {
+                "ID": service_id,
+                "Service": name,
+                "Tags": _field(body, "tags") or [],
+                "Address": _field(body, "address") or "",
+                "Port": _field(body, "port") or 0,
+                "Meta": _field(body, "meta") or {},
+            }
+            node = {"Node": "standin", "Address": "127.0.0.1"}
+            out.append({"Node": node, "Service": service, "Checks": [_listed_check(c, name) for c in checks]})
         return out
 
     def _run_checks(self) -> None:
@@ -138,10 +152,10 @@ class ConsulStandIn:
             now = time.monotonic()
             for item in list(self.checks.values()):
                 if item.ttl is not None and item.status != "critical" and now - item.updated > item.ttl:
-                    self._set_status(item.id, "critical", "TTL expired")
+                    self.set_status(item.id, "critical", "TTL expired")
                 if item.grpc and now >= item.next_run:
                     item.next_run = now + item.interval
-                    self._set_status(item.id, *self._grpc_check(item))
+                    self.set_status(item.id, *self._grpc_check(item))
 
     def _grpc_check(self, item: Check) -> tuple[str, str]:
         if item.grpc_tls:
@@ -184,7 +198,7 @@ class ConsulStandIn:
                 if match := re.fullmatch(r"/v1/agent/check/(pass|warn|fail)/(.+)", path):
                     note = parse_qs(urlparse(self.path).query).get("note", [""])[0]
                     status = {"pass": "passing", "warn": "warning", "fail": "critical"}[match[1]]
-                    return self._reply(200 if standin._set_status(match[2], status, note) else 404)
+                    return self._reply(200 if standin.set_status(match[2], status, note) else 404)
                 return self._reply(404)
 
             def do_GET(self) -> None:

@@ -99,20 +99,14 @@ def start_mesh(
 ) -> Mesh:
     state_file = workdir / "state.json"
     log_dir = workdir / "logs"
-    argv = [
-        sys.executable, "-m", "services.cli", "up",
-        "--port", "0",
-        "--certs-dir", str(certs_dir),
-        "--model", str(model_dir),
-        "--state-file", str(state_file),
-        "--log-dir", str(log_dir),
-        "--drain-grace-s", "5",
-        # Tests of the mesh's other behaviour run without keys; test_auth.py passes --auth.
-        "--no-auth", "--keys-file", str(workdir / "keys.json"),
-        # The embedding model's instance only where a test asks for it (--embedding-model auto).
-        "--embedding-model", "none",
-        *extra,
-    ]  # fmt: skip
+    up = [sys.executable, "-m", "services.cli", "up", "--port", "0"]
+    inputs = ["--certs-dir", str(certs_dir), "--model", str(model_dir)]
+    outputs = ["--state-file", str(state_file), "--log-dir", str(log_dir)]
+    # Tests of the mesh's other behaviour run without keys; test_auth.py passes --auth.
+    no_auth = ["--no-auth", "--keys-file", str(workdir / "keys.json")]
+    # The embedding model's instance only where a test asks for it (--embedding-model auto).
+    no_embedding = ["--embedding-model", "none"]
+    argv = [*up, *inputs, *outputs, "--drain-grace-s", "5", *no_auth, *no_embedding, *extra]
     process = subprocess.Popen(
         argv,
         cwd=REPO_ROOT,
@@ -209,10 +203,10 @@ def start_edge(mesh: Mesh, workdir: Path, *flags: str, **addresses: str) -> Edge
 
     ready = workdir / f"edge-{time.monotonic_ns()}.ready"
     upstreams = {svc: addresses.get(svc, mesh.address(svc)) for svc in ("preprocess", "inference", "cache")}
-    argv = [
-        sys.executable, "-m", "services.cli", "serve", "edge", "--edge-port", "0", "--certs-dir", str(mesh.certs_dir),
-        "--ready-file", str(ready), *(f"--{svc}-addr={address}" for svc, address in upstreams.items()), *flags,
-    ]  # fmt: skip
+    serve = [sys.executable, "-m", "services.cli", "serve", "edge", "--edge-port", "0"]
+    files = ["--certs-dir", str(mesh.certs_dir), "--ready-file", str(ready)]
+    upstream_addresses = [f"--{svc}-addr={address}" for svc, address in upstreams.items()]
+    argv = [*serve, *files, *upstream_addresses, *flags]
     log = (workdir / f"{ready.stem}.log").open("wb")
     process = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     edge = Edge(process, "")

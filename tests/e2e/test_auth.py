@@ -36,10 +36,8 @@ def secured(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path, model_dir
         "tpm": keys.create(work / "keys.json", "tpm", tpm=100)[0],
         "other-model": keys.create(work / "keys.json", "other-model", models=["some-other-model"])[0],
     }
-    mesh = start_mesh(
-        work, certs_dir, model_dir, "--auth", "--max-tokens-limit", "64", "--max-messages", "8",
-        "--max-request-bytes", "4096",
-    )  # fmt: skip
+    limits = ["--max-tokens-limit", "64", "--max-messages", "8", "--max-request-bytes", "4096"]
+    mesh = start_mesh(work, certs_dir, model_dir, "--auth", *limits)
     try:
         yield mesh, issued
     finally:
@@ -134,10 +132,8 @@ def test_deployment_limits_on_size_messages_and_max_tokens(secured: tuple[Mesh, 
 def test_keys_created_and_revoked_while_running_take_effect(secured: tuple[Mesh, dict]) -> None:
     mesh, _ = secured
     keys_file = mesh.log_dir.parent / "keys.json"
-    created = subprocess.run(
-        [sys.executable, "-m", "services.cli", "keys", "create", "--name", "late", "--keys-file", str(keys_file)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
+    create = [sys.executable, "-m", "services.cli", "keys", "create", "--name", "late", "--keys-file", str(keys_file)]
+    created = subprocess.run(create, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True)
     late = created.stdout.strip()
     assert late.startswith(keys.PREFIX) and "shown only this once" in created.stderr
     assert _client(mesh, late).chat.completions.create(**_chat()).usage.completion_tokens == 2
@@ -163,15 +159,11 @@ def test_audit_line_names_key_model_tokens_and_status_but_not_the_prompt(secured
 def test_two_edges_share_one_limit_through_redis(tmp_path: Path, certs_dir: Path, model_dir: Path) -> None:
     with redis_server(tmp_path) as redis_url:
         plain, _ = keys.create(tmp_path / "keys.json", "shared", rpm=4)
-        mesh = start_mesh(
-            tmp_path, certs_dir, model_dir, "--auth", "--cache-backend", "redis", "--redis-url", redis_url
-        )
+        redis_backend = ["--cache-backend", "redis", "--redis-url", redis_url]
+        mesh = start_mesh(tmp_path, certs_dir, model_dir, "--auth", *redis_backend)
         second = None
         try:
-            second = start_edge(
-                mesh, tmp_path, "--keys-file", str(tmp_path / "keys.json"), "--cache-backend", "redis",
-                "--redis-url", redis_url,
-            )  # fmt: skip
+            second = start_edge(mesh, tmp_path, "--keys-file", str(tmp_path / "keys.json"), *redis_backend)
             urls = [mesh.base_url, second.base_url]
             # Alternating edges: 4 admitted in all, not 4 per edge.
             statuses = [_client_status(urls[i % 2], plain) for i in range(6)]

@@ -36,9 +36,8 @@ def test_registration_carries_both_checks_and_heartbeats_follow_the_probe(
     )
     registration.register()
     body = standin.services[registration.service_id]
-    assert (body["name"], body["address"], body["port"], body["tags"], body["meta"]) == (
-        "sluice-inference", "127.0.0.1", 1, ["sluice-tiny"], {"pid": "1"},
-    )  # fmt: skip
+    registered = (body["name"], body["address"], body["port"], body["tags"], body["meta"])
+    assert registered == ("sluice-inference", "127.0.0.1", 1, ["sluice-tiny"], {"pid": "1"})
     checks = {c.id: c for c in standin.checks.values()}
     grpc_check = checks[f"{registration.service_id}:grpc"]
     assert (grpc_check.grpc, grpc_check.grpc_tls) == ("127.0.0.1:1", True)
@@ -63,12 +62,12 @@ def test_watch_pushes_changes_through_blocking_queries(standin: ConsulStandIn, c
     discovery.watch("cache", seen.append)
     try:
         assert wait_for(lambda: seen == [[]], timeout=5)
-        standin.register({"name": "sluice-cache", "id": "c1", "address": "10.0.0.1", "port": 7,
-                          "checks": [{"CheckID": "c1:ttl", "ttl": "30s"}]})  # fmt: skip
-        standin._set_status("c1:ttl", "passing")
+        ttl_check = {"CheckID": "c1:ttl", "ttl": "30s"}
+        standin.register({"name": "sluice-cache", "id": "c1", "address": "10.0.0.1", "port": 7, "checks": [ttl_check]})
+        standin.set_status("c1:ttl", "passing")
         assert wait_for(lambda: len(seen) == 2, timeout=5)
         assert seen[-1] == [Instance("cache", "10.0.0.1:7", "c1")]
-        standin._set_status("c1:ttl", "critical")
+        standin.set_status("c1:ttl", "critical")
         assert wait_for(lambda: seen[-1] == [], timeout=5)
         assert standin.blocking_queries >= 2
     finally:
@@ -78,9 +77,12 @@ def test_watch_pushes_changes_through_blocking_queries(standin: ConsulStandIn, c
 def test_the_mesh_finds_itself_through_consul_and_leaves_it_when_stopped(
     standin: ConsulStandIn, certs_dir: Path, model_dir: Path, tmp_path: Path
 ) -> None:
-    mesh = start_mesh(tmp_path, certs_dir, model_dir, "--replicas", "inference=2",
-                      env={"SLUICE_DISCOVERY": "consul", "SLUICE_CONSUL_ADDR": standin.address,
-                           "SLUICE_CONSUL_CHECK_INTERVAL_S": "0.5"})  # fmt: skip
+    consul = {
+        "SLUICE_DISCOVERY": "consul",
+        "SLUICE_CONSUL_ADDR": standin.address,
+        "SLUICE_CONSUL_CHECK_INTERVAL_S": "0.5",
+    }
+    mesh = start_mesh(tmp_path, certs_dir, model_dir, "--replicas", "inference=2", env=consul)
     try:
         for service, count in (("preprocess", 1), ("cache", 1), ("inference", 2)):
             assert wait_for(lambda s=service, n=count: len(standin.healthy(f"sluice-{s}", True)) == n, timeout=30)

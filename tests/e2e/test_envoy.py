@@ -59,9 +59,14 @@ def _client(mesh: Mesh) -> openai.OpenAI:
 
 def test_openai_sdk_through_envoy_over_tls(fronted: Mesh) -> None:
     client = _client(fronted)
-    chat = {"model": fronted.model_dir.name, "messages": [{"role": "user", "content": "through envoy"}],
-            "max_tokens": 12, "temperature": 0, "extra_body": {"ignore_eos": True},
-            "extra_headers": {"Cache-Control": "no-cache"}}  # fmt: skip
+    chat = {
+        "model": fronted.model_dir.name,
+        "messages": [{"role": "user", "content": "through envoy"}],
+        "max_tokens": 12,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True},
+        "extra_headers": {"Cache-Control": "no-cache"},
+    }
     whole = client.chat.completions.create(**chat)
     assert whole.usage.completion_tokens == 12
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **chat))
@@ -72,9 +77,14 @@ def test_openai_sdk_through_envoy_over_tls(fronted: Mesh) -> None:
 def test_sse_chunks_pass_envoy_before_generation_ends(fronted: Mesh) -> None:
     client = _client(fronted)
     raw = client.chat.completions.with_raw_response.create(
-        model=fronted.model_dir.name, messages=[{"role": "user", "content": "a long answer"}], max_tokens=300,
-        temperature=0, stream=True, extra_body={"ignore_eos": True}, extra_headers={"Cache-Control": "no-cache"},
-    )  # fmt: skip
+        model=fronted.model_dir.name,
+        messages=[{"role": "user", "content": "a long answer"}],
+        max_tokens=300,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+        extra_headers={"Cache-Control": "no-cache"},
+    )
     first_content = None
     for chunk in raw.parse():
         if first_content is None and chunk.choices and chunk.choices[0].delta.content:
@@ -91,8 +101,11 @@ def test_sse_chunks_pass_envoy_before_generation_ends(fronted: Mesh) -> None:
 def test_envoy_limits_answer_in_openai_shape(fronted: Mesh) -> None:
     state = json.loads((fronted.log_dir.parent / "state.json").read_text())
     with httpx.Client(verify=_tls(fronted.certs_dir), timeout=10) as http:
-        too_big = http.post(f"{state['envoy_url']}/chat/completions", content=b"{" + b" " * (2 << 20) + b"}",
-                            headers={"Content-Type": "application/json"})  # fmt: skip
+        too_big = http.post(
+            f"{state['envoy_url']}/chat/completions",
+            content=b"{" + b" " * (2 << 20) + b"}",
+            headers={"Content-Type": "application/json"},
+        )
     assert too_big.status_code == 413
     assert too_big.json()["error"]["type"] == "invalid_request_error"
 
@@ -103,11 +116,10 @@ class EdgeBehindEnvoy:
 
     def __init__(self, mesh: Mesh, work: Path, *envoy_flags: str) -> None:
         self.work = work
-        self.edge_argv = [
-            sys.executable, "-m", "services.cli", "serve", "edge", "--edge-port", str(_free_port()),
-            "--certs-dir", str(mesh.certs_dir), "--ready-file", str(work / "edge.ready"), "--no-auth",
-            *(f"--{svc}-addr={mesh.address(svc)}" for svc in ("preprocess", "inference", "cache")),
-        ]  # fmt: skip
+        serve = [sys.executable, "-m", "services.cli", "serve", "edge", "--edge-port", str(_free_port())]
+        files = ["--certs-dir", str(mesh.certs_dir), "--ready-file", str(work / "edge.ready")]
+        upstreams = [f"--{svc}-addr={mesh.address(svc)}" for svc in ("preprocess", "inference", "cache")]
+        self.edge_argv = [*serve, *files, "--no-auth", *upstreams]
         self.envoy_flags = envoy_flags
         self.certs_dir = mesh.certs_dir
         self.edge: subprocess.Popen | None = None
@@ -123,12 +135,10 @@ class EdgeBehindEnvoy:
         assert wait_for(lambda: read_ready(ready) is not None, timeout=60), (self.work / "edge.log").read_text()
         port = _free_port()
         config = self.work / "envoy.yaml"
-        subprocess.run(
-            [sys.executable, "-m", "services.cli", "envoy-config", "--certs-dir", str(self.certs_dir),
-             "--edge-addr", read_ready(ready).address, "--envoy-port", str(port), "--out", str(config),
-             *self.envoy_flags],
-            cwd=REPO_ROOT, check=True, timeout=120,
-        )  # fmt: skip
+        envoy_config = [sys.executable, "-m", "services.cli", "envoy-config", "--certs-dir", str(self.certs_dir)]
+        addresses = ["--edge-addr", read_ready(ready).address, "--envoy-port", str(port)]
+        argv = [*envoy_config, *addresses, "--out", str(config), *self.envoy_flags]
+        subprocess.run(argv, cwd=REPO_ROOT, check=True, timeout=120)
         self.envoy = _start(envoy_argv(config, self.work / "admin.txt", "warning"), self.work / "envoy.log")
         self.url = f"https://127.0.0.1:{port}"
         return self
@@ -152,8 +162,9 @@ class EdgeBehindEnvoy:
 
 
 def _start(argv: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(argv, cwd=REPO_ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
+    return subprocess.Popen(
+        argv, cwd=REPO_ROOT, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def _kill(process: subprocess.Popen) -> None:
@@ -190,13 +201,11 @@ def test_requests_above_the_rate_limit_get_429(fronted: Mesh, tmp_path: Path) ->
 
 def test_internal_grpc_listener_forwards_the_edge_and_refuses_other_identities(fronted: Mesh, tmp_path: Path) -> None:
     grpc_port, config = _free_port(), tmp_path / "envoy.yaml"
-    subprocess.run(
-        [sys.executable, "-m", "services.cli", "envoy-config", "--certs-dir", str(fronted.certs_dir),
-         "--envoy-port", str(_free_port()), "--envoy-grpc-port", str(grpc_port), "--internal-grpc",
-         "--out", str(config),
-         *(f"--{svc}-addr={fronted.address(svc)}" for svc in ("preprocess", "inference", "cache"))],
-        cwd=REPO_ROOT, check=True, timeout=120,
-    )  # fmt: skip
+    envoy_config = [sys.executable, "-m", "services.cli", "envoy-config", "--certs-dir", str(fronted.certs_dir)]
+    ports = ["--envoy-port", str(_free_port()), "--envoy-grpc-port", str(grpc_port)]
+    upstreams = [f"--{svc}-addr={fronted.address(svc)}" for svc in ("preprocess", "inference", "cache")]
+    argv = [*envoy_config, *ports, "--internal-grpc", "--out", str(config), *upstreams]
+    subprocess.run(argv, cwd=REPO_ROOT, check=True, timeout=120)
     envoy = _start(envoy_argv(config, tmp_path / "admin.txt", "warning"), tmp_path / "envoy.log")
     try:
         settings = Settings(certs_dir=fronted.certs_dir)

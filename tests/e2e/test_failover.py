@@ -30,10 +30,15 @@ def _run_load(mesh: Mesh, on_progress: tuple[int, callable]) -> tuple[Counter, l
             try:
                 async with asyncio.timeout(DEADLINE_S):
                     stream = await client.chat.completions.create(
-                        model=mesh.model_dir.name, messages=[{"role": "user", "content": f"failover {index}"}],
-                        max_tokens=TOKENS, temperature=0, stream=True, stream_options={"include_usage": True},
-                        extra_body={"ignore_eos": True}, extra_headers={"Cache-Control": "no-cache"},
-                    )  # fmt: skip
+                        model=mesh.model_dir.name,
+                        messages=[{"role": "user", "content": f"failover {index}"}],
+                        max_tokens=TOKENS,
+                        temperature=0,
+                        stream=True,
+                        stream_options={"include_usage": True},
+                        extra_body={"ignore_eos": True},
+                        extra_headers={"Cache-Control": "no-cache"},
+                    )
                     usage = None
                     async for chunk in stream:
                         if chunk.choices and chunk.choices[0].delta.content:

@@ -23,12 +23,12 @@ def test_fuzzing_the_openapi_document_finds_no_server_error(tmp_path: Path, cert
     mesh = start_mesh(tmp_path, certs_dir, model_dir, "--auth", "--max-tokens-limit", "8")
     try:
         schema_url = mesh.base_url.removesuffix("/v1") + "/openapi.json"
-        run = subprocess.run(
-            [str(Path(sys.executable).with_name("schemathesis")), "run", schema_url, "--checks", "not_a_server_error",
-             "--max-examples", EXAMPLES, "--seed", "1", "--request-timeout", "60",
-             "--header", f"Authorization: Bearer {key}"],
-            capture_output=True, text=True, timeout=600, cwd=tmp_path,  # its crash cache stays out of the repo
-        )  # fmt: skip
+        schemathesis = str(Path(sys.executable).with_name("schemathesis"))
+        examples = ["--max-examples", EXAMPLES, "--seed", "1", "--request-timeout", "60"]
+        auth = ["--header", f"Authorization: Bearer {key}"]
+        argv = [schemathesis, "run", schema_url, "--checks", "not_a_server_error", *examples, *auth]
+        # Run in tmp_path: schemathesis's crash cache stays out of the repo.
+        run = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp_path)
         print(run.stdout[-1500:])
         assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
         counts = re.search(r"(\d+) generated, (\d+) passed", run.stdout)

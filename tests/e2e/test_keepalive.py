@@ -36,8 +36,12 @@ def slow_edge(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 
 def _stream(edge: Edge, max_tokens: int) -> tuple[int, list[str]]:
-    body = {"model": "sluice-tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens,
-            "stream": True}  # fmt: skip
+    body = {
+        "model": "sluice-tiny",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": max_tokens,
+        "stream": True,
+    }
     headers = {"Cache-Control": "no-cache"}
     with httpx.stream("POST", f"{edge.base_url}/chat/completions", json=body, headers=headers, timeout=30) as reply:
         return reply.status_code, [block for block in reply.read().decode().split("\n\n") if block]

@@ -18,9 +18,14 @@ def test_32_concurrent_streaming_clients_all_complete_with_correct_usage(mesh: M
     async def one(client: openai.AsyncOpenAI, i: int) -> tuple[str, int, int, int]:
         messages = [{"role": "user", "content": f"client {i} says hello"}]
         stream = await client.chat.completions.create(
-            model=MODEL, messages=messages, max_tokens=24, temperature=0, stream=True,
-            stream_options={"include_usage": True}, extra_headers={"Cache-Control": "no-cache"},
-        )  # fmt: skip
+            model=MODEL,
+            messages=messages,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers={"Cache-Control": "no-cache"},
+        )
         text, usage = "", None
         async for chunk in stream:
             if chunk.choices:
@@ -45,8 +50,9 @@ def test_32_concurrent_streaming_clients_all_complete_with_correct_usage(mesh: M
 @pytest.fixture(scope="module")
 def tiny_mesh(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path, model_dir: Path) -> Mesh:
     """A mesh whose engine takes one sequence and queues one more."""
-    running = start_mesh(tmp_path_factory.mktemp("tiny-mesh"), certs_dir, model_dir, "--max-running", "1",
-                         "--max-waiting", "1")  # fmt: skip
+    running = start_mesh(
+        tmp_path_factory.mktemp("tiny-mesh"), certs_dir, model_dir, "--max-running", "1", "--max-waiting", "1"
+    )
     yield running
     running.stop()
 

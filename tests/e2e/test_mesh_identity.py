@@ -32,9 +32,12 @@ NOW = dt.datetime.now(dt.UTC)
 
 
 def _identity_dir(
-    mesh_certs: Path, tmp_path: Path, identity: str, validity: Validity | None = None,
+    mesh_certs: Path,
+    tmp_path: Path,
+    identity: str,
+    validity: Validity | None = None,
     hostnames: tuple[str, ...] = DEFAULT_HOSTNAMES,
-) -> Path:  # fmt: skip
+) -> Path:
     """A certs folder holding the mesh CA and one certificate for `identity`, issued by the real CA."""
     folder = tmp_path / f"{identity}-certs"
     folder.mkdir()
@@ -123,10 +126,8 @@ def test_replaced_certificate_files_are_served_without_a_restart(mesh: Mesh, tmp
     shutil.copytree(mesh.certs_dir, certs)
     ready = tmp_path / "cache.ready.json"
     env = {**os.environ, "SLUICE_CERTS_DIR": str(certs), "SLUICE_LOG_FORMAT": "text"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "serve", "cache", "--ready-file", str(ready)],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    argv = [sys.executable, "-m", "services.cli", "serve", "cache", "--ready-file", str(ready)]
+    process = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert wait_for(lambda: read_ready(ready) is not None, timeout=60), "cache never became ready"
         address = read_ready(ready).address

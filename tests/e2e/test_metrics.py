@@ -24,9 +24,11 @@ def test_counters_move_by_the_right_amounts(mesh: Mesh) -> None:
         for i in range(3)
     ]
     stream = client.chat.completions.create(
-        messages=[{"role": "user", "content": f"{tag} streamed"}], stream=True,
-        stream_options={"include_usage": True}, **chat,
-    )  # fmt: skip
+        messages=[{"role": "user", "content": f"{tag} streamed"}],
+        stream=True,
+        stream_options={"include_usage": True},
+        **chat,
+    )
     usages.append(next(chunk.usage for chunk in stream if chunk.usage))
     client.chat.completions.create(messages=[{"role": "user", "content": f"{tag} 0"}], **chat)  # a cache hit
     with pytest.raises(openai.NotFoundError):

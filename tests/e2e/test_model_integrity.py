@@ -20,11 +20,10 @@ from services.mesh.ready import read_ready
 
 def _inference(model: Path, certs_dir: Path, work: Path, *flags: str) -> subprocess.Popen:
     env = {**os.environ, "XDG_CACHE_HOME": str(work / "cache"), "SLUICE_LOG_FORMAT": "text"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "serve", "inference", "--model", str(model),
-         "--certs-dir", str(certs_dir), "--ready-file", str(work / "ready.json"), *flags],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    serve = [sys.executable, "-m", "services.cli", "serve", "inference", "--model", str(model)]
+    files = ["--certs-dir", str(certs_dir), "--ready-file", str(work / "ready.json")]
+    argv = [*serve, *files, *flags]
+    return subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.fixture

@@ -31,10 +31,9 @@ def _cosine(a: list[float], b: list[float]) -> float:
 
 @pytest.fixture(scope="module")
 def models_mesh(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path, model_dir: Path) -> Iterator[Mesh]:
-    mesh = start_mesh(
-        tmp_path_factory.mktemp("models"), certs_dir, model_dir, "--embedding-model", "auto",
-        "--model-aliases", f"deepseek-chat={CHAT},text-embedding-3-small={EMBED}",
-    )  # fmt: skip
+    aliases = f"deepseek-chat={CHAT},text-embedding-3-small={EMBED}"
+    work = tmp_path_factory.mktemp("models")
+    mesh = start_mesh(work, certs_dir, model_dir, "--embedding-model", "auto", "--model-aliases", aliases)
     try:
         yield mesh
     finally:
@@ -68,10 +67,8 @@ def test_embeddings_carry_real_semantics(models_mesh: Mesh) -> None:
 def test_one_input_base64_token_ids_and_aliases_agree(models_mesh: Mesh) -> None:
     client = _client(models_mesh)
     as_floats = client.embeddings.create(model=EMBED, input="Sluice serves models.").data[0].embedding
-    raw = httpx.post(
-        f"{models_mesh.base_url}/embeddings", timeout=30,
-        json={"model": "text-embedding-3-small", "input": "Sluice serves models.", "encoding_format": "base64"},
-    ).json()  # fmt: skip
+    as_base64 = {"model": "text-embedding-3-small", "input": "Sluice serves models.", "encoding_format": "base64"}
+    raw = httpx.post(f"{models_mesh.base_url}/embeddings", timeout=30, json=as_base64).json()
     decoded = struct.unpack(f"<{len(as_floats)}f", base64.b64decode(raw["data"][0]["embedding"]))
     assert raw["model"] == EMBED  # the alias answers with the model it stands for
     assert decoded == pytest.approx(as_floats, abs=1e-6)
@@ -103,8 +100,9 @@ def test_chat_through_an_alias(models_mesh: Mesh) -> None:
 def test_concurrent_callers_share_embedding_passes(models_mesh: Mesh) -> None:
     def counters() -> tuple[float, float]:
         samples = models_mesh.scrape("inference-embed")
-        return (samples.value("sluice_inference_embedding_passes_total"),
-                samples.value("sluice_inference_embedded_inputs_total"))  # fmt: skip
+        passes = samples.value("sluice_inference_embedding_passes_total")
+        inputs = samples.value("sluice_inference_embedded_inputs_total")
+        return passes, inputs
 
     passes_before, inputs_before = counters()
 
@@ -122,10 +120,9 @@ def test_concurrent_callers_share_embedding_passes(models_mesh: Mesh) -> None:
 def two_versions(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path, model_dir: Path) -> Iterator[Mesh]:
     # Version 2: the same architecture and tokenizer, other weights (another seed), same model id.
     v2 = build_default_model(tmp_path_factory.mktemp("v2") / CHAT, seed=1)
-    mesh = start_mesh(
-        tmp_path_factory.mktemp("versions"), certs_dir, model_dir, "--served-model-version", "1",
-        "--extra-model", f"{v2}@2", "--model-weights", f"{CHAT}@1=80,{CHAT}@2=20",
-    )  # fmt: skip
+    served = ["--served-model-version", "1", "--extra-model", f"{v2}@2"]
+    weights = ["--model-weights", f"{CHAT}@1=80,{CHAT}@2=20"]
+    mesh = start_mesh(tmp_path_factory.mktemp("versions"), certs_dir, model_dir, *served, *weights)
     try:
         yield mesh
     finally:
@@ -142,9 +139,10 @@ def _versions(mesh: Mesh, count: int, headers: dict[str, str] | None = None) -> 
             async def one(i: int) -> None:
                 async with gate:
                     reply = await http.post(
-                        "/chat/completions", headers=headers or {},
+                        "/chat/completions",
+                        headers=headers or {},
                         json={"model": CHAT, "messages": [{"role": "user", "content": f"v {i}"}], "max_tokens": 1},
-                    )  # fmt: skip
+                    )
                     seen[reply.headers.get("x-sluice-model-version") if reply.status_code == 200 else "failed"] += 1
 
             await asyncio.gather(*(one(i) for i in range(count)))
@@ -161,9 +159,11 @@ def test_versions_split_by_weight_and_the_pin_header_wins(two_versions: Mesh) ->
     for pinned in ("1", "2"):
         assert _versions(two_versions, 20, {"X-Sluice-Model-Version": pinned}) == Counter({pinned: 20})
     reply = httpx.post(
-        f"{two_versions.base_url}/chat/completions", headers={"X-Sluice-Model-Version": "7"},
-        json={"model": CHAT, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}, timeout=30,
-    )  # fmt: skip
+        f"{two_versions.base_url}/chat/completions",
+        headers={"X-Sluice-Model-Version": "7"},
+        json={"model": CHAT, "messages": [{"role": "user", "content": "x"}], "max_tokens": 1},
+        timeout=30,
+    )
     assert reply.status_code == 404 and reply.json()["error"]["code"] == "model_version_not_found"
 
 
@@ -194,10 +194,8 @@ def test_rerank_orders_documents_by_meaning(models_mesh: Mesh) -> None:
     assert results[0]["document"] == {"text": documents[1]}
     assert reply.json()["usage"]["total_tokens"] > 10
 
-    top = httpx.post(
-        f"{models_mesh.base_url}/rerank", timeout=30,
-        json=body | {"top_n": 1, "return_documents": False, "model": "text-embedding-3-small"},
-    ).json()  # fmt: skip
+    top_one = body | {"top_n": 1, "return_documents": False, "model": "text-embedding-3-small"}
+    top = httpx.post(f"{models_mesh.base_url}/rerank", timeout=30, json=top_one).json()
     assert top["results"] == [{"index": 1, "relevance_score": pytest.approx(scores[0], abs=1e-6)}]
 
 

@@ -180,9 +180,13 @@ def test_sampled_requests_are_never_cached(client: openai.OpenAI) -> None:
 def test_logit_bias_steers_generation_and_is_validated(client: openai.OpenAI, tokenizer) -> None:
     token = tokenizer.convert_tokens_to_ids("def")
     forced = client.completions.create(
-        model="sluice-tiny", prompt="x = 1", max_tokens=4, temperature=0, logit_bias={str(token): 100},
+        model="sluice-tiny",
+        prompt="x = 1",
+        max_tokens=4,
+        temperature=0,
+        logit_bias={str(token): 100},
         extra_body={"ignore_eos": True},
-    )  # fmt: skip
+    )
     assert forced.choices[0].text == tokenizer.decode([token] * 4)
     with pytest.raises(openai.BadRequestError, match="logit_bias"):
         client.completions.create(model="sluice-tiny", prompt="x", max_tokens=2, logit_bias={"999999": 5})
@@ -191,8 +195,15 @@ def test_logit_bias_steers_generation_and_is_validated(client: openai.OpenAI, to
 
 
 def test_chat_logprobs_whole_and_streamed(client: openai.OpenAI) -> None:
-    ask = {"model": "sluice-tiny", "messages": [{"role": "user", "content": "logprobs"}], "max_tokens": 6,
-           "temperature": 0, "logprobs": True, "top_logprobs": 3, "extra_body": {"ignore_eos": True}}  # fmt: skip
+    ask = {
+        "model": "sluice-tiny",
+        "messages": [{"role": "user", "content": "logprobs"}],
+        "max_tokens": 6,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 3,
+        "extra_body": {"ignore_eos": True},
+    }
     raw = client.chat.completions.with_raw_response.create(**ask)
     assert raw.headers["x-sluice-cache"] == "bypass"  # the cache keeps no log probabilities
     choice = raw.parse().choices[0]
@@ -205,8 +216,8 @@ def test_chat_logprobs_whole_and_streamed(client: openai.OpenAI) -> None:
         assert entry.logprob == alternatives[0] <= 0 and entry.token == entry.top_logprobs[0].token
         assert entry.bytes == list(entry.token.encode())
 
-    streamed = [e for chunk in client.chat.completions.create(**ask, stream=True)
-                for c in chunk.choices if c.logprobs for e in c.logprobs.content]  # fmt: skip
+    chunks = client.chat.completions.create(**ask, stream=True)
+    streamed = [e for chunk in chunks for c in chunk.choices if c.logprobs for e in c.logprobs.content]
     assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in entries]
 
 

@@ -36,9 +36,12 @@ def reasoning_edge(mesh: Mesh, tmp_path_factory: pytest.TempPathFactory) -> Iter
 def _chat(base_url: str, **extra: object):
     client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0)
     return client.chat.completions.create(
-        model="sluice-tiny", messages=[{"role": "user", "content": "2+2?"}], max_tokens=16,
-        extra_headers={"Cache-Control": "no-cache"}, **extra,
-    )  # fmt: skip
+        model="sluice-tiny",
+        messages=[{"role": "user", "content": "2+2?"}],
+        max_tokens=16,
+        extra_headers={"Cache-Control": "no-cache"},
+        **extra,
+    )
 
 
 def _streamed(base_url: str) -> dict[str, str]:

@@ -42,8 +42,15 @@ def client(mesh: Mesh) -> openai.OpenAI:
 def _json_object(client: openai.OpenAI, seed: int) -> tuple[str, str | None]:
     """One sampled json_object request; every third one streamed. Returns (text, finish_reason)."""
     # Budgets from 8 to 71 tokens: most run out mid-JSON, which is what the closing is for.
-    kwargs = dict(model=MODEL, messages=MESSAGES, max_tokens=8 + seed * 9 % 64, temperature=1.0, seed=seed,
-                  response_format={"type": "json_object"}, extra_headers=NO_CACHE)  # fmt: skip
+    kwargs = dict(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=8 + seed * 9 % 64,
+        temperature=1.0,
+        seed=seed,
+        response_format={"type": "json_object"},
+        extra_headers=NO_CACHE,
+    )
     if seed % 3:
         reply = client.chat.completions.create(**kwargs)
         return reply.choices[0].message.content or "", reply.choices[0].finish_reason
@@ -66,18 +73,28 @@ def test_json_schema_output_validates_against_the_schema(client: openai.OpenAI) 
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
     for seed in range(10):
         reply = client.chat.completions.create(
-            model=MODEL, messages=MESSAGES, max_tokens=40 + seed * 7, temperature=1.0, seed=seed,
-            response_format=fmt, extra_headers=NO_CACHE,
-        )  # fmt: skip
+            model=MODEL,
+            messages=MESSAGES,
+            max_tokens=40 + seed * 7,
+            temperature=1.0,
+            seed=seed,
+            response_format=fmt,
+            extra_headers=NO_CACHE,
+        )
         jsonschema.validate(json.loads(reply.choices[0].message.content), PERSON)
         assert reply.usage.completion_tokens <= 40 + seed * 7
 
 
 def test_the_sdk_parses_the_reply_into_a_pydantic_model(client: openai.OpenAI) -> None:
     reply = client.chat.completions.parse(
-        model=MODEL, messages=MESSAGES, max_tokens=30, temperature=0.8, seed=3, response_format=Pet,
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=30,
+        temperature=0.8,
+        seed=3,
+        response_format=Pet,
         extra_headers=NO_CACHE,
-    )  # fmt: skip
+    )
     pet = reply.choices[0].message.parsed
     assert isinstance(pet, Pet)
     assert Pet.model_validate_json(reply.choices[0].message.content) == pet

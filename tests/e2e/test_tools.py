@@ -52,9 +52,13 @@ def _client(edge: Edge) -> openai.OpenAI:
 
 def _ask(edge: Edge, max_tokens: int, **extra: object):
     return _client(edge).chat.completions.create(
-        model="sluice-tiny", messages=[{"role": "user", "content": "Weather in Paris?"}], max_tokens=max_tokens,
-        tools=[WEATHER], extra_headers={"Cache-Control": "no-cache"}, **extra,
-    )  # fmt: skip
+        model="sluice-tiny",
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        max_tokens=max_tokens,
+        tools=[WEATHER],
+        extra_headers={"Cache-Control": "no-cache"},
+        **extra,
+    )
 
 
 def _last_prompt(scripted: ScriptedModel, tokenizer) -> str:
@@ -106,13 +110,15 @@ def test_tool_choice_none_withdraws_the_tools(tools_edge: Edge, scripted, tokeni
 def test_tool_results_go_back_into_the_template(tools_edge: Edge, scripted, tokenizer) -> None:
     call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
     _client(tools_edge).chat.completions.create(
-        model="sluice-tiny", max_tokens=32, tools=[WEATHER],
+        model="sluice-tiny",
+        max_tokens=32,
+        tools=[WEATHER],
         messages=[
             {"role": "user", "content": "Weather in Paris?"},
             {"role": "assistant", "content": None, "tool_calls": [call]},
             {"role": "tool", "tool_call_id": "call_1", "content": "18 C and sunny"},
         ],
-    )  # fmt: skip
+    )
     prompt = _last_prompt(scripted, tokenizer)
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in prompt
     assert "<tool_response>\n18 C and sunny\n</tool_response>" in prompt
@@ -126,9 +132,12 @@ def test_a_named_tool_that_is_not_offered_is_400(tools_edge: Edge) -> None:
 def test_the_default_model_accepts_tools_and_answers_well_formed(mesh: Mesh) -> None:
     client = openai.OpenAI(base_url=mesh.base_url, api_key="unused", max_retries=0)
     reply = client.chat.completions.create(
-        model="sluice-tiny", messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER], max_tokens=8,
+        model="sluice-tiny",
+        messages=[{"role": "user", "content": "Weather?"}],
+        tools=[WEATHER],
+        max_tokens=8,
         temperature=0,
-    )  # fmt: skip
+    )
     choice = reply.choices[0]
     assert choice.finish_reason in ("stop", "length", "tool_calls")
     assert choice.message.content is not None or choice.message.tool_calls

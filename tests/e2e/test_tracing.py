@@ -39,11 +39,15 @@ def test_a_streaming_chat_is_one_trace_across_all_four_services(traced: tuple[Me
     trace_id, caller_span = secrets.token_hex(16), secrets.token_hex(8)
     client = openai.OpenAI(base_url=mesh.base_url, api_key="unused", max_retries=0)
     raw = client.chat.completions.with_raw_response.create(
-        model=mesh.model_dir.name, messages=[{"role": "user", "content": f"trace me {trace_id}"}],
-        max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True},
+        model=mesh.model_dir.name,
+        messages=[{"role": "user", "content": f"trace me {trace_id}"}],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
         extra_body={"ignore_eos": True},
         extra_headers={"traceparent": f"00-{trace_id}-{caller_span}-01", "X-Request-Id": f"req-{trace_id[:8]}"},
-    )  # fmt: skip
+    )
     usage = next(c.usage for c in raw.parse() if c.usage)
     assert raw.headers["x-request-id"] == f"req-{trace_id[:8]}"
 

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 from meshproc import wait_for
+from prometheus_client import REGISTRY
 
 from services.inference import metrics
 from services.inference.engine import Engine, EngineLimits, GenerationRequest, SequenceHandle
 from services.inference.loader import load_model
+from services.inference.ragged_attention import SequenceKV, kv_geometry
 from services.inference.sampling import SamplingConfig
 from services.mesh.errors import DeadlineExceeded, ResourceExhausted
 
@@ -87,12 +89,12 @@ def test_cancelled_sequence_frees_its_slot(make_engine: Callable[..., Engine]) -
     engine = make_engine(max_running=2)
     handles = [engine.submit(GenerationRequest(f"c{i}", [5, 6, 7], 1000, ENDLESS)) for i in range(2)]
     assert all(next(iter(h)).token_ids for h in handles)
-    assert engine._reserved > 0
+    assert engine.kv_reserved_bytes > 0
     for h in handles:
         h.cancel()
-    assert wait_for(lambda: not engine._running), "cancelled sequences stayed in the batch"
-    assert engine._reserved == 0
-    assert metrics.RUNNING._value.get() == 0
+    assert wait_for(lambda: engine.running == 0), "cancelled sequences stayed in the batch"
+    assert engine.kv_reserved_bytes == 0
+    assert REGISTRY.get_sample_value("sluice_inference_running_sequences") == 0
 
 
 def test_full_queue_fails_fast(make_engine: Callable[..., Engine]) -> None:
@@ -110,17 +112,18 @@ def test_deadline_expired_while_queued_never_reaches_the_model(make_engine: Call
     engine = make_engine(max_running=1)
     running = engine.submit(GenerationRequest("r", [5, 6, 7], 1000, ENDLESS))
     next(iter(running))
-    started = metrics.SEQUENCES_STARTED._value.get()
+    started = REGISTRY.get_sample_value("sluice_inference_sequences_started_total")
     expiring = engine.submit(GenerationRequest("e", [5, 6, 7], 5, GREEDY), deadline=time.monotonic() + 0.05)
     with pytest.raises(DeadlineExceeded):
         _ids(expiring)
-    assert metrics.SEQUENCES_STARTED._value.get() == started
+    assert REGISTRY.get_sample_value("sluice_inference_sequences_started_total") == started
     running.cancel()
 
 
 def test_kv_budget_bounds_the_batch(make_engine: Callable[..., Engine]) -> None:
     probe = make_engine()
-    per_token = probe._token_bytes
+    model = probe.loaded.model
+    per_token = SequenceKV.bytes_per_token(*kv_geometry(model), model.dtype)
     engine = make_engine(kv_cache_bytes=per_token * 100, max_batched_tokens=64, prefill_chunk=32)
     with pytest.raises(ResourceExhausted, match="budget"):
         engine.submit(GenerationRequest("big", [5] * 50, 60, GREEDY))
@@ -129,7 +132,7 @@ def test_kv_budget_bounds_the_batch(make_engine: Callable[..., Engine]) -> None:
 
     def watch() -> None:
         while not stop.is_set():
-            peak.append(len(engine._running))
+            peak.append(engine.running)
             time.sleep(0.001)
 
     watcher = threading.Thread(target=watch)
@@ -144,15 +147,19 @@ def test_kv_budget_bounds_the_batch(make_engine: Callable[..., Engine]) -> None:
 
 def test_tokens_that_pile_up_behind_a_slow_reader_arrive_as_one_step(make_engine: Callable[..., Engine]) -> None:
     engine = make_engine()
-    finished = metrics.SEQUENCES_FINISHED.labels("length")
-    before = finished._value.get()
+    before = _finished("length")
     handle = engine.submit(GenerationRequest("slow", [5, 6, 7], 40, ENDLESS))
-    assert wait_for(lambda: finished._value.get() == before + 1), "the sequence did not finish"
+    assert wait_for(lambda: _finished("length") == before + 1), "the sequence did not finish"
     steps = list(handle)  # the reader only now looks: everything generated meanwhile is merged
     assert len(steps) == 1
     assert len(steps[0].token_ids) == 40
     assert steps[0].finish_reason == "length"
     assert steps[0].text == engine.loaded.tokenizer.decode(steps[0].token_ids, skip_special_tokens=True)
+
+
+def _finished(reason: str) -> float:
+    """Sequences that left the engine for `reason` so far (the labelled sample exists only once one has)."""
+    return REGISTRY.get_sample_value("sluice_inference_sequences_finished_total", {"reason": reason}) or 0.0
 
 
 def test_a_hung_engine_reports_stalled_and_recovers(make_engine: Callable[..., Engine]) -> None:

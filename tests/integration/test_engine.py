@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
-from services.inference import metrics
 from services.inference.engine import Engine, GenerationRequest
 from services.inference.loader import load_model
 from services.inference.sampling import SamplingConfig
@@ -58,7 +58,7 @@ def test_stop_string_finishes_with_stop(engine: Engine) -> None:
 
 
 def test_cancelled_sequence_leaves_and_the_next_one_runs(engine: Engine) -> None:
-    cancelled = metrics.SEQUENCES_FINISHED.labels("cancelled")._value.get()
+    cancelled = _cancelled()
     handle = engine.submit(GenerationRequest("e", _prompt(engine), 1000, GREEDY))
     received = []
     for step in handle:
@@ -69,7 +69,12 @@ def test_cancelled_sequence_leaves_and_the_next_one_runs(engine: Engine) -> None
     assert received[-1].finish_reason is None
     follow_up = list(engine.submit(GenerationRequest("f", _prompt(engine), 3, GREEDY)))
     assert follow_up[-1].finish_reason == "length"
-    assert metrics.SEQUENCES_FINISHED.labels("cancelled")._value.get() == cancelled + 1
+    assert _cancelled() == cancelled + 1
+
+
+def _cancelled() -> float:
+    """Sequences cancelled so far (the labelled sample exists only once one has been)."""
+    return REGISTRY.get_sample_value("sluice_inference_sequences_finished_total", {"reason": "cancelled"}) or 0.0
 
 
 @pytest.mark.parametrize(

@@ -33,11 +33,11 @@ def test_envoy_accepts_every_variant(
     certs_dir: Path, tmp_path: Path, internal: bool, rate_limit: int, edge_addr: str
 ) -> None:
     out = tmp_path / "envoy.yaml"
-    argv = [
-        sys.executable, "-m", "services.cli", "envoy-config", "--certs-dir", str(certs_dir), "--out", str(out),
-        "--envoy-rate-limit-rps", str(rate_limit), *(["--edge-addr", edge_addr] if edge_addr else []),
-        *(["--internal-grpc"] + [f"--{k.replace('_', '-')}={v}" for k, v in BACKENDS.items()] if internal else []),
-    ]  # fmt: skip
+    command = [sys.executable, "-m", "services.cli", "envoy-config", "--certs-dir", str(certs_dir), "--out", str(out)]
+    edge = ["--edge-addr", edge_addr] if edge_addr else []
+    backends = [f"--{k.replace('_', '-')}={v}" for k, v in BACKENDS.items()]
+    internal_grpc = ["--internal-grpc", *backends] if internal else []
+    argv = [*command, "--envoy-rate-limit-rps", str(rate_limit), *edge, *internal_grpc]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "validated by Envoy" in result.stderr
@@ -60,8 +60,10 @@ def test_streams_outlive_the_generation_deadline_and_other_routes_do_not(certs_d
     settings = _settings(certs_dir, generate_timeout_s=900, upstream_timeout_s=10)
     listener = bootstrap(plan(settings))["static_resources"]["listeners"][0]
     manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    routes = {r["match"].get("path", r["match"].get("prefix")): r["route"] for r in
-              manager["route_config"]["virtual_hosts"][0]["routes"]}  # fmt: skip
+    routes = {
+        r["match"].get("path", r["match"].get("prefix")): r["route"]
+        for r in manager["route_config"]["virtual_hosts"][0]["routes"]
+    }
     for path in COMPLETION_PATHS:
         assert float(routes[path]["timeout"].rstrip("s")) >= 900
         assert float(routes[path]["idle_timeout"].rstrip("s")) >= 900

@@ -56,12 +56,10 @@ async def _collect(
     pool = upstreams.pools["inference"]
     # The failing instance is picked first: it has fewer calls in flight than its twin.
     next(e for e in pool.endpoints if e.instance.address == addresses[1]).outstanding = 1
+    stub, request = inference_pb2_grpc.InferenceStub, inference_pb2.GenerateRequest()
     texts, error = [], None
     try:
-        async for chunk in upstreams.stream(
-            "inference", inference_pb2_grpc.InferenceStub, "Generate", inference_pb2.GenerateRequest(),
-            commits=commits,
-        ):  # fmt: skip
+        async for chunk in upstreams.stream("inference", stub, "Generate", request, commits=commits):
             texts.append(chunk.text)
     except grpc.aio.AioRpcError as err:
         error = err

@@ -17,8 +17,14 @@ class Clock:
 
 
 def _pool(*addresses: str, clock: Clock | None = None, ejected: list | None = None) -> Pool:
-    pool = Pool("inference", lambda address: f"channel to {address}", eject_after=3, cooldown_s=10,
-                on_eject=(ejected if ejected is not None else []).append, clock=clock or Clock())  # fmt: skip
+    pool = Pool(
+        "inference",
+        lambda address: f"channel to {address}",
+        eject_after=3,
+        cooldown_s=10,
+        on_eject=(ejected if ejected is not None else []).append,
+        clock=clock or Clock(),
+    )
     pool.update([Instance("inference", a) for a in addresses])
     return pool
 

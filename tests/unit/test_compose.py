@@ -62,8 +62,9 @@ def test_prometheus_scrapes_every_service_where_it_serves_metrics() -> None:
     assert "./prometheus.yml:/etc/prometheus/prometheus.yml:ro" in services["prometheus"]["volumes"]
     config = yaml.safe_load((COMPOSE.parent / "prometheus.yml").read_text())
     targets = {t for job in config["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
-    expected = {f"{name}:{_port(name, '--edge-port' if svc == 'edge' else '--metrics-port')}"
-                for name, svc in _sluice().items()}  # fmt: skip
+    expected = {
+        f"{name}:{_port(name, '--edge-port' if svc == 'edge' else '--metrics-port')}" for name, svc in _sluice().items()
+    }
     assert targets == expected
 
 

@@ -1,15 +1,18 @@
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from services.cli import _parser
+from services.cli import _parser, main
 from services.inference.manifest import MANIFEST, verify_manifest
-from services.mesh.config import CONFIG_ENV, Settings, settings_from_args
+from services.mesh.config import CONFIG_ENV, MESH, SERVICES, Settings, settings_for, settings_from_args, up_settings
 from services.mesh.ready import advertised_address
 from services.up import inference_env
 
@@ -86,6 +89,32 @@ def test_every_command_explains_itself(command: list[str]) -> None:
     assert len(result.stdout.splitlines()) > 5
 
 
+def _options(*command: str) -> set[str]:
+    """The --options a command's help lists."""
+    with pytest.raises(SystemExit), contextlib.redirect_stdout(io.StringIO()) as shown:
+        main([*command, "--help"])
+    return set(re.findall(r"--[a-z][a-z-]*", shown.getvalue()))
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_each_service_takes_exactly_the_settings_it_reads(service: str) -> None:
+    offered = _options("serve", service) - {"--help", "--config", "--ready-file"}
+    offered -= {f"--no-{flag[2:]}" for flag in offered}  # the negative form of a boolean
+    assert offered == {_flag(name) for name in settings_for(MESH, service)}
+
+
+def test_up_takes_every_setting_but_those_it_decides_for_its_children() -> None:
+    offered = _options("up")
+    assert {_flag(name) for name in up_settings() if name != "edge_port"} <= offered and "--port" in offered
+    assert not {_flag(name) for name in ("metrics_port", "preprocess_addr", "inference_addr", "cache_addr")} & offered
+    every_setting = set(up_settings()) | {name for service in SERVICES for name in settings_for(MESH, service)}
+    assert every_setting == set(Settings.model_fields)
+
+
 def test_readme_documents_every_setting() -> None:
     readme = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
     missing = [name for name in Settings.model_fields if f"| `{name}` | `SLUICE_{name.upper()}` |" not in readme]
@@ -112,15 +141,10 @@ def test_inference_replicas_on_one_machine_share_its_cores(monkeypatch: pytest.M
 
 def test_model_manifest_command_writes_a_manifest_the_service_accepts(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
-    result = subprocess.run(
-        [sys.executable, "-m", "services.cli", "model", "manifest", str(tmp_path)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    write_manifest = [sys.executable, "-m", "services.cli", "model", "manifest"]
+    result = subprocess.run([*write_manifest, str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(tmp_path / MANIFEST)
     verify_manifest(tmp_path)
-    missing = subprocess.run(
-        [sys.executable, "-m", "services.cli", "model", "manifest", str(tmp_path / "nope")],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    missing = subprocess.run([*write_manifest, str(tmp_path / "nope")], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1 and "no files" in missing.stderr

@@ -56,9 +56,14 @@ def test_max_completion_tokens_is_an_alias_and_stop_string_becomes_a_list() -> N
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("max_tokens", 2**31), ("max_completion_tokens", 2**31), ("top_k", 2**31), ("seed", 2**63),
-     ("logit_bias", {str(2**31): 1.0})],
-)  # fmt: skip
+    [
+        ("max_tokens", 2**31),
+        ("max_completion_tokens", 2**31),
+        ("top_k", 2**31),
+        ("seed", 2**63),
+        ("logit_bias", {str(2**31): 1.0}),
+    ],
+)
 def test_integers_beyond_the_wire_fields_are_refused_by_the_schema(field: str, value: object) -> None:
     body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
     with pytest.raises(ValidationError, match=field):

@@ -4,14 +4,14 @@ an adversarial "model" prefers, the output is valid JSON for the schema within t
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jsonschema
+import llguidance
+import llguidance.hf
 import pytest
 import torch
-from transformers import AutoTokenizer
 
-from services.inference.structured import JsonGrammars, JsonMatcher
+from services.inference.structured import JsonGrammars, JsonMatcher, _closing_preference
 from services.mesh.errors import InvalidArgument
 
 SCHEMAS = {
@@ -33,13 +33,25 @@ SCHEMAS = {
 
 
 @pytest.fixture(scope="module")
-def grammars(model_dir: Path) -> JsonGrammars:
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+def grammars(tokenizer) -> JsonGrammars:
     return JsonGrammars(tokenizer, len(tokenizer), frozenset({tokenizer.eos_token_id}))
 
 
-def _decode(grammars: JsonGrammars, tokens: list[int]) -> str:
-    return grammars._tokenizer.decode_bytes(tokens).decode()
+@pytest.fixture(scope="module")
+def ll_tokenizer(tokenizer) -> llguidance.LLTokenizer:
+    """The llguidance tokenizer JsonGrammars builds for the same model, to read token bytes with."""
+    return llguidance.hf.from_tokenizer(tokenizer, n_vocab=len(tokenizer), eos_token=[tokenizer.eos_token_id])
+
+
+@pytest.fixture(scope="module")
+def closing_preference(tokenizer, ll_tokenizer: llguidance.LLTokenizer) -> torch.Tensor:
+    """Per token, the closing policy's rank (higher is liked less), as JsonGrammars computes it."""
+    eos_ids = frozenset({tokenizer.eos_token_id})
+    return torch.from_numpy(_closing_preference(ll_tokenizer.decode_bytes, len(tokenizer), eos_ids)).float()
+
+
+def _decode(ll_tokenizer: llguidance.LLTokenizer, tokens: list[int]) -> str:
+    return ll_tokenizer.decode_bytes(tokens).decode()
 
 
 def _generate(grammars: JsonGrammars, matcher: JsonMatcher, budget: int, logits_for) -> list[int]:
@@ -52,33 +64,36 @@ def _generate(grammars: JsonGrammars, matcher: JsonMatcher, budget: int, logits_
 
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_an_adversary_that_never_wants_to_close_still_gets_valid_json_in_budget(
-    grammars: JsonGrammars, name: str
+    grammars: JsonGrammars, ll_tokenizer: llguidance.LLTokenizer, closing_preference: torch.Tensor, name: str
 ) -> None:
     schema = SCHEMAS[name]
     shortest = grammars.matcher(json.dumps(schema)).closure_length
     # The "model" always prefers what the closing policy likes least: long text, digits, spaces.
-    stubborn = torch.from_numpy(grammars._preference).float()
+    stubborn = closing_preference
     noise = torch.Generator().manual_seed(7)
     for budget in range(shortest, shortest + 48, 3):
         for logits_for in (lambda _: stubborn, lambda _: torch.randn(grammars.vocab_size, generator=noise) * 5):
             tokens = _generate(grammars, grammars.matcher(json.dumps(schema)), budget, logits_for)
             assert len(tokens) <= budget
-            jsonschema.validate(json.loads(_decode(grammars, tokens)), schema)
+            jsonschema.validate(json.loads(_decode(ll_tokenizer, tokens)), schema)
 
 
-def test_an_adversary_that_nests_deeply_long_before_the_budget_ends_is_still_closed(grammars: JsonGrammars) -> None:
+def test_an_adversary_that_nests_deeply_long_before_the_budget_ends_is_still_closed(
+    grammars: JsonGrammars, ll_tokenizer: llguidance.LLTokenizer
+) -> None:
+    def only_opens(token: int) -> bool:
+        text = ll_tokenizer.decode_bytes([token])
+        return bool(text) and set(text) <= set(b"[{")
+
     # Opening brackets are what grows a closure: the closure must be kept fresh far from the end too.
-    openers = torch.tensor(
-        [10.0 if (text := grammars._tokenizer.decode_bytes([t])) and set(text) <= set(b"[{") else 0.0
-         for t in range(grammars.vocab_size)]
-    )  # fmt: skip
+    openers = torch.tensor([10.0 if only_opens(t) else 0.0 for t in range(grammars.vocab_size)])
     for schema in ({"type": "array"}, {"type": "object"}):
         for budget in (60, 120, 200):
             tokens = _generate(grammars, grammars.matcher(json.dumps(schema)), budget, lambda _: openers)
             assert len(tokens) <= budget
-            value = json.loads(_decode(grammars, tokens))
+            value = json.loads(_decode(ll_tokenizer, tokens))
             jsonschema.validate(value, schema)
-            assert _decode(grammars, tokens).count("[") > 10  # it did nest deeply before closing
+            assert _decode(ll_tokenizer, tokens).count("[") > 10  # it did nest deeply before closing
 
 
 def test_json_object_closes_in_two_tokens_and_required_keys_take_more(

@@ -44,9 +44,8 @@ def test_hermes_leaves_malformed_blocks_and_plain_text_alone() -> None:
 @pytest.mark.parametrize("size", [1, 4, 1000])
 def test_json_object_or_list_is_a_call_anything_else_content(size: int) -> None:
     assert _calls(_run("json", ' {"name": "f", "parameters": {"x": 1}}', size)) == [("f", {"x": 1})]
-    assert _calls(_run("json", '[{"name": "f", "arguments": {}}, {"name": "g", "arguments": {}}]', size)) == [
-        ("f", {}), ("g", {})
-    ]  # fmt: skip
+    two_calls = '[{"name": "f", "arguments": {}}, {"name": "g", "arguments": {}}]'
+    assert _calls(_run("json", two_calls, size)) == [("f", {}), ("g", {})]
     assert _run("json", '{"answer": 42}', size).content == '{"answer": 42}'
     assert _run("json", "Hello there", size) == Parsed(content="Hello there")
 
