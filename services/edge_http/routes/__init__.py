@@ -1,0 +1,1 @@
+"""The edge's HTTP routes, one APIRouter per family of endpoints."""
