@@ -38,13 +38,20 @@ from pathlib import Path
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from meshproc import Mesh, start_mesh
+from meshproc import Mesh, start_mesh, streamed_outcome
 
 from services.inference.default_model import build_default_model
 from services.mesh.certs import init_certs
 
 # The services a chat request cannot do without (the cache down means misses).
 REQUIRED = ("preprocess", "inference")
+REPORTED = {
+    "completed": "served",
+    "failed before tokens": "failed before first token",
+    "error after tokens": "failed after first token (error event)",
+    "hung": "hung",
+    "truncated": "truncated",
+}
 
 
 @dataclass
@@ -72,46 +79,13 @@ def _service(child: str) -> str:
     return child.split("-", 1)[0]
 
 
-def _reason(err: openai.APIError) -> str:
-    status = err.status_code if isinstance(err, openai.APIStatusError) else "in stream"
-    body = err.body if isinstance(err.body, dict) else {}
-    return f"{status} {body.get('message', err.message)}"
-
-
-async def _one_request(client: openai.AsyncOpenAI, model: str, tokens: int, timeout_s: float) -> tuple[str, str]:
-    """The request's outcome, and for a failure why."""
-    streamed = 0
-    try:
-        async with asyncio.timeout(timeout_s):
-            stream = await client.chat.completions.create(
-                model=model,
-                messages=[{"role": "user", "content": f"soak {uuid.uuid4()}"}],
-                max_tokens=tokens,
-                temperature=0,
-                stream=True,
-                stream_options={"include_usage": True},
-                extra_body={"ignore_eos": True},
-            )
-            usage = None
-            async for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    streamed += 1
-                usage = chunk.usage or usage
-    except TimeoutError:
-        return "hung", ""
-    except openai.APIError as err:
-        outcome = "failed after first token (error event)" if streamed else "failed before first token"
-        return outcome, _reason(err)
-    if usage is None or usage.completion_tokens != tokens:
-        return "truncated", ""
-    return "served", ""
-
-
 async def _load(mesh: Mesh, soak: Soak, args: argparse.Namespace, until: float, replicas: dict[str, int]) -> None:
     async def client_loop(client: openai.AsyncOpenAI) -> None:
         while time.monotonic() < until:
             started = time.monotonic()
-            outcome, reason = await _one_request(client, mesh.model_dir.name, args.tokens, args.request_timeout)
+            content = f"soak {uuid.uuid4()}"
+            ended = await streamed_outcome(client, mesh.model_dir.name, content, args.tokens, args.request_timeout)
+            outcome, reason = REPORTED[ended.kind], ended.reason
             if outcome == "failed before first token":
                 uncovered = soak.uncovered(started, time.monotonic(), replicas)
                 outcome += " (a required service had no instance)" if uncovered else " (every service had a replica)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -12,8 +13,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
+import openai
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -126,6 +129,49 @@ def start_mesh(
     mesh.base_url = state["base_url"]
     mesh.services = state["services"]
     return mesh
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one streamed chat ended, as a client under faults sees it."""
+
+    kind: str  # completed, truncated (no error, tokens missing: must never happen), hung, error after
+    # tokens (an SSE error event), failed before tokens (an HTTP error)
+    reason: str = ""  # for a failure: the status and the error's message
+
+
+async def streamed_outcome(
+    client: openai.AsyncOpenAI, model: str, content: str, tokens: int, timeout_s: float, **extra: Any
+) -> Outcome:
+    """Send one greedy streaming chat of exactly `tokens` tokens and say how it ended."""
+    streamed = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            stream = await client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": content}],
+                max_tokens=tokens,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
+                **extra,
+            )
+            usage = None
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    streamed += 1
+                usage = chunk.usage or usage
+    except TimeoutError:
+        return Outcome("hung")
+    except openai.APIError as err:
+        status = err.status_code if isinstance(err, openai.APIStatusError) else "in stream"
+        body = err.body if isinstance(err.body, dict) else {}
+        reason = f"{status} {body.get('message', err.message)}"
+        return Outcome("error after tokens" if streamed else "failed before tokens", reason)
+    if usage is None or usage.completion_tokens != tokens:
+        return Outcome("truncated")
+    return Outcome("completed")
 
 
 STOP_SIGNALS = {

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from prometheus_client import Counter, Histogram
 
-from services.mesh.handlers import wrap_behavior
+from services.mesh.handlers import UnaryRequestInterceptor, wrap_behavior
 from services.mesh.logs import request_scope
 
 REQUEST_ID_METADATA = "x-request-id"
@@ -36,7 +36,7 @@ def _record(method: str, context: grpc.ServicerContext, outcome: str, started: f
     HANDLING.labels(method).observe(time.perf_counter() - started)
 
 
-class CallObserver(grpc.ServerInterceptor):
+class CallObserver(UnaryRequestInterceptor):
     def __init__(self) -> None:
         self._changed = threading.Condition()
         self._active = 0
@@ -63,14 +63,7 @@ class CallObserver(grpc.ServerInterceptor):
         if not context.add_callback(lambda: self._track(-1)):
             self._track(-1)  # the call had already terminated
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(details)
-        if handler is None or handler.request_streaming:
-            return handler  # client-streaming calls (reflection) are left unobserved
+    def intercept(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         method = details.method
         request_id = dict(details.invocation_metadata or ()).get(REQUEST_ID_METADATA)
         track = self._started if not method.startswith(_UNTRACKED_PREFIX) else lambda _: None

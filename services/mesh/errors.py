@@ -15,12 +15,12 @@ and deadlines, count toward ejecting an instance.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
 
-from services.mesh.handlers import Behavior, wrap_behavior
+from services.mesh.handlers import Behavior, UnaryRequestInterceptor, wrap_behavior
 
 log = logging.getLogger(__name__)
 
@@ -92,21 +92,14 @@ def _abort(context: grpc.ServicerContext, err: MeshError) -> None:
     context.abort(err.status, err.message)
 
 
-class ServiceErrors(grpc.ServerInterceptor):
+class ServiceErrors(UnaryRequestInterceptor):
     """MeshError → its status; any other exception → INTERNAL with a stable message. For every
     handler of a server, unary and streaming alike."""
 
     def __init__(self, service: str) -> None:
         self._crashed = MeshError(f"internal error in {service} while handling this request")
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(details)
-        if handler is None or handler.request_streaming:
-            return handler  # client-streaming calls (reflection) are grpc's own
+    def intercept(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         wrap = self._streaming if handler.response_streaming else self._unary
         return wrap_behavior(handler, lambda behavior: wrap(behavior, details.method))
 

@@ -22,3 +22,21 @@ def wrap_behavior(
     """The same handler with its behavior wrapped (and any other fields replaced)."""
     kind = behavior_kind(handler)
     return handler._replace(**{kind: wrap(getattr(handler, kind))}, **fields)
+
+
+class UnaryRequestInterceptor(grpc.ServerInterceptor):
+    """An interceptor of the calls that send one request (unary and server-streaming), which are
+    all of Sluice's own; client-streaming ones (server reflection) pass untouched."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(details)
+        if handler is None or handler.request_streaming:
+            return handler
+        return self.intercept(handler, details)
+
+    def intercept(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        raise NotImplementedError

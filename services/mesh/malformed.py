@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from services.mesh.handlers import Behavior, wrap_behavior
+from services.mesh.handlers import Behavior, UnaryRequestInterceptor, wrap_behavior
 
 
 @dataclass(frozen=True)
@@ -27,15 +27,10 @@ def _lenient(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return parse
 
 
-class RejectMalformed(grpc.ServerInterceptor):
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(details)
-        if handler is None or handler.request_streaming or handler.request_deserializer is None:
-            return handler  # streamed requests (reflection) are grpc's own
+class RejectMalformed(UnaryRequestInterceptor):
+    def intercept(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        if handler.request_deserializer is None:
+            return handler
 
         def guard(behavior: Behavior) -> Behavior:
             def checked(request: Any, context: grpc.ServicerContext) -> Any:

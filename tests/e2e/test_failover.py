@@ -12,7 +12,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from meshproc import Mesh, start_mesh, wait_for
+from meshproc import Mesh, start_mesh, streamed_outcome, wait_for
 
 REQUESTS, CONCURRENCY, TOKENS, DEADLINE_S = 120, 16, 32, 60.0
 
@@ -26,32 +26,13 @@ def _run_load(mesh: Mesh, on_progress: tuple[int, callable]) -> tuple[Counter, l
 
     async def one(client: openai.AsyncOpenAI, index: int, gate: asyncio.Semaphore) -> None:
         async with gate:
-            started, streamed, outcome = time.monotonic(), 0, "completed"
-            try:
-                async with asyncio.timeout(DEADLINE_S):
-                    stream = await client.chat.completions.create(
-                        model=mesh.model_dir.name,
-                        messages=[{"role": "user", "content": f"failover {index}"}],
-                        max_tokens=TOKENS,
-                        temperature=0,
-                        stream=True,
-                        stream_options={"include_usage": True},
-                        extra_body={"ignore_eos": True},
-                        extra_headers={"Cache-Control": "no-cache"},
-                    )
-                    usage = None
-                    async for chunk in stream:
-                        if chunk.choices and chunk.choices[0].delta.content:
-                            streamed += 1
-                        usage = chunk.usage or usage
-                    if usage is None or usage.completion_tokens != TOKENS:
-                        outcome = "truncated"  # ended without error and without its tokens: must never happen
-            except TimeoutError:
-                outcome = "hung"
-            except openai.APIError:
-                outcome = "error after tokens" if streamed else "failed before tokens"
-            outcomes[outcome] += 1
-            timeline.append((started, outcome))
+            started = time.monotonic()
+            no_cache = {"Cache-Control": "no-cache"}
+            ended = await streamed_outcome(
+                client, mesh.model_dir.name, f"failover {index}", TOKENS, DEADLINE_S, extra_headers=no_cache
+            )
+            outcomes[ended.kind] += 1
+            timeline.append((started, ended.kind))
             if sum(outcomes.values()) == trigger_at:
                 trigger()
 
