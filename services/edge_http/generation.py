@@ -130,7 +130,7 @@ async def answer(request: Request, key: KeyRecord | None, body: SamplingFields, 
 
     async def opened() -> list[Run]:
         try:
-            runs = await pipeline.open_choices(target, plan.prompts, rid, _wants_no_cache(request), plan.choices)
+            runs = await pipeline.open_choices(plan.target, plan.prompts, rid, _wants_no_cache(request), plan.choices)
         except BaseException:
             await account(0)  # nothing was generated: the reservation goes back
             raise
@@ -153,7 +153,7 @@ async def answer(request: Request, key: KeyRecord | None, body: SamplingFields, 
         plan.reasoning_opened,
         fields,
     )
-    headers = version_header(target)
+    headers = version_header(plan.target)
     if not body.stream:
         return await _whole(request, opened, flow, meta, plan.prompt_tokens, headers)
     headers |= {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -152,7 +152,8 @@ class _Sequence:
     generated: int = 0
     last_token: int = -1
     last_token_at: float = 0.0
-    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # when asked for, as prefill computes them
+    # When asked for: each prompt token's after the first, as prefill computes them.
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def request(self) -> GenerationRequest:
@@ -413,12 +414,19 @@ class Engine:
             self._advance(seq, token, now, None if wanted is None else _logprob(logits[index], token, wanted))
 
     def _score_prompts(self, scored: list[tuple[_Sequence, int, int]], logits: torch.Tensor) -> None:
-        """The log probabilities of the prompt tokens these rows predict, kept until the first step."""
-        for (seq, _, index), row in zip(scored, logits, strict=True):
-            prompt = seq.request.prompt_ids
-            if not seq.prompt_logprobs:
-                seq.prompt_logprobs.append(TokenLogprob(prompt[0], 0.0))  # nothing predicts the first
-            seq.prompt_logprobs.append(_logprob(row, prompt[index], seq.request.prompt_logprobs or 0))
+        """The log probabilities of the prompt tokens these rows predict (one log-softmax and one
+        top-k over all of them), kept until the first step."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        targets = torch.tensor([seq.request.prompt_ids[index] for seq, _, index in scored], device=logits.device)
+        chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+        widest = max(seq.request.prompt_logprobs or 0 for seq, _, _ in scored)
+        best = torch.topk(logprobs, widest) if widest else None
+        best_ids = best.indices.tolist() if best is not None else [[] for _ in scored]
+        best_values = best.values.tolist() if best is not None else [[] for _ in scored]
+        for row, (seq, _, index) in enumerate(scored):
+            top = seq.request.prompt_logprobs or 0
+            alternatives = tuple(zip(best_ids[row][:top], best_values[row][:top], strict=True))
+            seq.prompt_logprobs.append(TokenLogprob(seq.request.prompt_ids[index], chosen[row], alternatives))
 
     def _choose(self, seq: _Sequence, logits: torch.Tensor) -> int:
         grammar = seq.handle.grammar
@@ -456,8 +464,8 @@ class Engine:
         logprobs = (logprob,) if logprob is not None else ()
         prompt_logprobs: tuple[TokenLogprob, ...] = ()
         if seq.generated == 1 and seq.request.prompt_logprobs is not None:
-            # A one-token prompt has nothing scored: its first token stands alone.
-            prompt_logprobs = tuple(seq.prompt_logprobs) or (TokenLogprob(seq.request.prompt_ids[0], 0.0),)
+            # Nothing predicts the prompt's first token: it leads with no log probability.
+            prompt_logprobs = (TokenLogprob(seq.request.prompt_ids[0], 0.0), *seq.prompt_logprobs)
         step = Step([token], text, finish, len(seq.request.prompt_ids), seq.generated, logprobs, prompt_logprobs)
         seq.handle._steps.put(step)
         if finish:

@@ -111,6 +111,7 @@ class Child:
     ready: ReadyInfo | None = None
     restarts: int = 0
     started_at: float = 0.0  # wall clock, for uptimes
+    starting_since: float = 0.0  # supervisor clock: when its latest start began
     restart_at: float = 0.0  # supervisor clock
 
     @property
@@ -145,7 +146,6 @@ class Supervisor:
         self._startup_timeout_s = startup_timeout_s
         self._stop = stop
         self._clock = clock
-        self._starting_since: dict[str, float] = {}
         self.children: list[Child] = []
 
     def start(self, spec: ChildSpec) -> Child:
@@ -169,8 +169,7 @@ class Supervisor:
             stderr=subprocess.STDOUT if child.log_handle else None,
             preexec_fn=_die_with_parent,
         )
-        child.state, child.started_at = State.STARTING, time.time()
-        self._starting_since[child.name] = self._clock()
+        child.state, child.started_at, child.starting_since = State.STARTING, time.time(), self._clock()
 
     def _interrupted(self) -> bool:
         return self._stop is not None and self._stop.received is not None
@@ -246,7 +245,7 @@ class Supervisor:
             self.mark_ready(child, info)
             log.warning("%s is back at %s", child.name, info.address)
             return True
-        if now - self._starting_since[child.name] > self._startup_timeout_s:
+        if now - child.starting_since > self._startup_timeout_s:
             log.error("%s was not ready %.0fs after its restart; killing it", child.name, self._startup_timeout_s)
             child.process.kill()  # the next pass sees it exit and decides again
         return False
