@@ -136,6 +136,10 @@ class SamplingFields(_Lenient):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, le=INT32_MAX, description="vLLM extension; -1 or 0 disables")
+    min_p: float | None = Field(None, ge=0.0, le=1.0, description="vLLM extension; 0 disables")
+    repetition_penalty: float | None = Field(
+        None, gt=0.0, le=10.0, description="vLLM extension: > 1 discourages repeating generated tokens; 1 disables"
+    )
     stop: str | list[str] | None = None
     seed: Seed | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)

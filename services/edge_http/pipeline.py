@@ -101,6 +101,8 @@ def sampling_params(body: SamplingFields) -> common_pb2.SamplingParams:
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=max(0, body.top_k or 0),
+        min_p=body.min_p or 0.0,
+        repetition_penalty=body.repetition_penalty or 1.0,
         max_tokens=body.max_tokens or 0,  # 0: preprocess fits it to the context
         stop=body.stop_list,
         presence_penalty=body.presence_penalty or 0.0,

@@ -1,19 +1,26 @@
 """The generation engine: continuous batching over one worker thread that owns the model.
 
 Every step the worker packs one new token per decoding sequence plus prefill chunks of
-newcomers into a single forward pass (see ragged_attention.py), samples each sequence with
-its own parameters, and streams the results. Sequences join at any step boundary and leave
-the moment they finish or are cancelled, freeing their KV memory.
+newcomers into a single forward pass (see paged_attention.py), samples every sequence in one
+batched pass with its own parameters (sampling.py), and streams the results. Sequences join at
+any step boundary and leave the moment they finish or are cancelled, freeing their KV blocks.
+
+KV memory is paged: a sequence holds blocks for what it has computed and takes another block
+when it grows into it. When none is free, the newest running sequence is preempted: its blocks
+go back, and it later recomputes its prompt and output so far and carries on with the same
+sampler state, so its tokens are unchanged.
 
 Limits keep the process bounded under any load: at most `max_running` sequences, at most
-`max_batched_tokens` tokens per forward pass, KV reservations within `kv_cache_bytes`, and at
-most `max_waiting` queued requests (beyond that, submit fails fast with RESOURCE_EXHAUSTED).
+`max_batched_tokens` tokens per forward pass, KV blocks within `kv_cache_bytes`, and at most
+`max_waiting` queued requests (beyond that, submit fails fast with RESOURCE_EXHAUSTED).
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -26,17 +33,30 @@ import torch
 from services.inference import metrics
 from services.inference.detokenize import IncrementalDetokenizer
 from services.inference.loader import LoadedModel
-from services.inference.ragged_attention import SequenceKV, StepLayout, install, kv_geometry
-from services.inference.sampling import Sampler, SamplingConfig
+from services.inference.paged_attention import (
+    BlockPool,
+    DecodeGroup,
+    KVPool,
+    PrefillSlice,
+    SequenceBlocks,
+    StepLayout,
+    decode_group,
+    install,
+    kv_geometry,
+)
+from services.inference.sampling import Sampler, SamplingConfig, sample
 from services.inference.stopping import StopMatcher
 from services.inference.structured import JsonGrammars, JsonMatcher
 from services.mesh.errors import ContextLengthExceeded, DeadlineExceeded, InvalidArgument, ResourceExhausted
 
 log = logging.getLogger(__name__)
 
-# Linear layers give bitwise-identical rows from 4 rows up (smaller products take other
-# kernels), so a step never runs fewer rows: greedy output is the same alone or in a batch.
-_MIN_ROWS = 4
+# With batch_invariant on: linear layers give bitwise-identical rows from 4 rows up (smaller
+# products take other kernels), so a step never runs fewer rows, and decoding rows attend in
+# groups of one padded length per this many positions, so a row's arithmetic never depends
+# on what else is in the batch: greedy output is the same alone or in a batch.
+_INVARIANT_ROWS = 4
+_INVARIANT_SPAN = 64
 
 
 @dataclass(frozen=True)
@@ -46,6 +66,8 @@ class EngineLimits:
     max_batched_tokens: int = 512
     prefill_chunk: int = 256
     kv_cache_bytes: int = 1 << 30
+    kv_block_size: int = 16
+    batch_invariant: bool = False
 
 
 @dataclass(frozen=True)
@@ -144,13 +166,14 @@ class SequenceHandle:
 @dataclass
 class _Sequence:
     handle: SequenceHandle
-    kv: SequenceKV
+    kv: SequenceBlocks
     sampler: Sampler
     detok: IncrementalDetokenizer
     stopper: StopMatcher
+    order: int  # admission order: preemption takes the newest first, re-admission the oldest
+    target: int  # tokens to prefill: the prompt, or after a preemption the prompt and output so far
     prefilled: int = 0
-    generated: int = 0
-    last_token: int = -1
+    output_ids: list[int] = field(default_factory=list)
     last_token_at: float = 0.0
     # When asked for: each prompt token's after the first, as prefill computes them.
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -160,8 +183,34 @@ class _Sequence:
         return self.handle.request
 
     @property
+    def generated(self) -> int:
+        return len(self.output_ids)
+
+    @property
     def prefilling(self) -> bool:
-        return self.prefilled < len(self.request.prompt_ids)
+        return self.prefilled < self.target
+
+    def context(self, start: int, stop: int) -> list[int]:
+        """Tokens start..stop-1 of the prompt followed by the output."""
+        prompt = self.request.prompt_ids
+        return (prompt[start:stop] if start < len(prompt) else []) + self.output_ids[
+            max(0, start - len(prompt)) : max(0, stop - len(prompt))
+        ]
+
+
+@dataclass
+class _StepPlan:
+    """One forward pass: the packed tokens, where their keys and values go, which rows yield
+    logits, and which sequences grow by how many positions."""
+
+    ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    writes: list[int] = field(default_factory=list)
+    decode: list[DecodeGroup] = field(default_factory=list)
+    prefill: list[PrefillSlice] = field(default_factory=list)
+    grown: list[tuple[SequenceBlocks, int]] = field(default_factory=list)
+    sampled: list[tuple[_Sequence, int]] = field(default_factory=list)  # (sequence, row of its logits)
+    scored: list[tuple[_Sequence, int, int]] = field(default_factory=list)  # (sequence, row, prompt index)
 
 
 class Engine:
@@ -171,15 +220,23 @@ class Engine:
         self.loaded = loaded
         self.limits = limits
         self._vocab_size = loaded.model.get_input_embeddings().weight.shape[0]
-        self._geometry = kv_geometry(loaded.model)
-        self._kv_dtype = loaded.model.dtype
-        self._token_bytes = SequenceKV.bytes_per_token(*self._geometry, self._kv_dtype)
+        geometry = kv_geometry(loaded.model)
+        self._block_bytes = geometry.bytes_per_token(loaded.model.dtype) * limits.kv_block_size
+        blocks = limits.kv_cache_bytes // self._block_bytes
+        if blocks < 1:
+            raise ValueError(f"kv_cache_bytes must hold at least one block of {self._block_bytes} bytes")
+        self._blocks = BlockPool(blocks)
+        # Admitting a prompt leaves this many blocks for running sequences to grow into.
+        self._headroom = blocks // 100
         self._attention = install(loaded.model)
+        self._attention.pool = KVPool(geometry, blocks, limits.kv_block_size, loaded.model.dtype, loaded.device)
         self._waiting: collections.deque[SequenceHandle] = collections.deque()
         self._wakeup = threading.Condition()
         self._running: list[_Sequence] = []
-        self._reserved = 0
+        self._preempted: list[_Sequence] = []  # oldest first; re-admitted before anything waiting
+        self._admissions = itertools.count()
         self._last_progress = time.monotonic()
+        self._publish()
         self._worker = threading.Thread(target=self._run, name="engine", daemon=True)
         self._worker.start()
 
@@ -207,10 +264,10 @@ class Engine:
                 f"context length {self.loaded.context_length} of {self.loaded.model_id}",
                 "max_tokens",
             )
-        if total * self._token_bytes > self.limits.kv_cache_bytes:
+        capacity = self._blocks.count * self.limits.kv_block_size
+        if total > capacity:
             raise ResourceExhausted(
-                f"{total} tokens of KV cache exceed this instance's whole budget "
-                f"({self.limits.kv_cache_bytes // self._token_bytes} tokens); lower max_tokens",
+                f"{total} tokens of KV cache exceed this instance's whole budget ({capacity} tokens); lower max_tokens",
                 "max_tokens",
             )
 
@@ -249,37 +306,59 @@ class Engine:
             self._wakeup.notify()
         return handle
 
+    def _reserve(self, seq: _Sequence) -> bool:
+        """Give the sequence blocks for everything it is about to prefill, if the pool allows."""
+        missing = seq.kv.missing(seq.target)
+        headroom = self._headroom if self._running else 0
+        if missing + headroom > self._blocks.free:
+            return False
+        seq.kv.blocks += self._blocks.take(missing)
+        return True
+
     def _admit(self) -> None:
-        """Move waiting requests into the batch while sequences and KV budget allow, in arrival order."""
+        """Move preempted sequences back, then waiting requests, into the batch while sequences and
+        KV blocks allow, in arrival order (the head waits for memory: large requests never starve)."""
         now = time.monotonic()
         with self._wakeup:
-            while self._waiting and len(self._running) < self.limits.max_running:
+            while self._preempted and len(self._running) < self.limits.max_running:
+                if not self._reserve(self._preempted[0]):
+                    break
+                self._running.append(self._preempted.pop(0))
+            while not self._preempted and self._waiting and len(self._running) < self.limits.max_running:
                 handle = self._waiting[0]
                 if handle.cancelled or (handle.deadline is not None and now >= handle.deadline):
                     self._waiting.popleft()
                     self._drop_queued(handle)
                     continue
                 request = handle.request
-                capacity = len(request.prompt_ids) + request.max_tokens
-                if self._reserved + capacity * self._token_bytes > self.limits.kv_cache_bytes:
-                    break  # head-of-line waits for memory: no starvation of large requests
-                self._waiting.popleft()
-                kv = SequenceKV(*self._geometry, capacity, self._kv_dtype, self.loaded.device)
-                self._reserved += kv.nbytes
-                self._running.append(
-                    _Sequence(
-                        handle=handle,
-                        kv=kv,
-                        sampler=Sampler(request.sampling, self._vocab_size, self.loaded.device),
-                        detok=IncrementalDetokenizer(self.loaded.tokenizer),
-                        stopper=StopMatcher(list(request.stop)),
-                    )
+                seq = _Sequence(
+                    handle=handle,
+                    kv=SequenceBlocks(self.limits.kv_block_size),
+                    sampler=Sampler(request.sampling, self._vocab_size, self.loaded.device),
+                    detok=IncrementalDetokenizer(self.loaded.tokenizer),
+                    stopper=StopMatcher(list(request.stop)),
+                    order=next(self._admissions),
+                    target=len(request.prompt_ids),
                 )
+                if not self._reserve(seq):
+                    break
+                self._waiting.popleft()
+                self._running.append(seq)
                 handle.admitted_at = now
                 metrics.SEQUENCES_STARTED.inc()
                 metrics.QUEUE_WAIT.observe(now - handle.queued_at)
-            metrics.QUEUE_DEPTH.set(len(self._waiting))
-            metrics.RUNNING.set(len(self._running))
+        self._publish()
+
+    def _preempt(self, seq: _Sequence) -> None:
+        """Take the sequence out of the batch and give its blocks back; it recomputes later."""
+        self._running.remove(seq)
+        self._blocks.give_back(seq.kv.blocks)
+        seq.kv = SequenceBlocks(self.limits.kv_block_size)
+        seq.prefilled, seq.target = 0, len(seq.request.prompt_ids) + seq.generated
+        seq.prompt_logprobs.clear()  # a sequence preempted mid-prompt scores its prompt again
+        self._preempted.append(seq)
+        self._preempted.sort(key=lambda s: s.order)
+        metrics.PREEMPTIONS.inc()
 
     def _drop_queued(self, handle: SequenceHandle) -> None:
         if handle.cancelled:
@@ -295,10 +374,17 @@ class Engine:
 
     def _release(self, seq: _Sequence, reason: str) -> None:
         seq.handle.finished_at = seq.handle.finished_at or time.monotonic()
-        self._running.remove(seq)
-        self._reserved -= seq.kv.nbytes
+        (self._running if seq in self._running else self._preempted).remove(seq)
+        self._blocks.give_back(seq.kv.blocks)
+        seq.kv.blocks = []
         metrics.SEQUENCES_FINISHED.labels(reason).inc()
+        self._publish()
+
+    def _publish(self) -> None:
+        metrics.QUEUE_DEPTH.set(len(self._waiting))
         metrics.RUNNING.set(len(self._running))
+        metrics.KV_BLOCKS.labels("used").set(self._blocks.used)
+        metrics.KV_BLOCKS.labels("free").set(self._blocks.free)
 
     # ------------------------------------------------------------------ the loop
 
@@ -308,26 +394,30 @@ class Engine:
         return len(self._running)
 
     @property
-    def kv_reserved_bytes(self) -> int:
-        """KV cache memory the running sequences hold now."""
-        return self._reserved
+    def kv_blocks_used(self) -> int:
+        """KV blocks the engine's sequences hold now."""
+        return self._blocks.used
+
+    @property
+    def kv_blocks_total(self) -> int:
+        return self._blocks.count
 
     def stalled(self, after_s: float) -> bool:
         """Work is waiting or running, yet the loop has not completed a step for `after_s` seconds:
         a hung engine behind a live process."""
-        busy = bool(self._waiting or self._running)
+        busy = bool(self._waiting or self._running or self._preempted)
         return busy and time.monotonic() - self._last_progress > after_s
 
     def _run(self) -> None:
         while True:
             self._last_progress = time.monotonic()
             with self._wakeup:
-                while not self._waiting and not self._running:
+                while not self._waiting and not self._running and not self._preempted:
                     self._wakeup.wait()
-            self._admit()
-            for seq in [s for s in self._running if s.handle.cancelled]:
+            for seq in [s for s in self._running + self._preempted if s.handle.cancelled]:
                 seq.handle._steps.put(None)
                 self._release(seq, "cancelled")
+            self._admit()
             if not self._running:
                 continue
             try:
@@ -337,106 +427,140 @@ class Engine:
                 for seq in list(self._running):
                     self._fail(seq, err)
 
-    def _plan(
-        self,
-    ) -> tuple[list[int], list[int], StepLayout, list[tuple[_Sequence, int]], list[tuple[_Sequence, int, int]]]:
+    def _grow(self) -> None:
+        """Give every decoding sequence room for this step's token, oldest first; when blocks run
+        out, preempt the newest sequence (possibly the one growing)."""
+        for seq in sorted(self._running, key=lambda s: s.order):
+            if seq.prefilling or seq not in self._running:
+                continue
+            missing = seq.kv.missing(seq.kv.length + 1)
+            while missing > self._blocks.free:
+                newest = max(self._running, key=lambda s: s.order)
+                self._preempt(newest)
+                if newest is seq:
+                    break
+            else:
+                seq.kv.blocks += self._blocks.take(missing)
+
+    def _plan(self) -> _StepPlan:
         """Pack this step's tokens: one per decoding sequence, then prefill chunks within the token
         budget. Also where logits are wanted: the row each sampling sequence samples from, and for
         sequences that asked for their prompt's log probabilities, (row, prompt index it predicts)."""
-        ids: list[int] = []
-        positions: list[int] = []
-        layout = StepLayout()
-        sampled: list[tuple[_Sequence, int]] = []  # sequences whose last packed token yields logits
-        scored: list[tuple[_Sequence, int, int]] = []
-        budget = self.limits.max_batched_tokens
-        for seq in self._running:
-            if not seq.prefilling:
-                layout.slices.append((seq.kv, len(ids), 1))
-                sampled.append((seq, len(ids)))
-                ids.append(seq.last_token)
-                positions.append(seq.kv.length)
-                budget -= 1
+        plan = _StepPlan()
+        device = self.loaded.device
+        decoding = [s for s in self._running if not s.prefilling]
+        spans: dict[int, list[_Sequence]] = {}
+        for seq in decoding:
+            span = self._span(seq.kv.length + 1)
+            spans.setdefault(span, []).append(seq)
+        for span, group in sorted(spans.items()):
+            length = span or max(s.kv.length + 1 for s in group)
+            plan.decode.append(decode_group(len(plan.ids), [s.kv for s in group], length, device))
+            for seq in group:
+                plan.sampled.append((seq, len(plan.ids)))
+                plan.ids.append(seq.output_ids[-1])
+                plan.positions.append(seq.kv.length)
+                plan.writes += seq.kv.slots(seq.kv.length, seq.kv.length + 1)
+                plan.grown.append((seq.kv, 1))
+        budget = self.limits.max_batched_tokens - len(plan.ids)
         for seq in self._running:
             if not seq.prefilling:
                 continue
             # A fixed chunk size keeps prefill identical whatever else is running.
-            chunk = seq.request.prompt_ids[seq.prefilled : seq.prefilled + self.limits.prefill_chunk]
+            chunk = seq.context(seq.prefilled, min(seq.target, seq.prefilled + self.limits.prefill_chunk))
             if len(chunk) > budget:
                 break
-            layout.slices.append((seq.kv, len(ids), len(chunk)))
-            if seq.request.prompt_logprobs is not None:
+            past, start = seq.kv.length, len(plan.ids)
+            slots = torch.tensor(seq.kv.slots(0, past + len(chunk)) if past else [], dtype=torch.long, device=device)
+            plan.prefill.append(PrefillSlice(start, len(chunk), past, slots))
+            if seq.request.prompt_logprobs is not None and seq.generated == 0:
                 # The row of prompt position i predicts prompt token i + 1 (the last predicts the output).
                 last = min(len(chunk), len(seq.request.prompt_ids) - 1 - seq.prefilled)
-                scored += [(seq, len(ids) + k, seq.prefilled + k + 1) for k in range(last)]
-            ids.extend(chunk)
-            positions.extend(range(seq.kv.length, seq.kv.length + len(chunk)))
+                plan.scored += [(seq, start + k, seq.prefilled + k + 1) for k in range(last)]
+            plan.ids.extend(chunk)
+            plan.positions.extend(range(past, past + len(chunk)))
+            plan.writes += seq.kv.slots(past, past + len(chunk))
+            plan.grown.append((seq.kv, len(chunk)))
             seq.prefilled += len(chunk)
             budget -= len(chunk)
             if not seq.prefilling:
-                sampled.append((seq, len(ids) - 1))
-        return ids, positions, layout, sampled, scored
+                plan.sampled.append((seq, len(plan.ids) - 1))
+        return plan
+
+    def _span(self, length: int) -> int:
+        """The padded attention length of a decoding row in batch-invariant mode (0: one group)."""
+        return math.ceil(length / _INVARIANT_SPAN) * _INVARIANT_SPAN if self.limits.batch_invariant else 0
 
     @torch.inference_mode()
     def _step(self) -> None:
-        ids, positions, layout, sampled, scored = self._plan()
-        pad = max(0, _MIN_ROWS - len(ids))
+        self._grow()
+        if not self._running:
+            return
+        plan = self._plan()
+        minimum = _INVARIANT_ROWS if self.limits.batch_invariant else 1
+        pad = max(0, minimum - len(plan.ids))
         device = self.loaded.device
-        input_ids = torch.tensor([ids + [0] * pad], device=device)
-        position_ids = torch.tensor([positions + [0] * pad], device=device)
-        rows = [row for _, row in sampled] + [row for _, row, _ in scored]
-        rows += [rows[-1] if rows else 0] * max(0, _MIN_ROWS - len(rows))
-        self._attention.layout = layout
+        input_ids = torch.tensor([plan.ids + [0] * pad], device=device)
+        position_ids = torch.tensor([plan.positions + [0] * pad], device=device)
+        rows = [row for _, row in plan.sampled] + [row for _, row, _ in plan.scored]
+        rows += [rows[-1] if rows else 0] * max(0, minimum - len(rows))
+        writes = torch.tensor(plan.writes, dtype=torch.long, device=device)
+        self._attention.layout = StepLayout(writes, plan.decode, plan.prefill)
         out = self.loaded.model(
             input_ids=input_ids,
             position_ids=position_ids,
             use_cache=False,
             logits_to_keep=torch.tensor(rows, device=device),
         )
-        layout.commit()
-        metrics.BATCH_TOKENS.observe(len(ids))
-        metrics.BATCH_SEQUENCES.observe(len(layout.slices))
+        for kv, count in plan.grown:
+            kv.length += count
+        metrics.BATCH_TOKENS.observe(len(plan.ids))
+        metrics.BATCH_SEQUENCES.observe(len(plan.grown))
         logits = out.logits[0]
-        if scored:
-            self._score_prompts(scored, logits[len(sampled) : len(sampled) + len(scored)])
-        greedy = [
-            i for i, (seq, _) in enumerate(sampled) if seq.request.sampling.plain_greedy and not seq.handle.grammar
-        ]
-        tokens = dict(zip(greedy, logits[greedy].argmax(dim=-1).tolist(), strict=True)) if greedy else {}
+        sampled = plan.sampled
+        if plan.scored:
+            scored = logits[len(sampled) : len(sampled) + len(plan.scored)]
+            prompt_ids = [seq.request.prompt_ids[index] for seq, _, index in plan.scored]
+            widths = [seq.request.prompt_logprobs or 0 for seq, _, _ in plan.scored]
+            for (seq, _, _), entry in zip(plan.scored, _logprobs(scored, prompt_ids, widths), strict=True):
+                seq.prompt_logprobs.append(entry)
+        tokens = self._sample([seq for seq, _ in sampled], logits[: len(sampled)])
+        wanted = [i for i, (seq, _) in enumerate(sampled) if seq.request.top_logprobs is not None]
+        logprobs: dict[int, TokenLogprob] = {}
+        if wanted:
+            widths = [sampled[i][0].request.top_logprobs or 0 for i in wanted]
+            entries = _logprobs(logits[wanted], [tokens[i] for i in wanted], widths)
+            logprobs = dict(zip(wanted, entries, strict=True))
         now = time.monotonic()
         for index, (seq, _) in enumerate(sampled):
+            if tokens[index] is not None:
+                self._advance(seq, tokens[index], now, logprobs.get(index))
+        self._publish()
+
+    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[int | None]:
+        """Each sequence's next token: one batched pass for all but those under a grammar, which
+        choose among the tokens it allows, each on its own. None for a sequence that failed."""
+        free = [i for i, seq in enumerate(seqs) if seq.handle.grammar is None]
+        tokens: list[int | None] = [None] * len(seqs)
+        if free:
+            picked = sample([seqs[i].sampler for i in free], logits[free])
+            for i, token in zip(free, picked, strict=True):
+                tokens[i] = token
+        for i, seq in enumerate(seqs):
+            grammar = seq.handle.grammar
+            if grammar is None:
+                continue
+            remaining = seq.request.max_tokens - seq.generated
             try:
-                token = tokens[index] if index in tokens else self._choose(seq, logits[index])
-            except Exception as err:  # a sequence whose sampling fails fails alone
+                tokens[i] = grammar.next_token(seq.sampler.next_token, logits[i], remaining)
+            except Exception as err:  # a sequence whose grammar fails fails alone
                 log.exception("sampling failed for %s", seq.request.request_id)
                 self._fail(seq, err)
-                continue
-            wanted = seq.request.top_logprobs
-            self._advance(seq, token, now, None if wanted is None else _logprob(logits[index], token, wanted))
-
-    def _score_prompts(self, scored: list[tuple[_Sequence, int, int]], logits: torch.Tensor) -> None:
-        """The log probabilities of the prompt tokens these rows predict (one log-softmax and one
-        top-k over all of them), kept until the first step."""
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        targets = torch.tensor([seq.request.prompt_ids[index] for seq, _, index in scored], device=logits.device)
-        chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
-        widest = max(seq.request.prompt_logprobs or 0 for seq, _, _ in scored)
-        best = torch.topk(logprobs, widest) if widest else None
-        best_ids = best.indices.tolist() if best is not None else [[] for _ in scored]
-        best_values = best.values.tolist() if best is not None else [[] for _ in scored]
-        for row, (seq, _, index) in enumerate(scored):
-            top = seq.request.prompt_logprobs or 0
-            alternatives = tuple(zip(best_ids[row][:top], best_values[row][:top], strict=True))
-            seq.prompt_logprobs.append(TokenLogprob(seq.request.prompt_ids[index], chosen[row], alternatives))
-
-    def _choose(self, seq: _Sequence, logits: torch.Tensor) -> int:
-        grammar = seq.handle.grammar
-        if grammar is None:
-            return seq.sampler.next_token(logits)
-        return grammar.next_token(seq.sampler.next_token, logits, seq.request.max_tokens - seq.generated)
+        return tokens
 
     def _advance(self, seq: _Sequence, token: int, now: float, logprob: TokenLogprob | None = None) -> None:
         seq.sampler.observe(token)
-        seq.generated += 1
+        seq.output_ids.append(token)
         metrics.TOKENS_GENERATED.inc()
         if seq.generated == 1:
             seq.handle.first_token_at = now
@@ -444,7 +568,7 @@ class Engine:
             metrics.PROMPT_TOKENS.inc(len(seq.request.prompt_ids))
         else:
             metrics.INTER_TOKEN.observe(now - seq.last_token_at)
-        seq.last_token, seq.last_token_at = token, now
+        seq.last_token_at = now
         grammar = seq.handle.grammar
         # Structured output ends with its JSON, whatever ignore_eos says.
         eos = token in self.loaded.eos_token_ids and (grammar is not None or not seq.request.sampling.ignore_eos)
@@ -472,9 +596,17 @@ class Engine:
             self._release(seq, finish)
 
 
-def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
-    """The model's own log probability of the chosen token (before sampling settings) and its `top` best."""
+def _logprobs(logits: torch.Tensor, targets: list[int], tops: list[int]) -> list[TokenLogprob]:
+    """The model's own log probability of targets[i] under row i (before sampling settings), with
+    its tops[i] best alternatives: one log-softmax and one top-k for all rows."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    best = torch.topk(logprobs, top) if top else None
-    alternatives = tuple(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if best is not None else ()
-    return TokenLogprob(token, float(logprobs[token]), alternatives)
+    index = torch.tensor(targets, device=logits.device).unsqueeze(1)
+    chosen = logprobs.gather(1, index).squeeze(1).tolist()
+    widest = max(tops, default=0)
+    best = torch.topk(logprobs, widest) if widest else None
+    best_ids = best.indices.tolist() if best is not None else [[] for _ in targets]
+    best_values = best.values.tolist() if best is not None else [[] for _ in targets]
+    return [
+        TokenLogprob(target, value, tuple(zip(best_ids[row][:top], best_values[row][:top], strict=True)))
+        for row, (target, value, top) in enumerate(zip(targets, chosen, tops, strict=True))
+    ]

@@ -34,3 +34,7 @@ BATCH_SEQUENCES = Histogram(
 )
 EMBEDDING_PASSES = Counter("sluice_inference_embedding_passes_total", "Forward passes of the embedding model")
 EMBEDDED_INPUTS = Counter("sluice_inference_embedded_inputs_total", "Inputs embedded (several share one pass)")
+KV_BLOCKS = Gauge("sluice_inference_kv_blocks", "KV cache blocks of the engine, by state (used, free)", ["state"])
+PREEMPTIONS = Counter(
+    "sluice_inference_preemptions_total", "Sequences preempted when KV blocks ran out (they recompute and resume)"
+)

@@ -32,6 +32,8 @@ def sampling_config(params: common_pb2.SamplingParams) -> SamplingConfig:
         temperature=params.temperature,
         top_p=params.top_p,
         top_k=params.top_k,
+        min_p=params.min_p,
+        repetition_penalty=params.repetition_penalty or 1.0,
         seed=params.seed if params.HasField("seed") else None,
         presence_penalty=params.presence_penalty,
         frequency_penalty=params.frequency_penalty,

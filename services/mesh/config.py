@@ -194,6 +194,14 @@ class Settings(BaseSettings):
         description="KV cache budget of the inference engine in bytes",
         json_schema_extra=used_by(INFERENCE),
     )
+    kv_block_size: int = Field(
+        16, ge=1, le=1024, description="token positions per KV cache block", json_schema_extra=used_by(INFERENCE)
+    )
+    batch_invariant: bool = Field(
+        False,
+        description="bitwise-identical output whatever shares the batch (slower: see docs/benchmarks.md)",
+        json_schema_extra=used_by(INFERENCE),
+    )
 
     cache_backend: Literal["memory", "redis"] = Field(
         "memory",

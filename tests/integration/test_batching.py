@@ -1,4 +1,5 @@
-"""Continuous batching on the real default model: invariance, per-request sampling, limits, cancellation."""
+"""Continuous batching on the real default model: invariance, per-request sampling, paged KV and
+preemption, limits, cancellation."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from prometheus_client import REGISTRY
 from services.inference import metrics
 from services.inference.engine import Engine, EngineLimits, GenerationRequest, SequenceHandle
 from services.inference.loader import load_model
-from services.inference.ragged_attention import SequenceKV, kv_geometry
+from services.inference.paged_attention import kv_geometry
 from services.inference.sampling import SamplingConfig
 from services.mesh.errors import DeadlineExceeded, ResourceExhausted
 
@@ -30,7 +31,8 @@ def make_engine(model_dir: Path) -> Callable[..., Engine]:
 
 @pytest.fixture(scope="module")
 def engine(model_dir: Path) -> Engine:
-    return Engine(load_model(model_dir, "cpu"))
+    # Bitwise batch invariance on: a sequence's tokens may not depend on what shares its batch.
+    return Engine(load_model(model_dir, "cpu"), EngineLimits(batch_invariant=True))
 
 
 def _prompts(engine: Engine, n: int) -> list[list[int]]:
@@ -89,11 +91,11 @@ def test_cancelled_sequence_frees_its_slot(make_engine: Callable[..., Engine]) -
     engine = make_engine(max_running=2)
     handles = [engine.submit(GenerationRequest(f"c{i}", [5, 6, 7], 1000, ENDLESS)) for i in range(2)]
     assert all(next(iter(h)).token_ids for h in handles)
-    assert engine.kv_reserved_bytes > 0
+    assert engine.kv_blocks_used > 0
     for h in handles:
         h.cancel()
     assert wait_for(lambda: engine.running == 0), "cancelled sequences stayed in the batch"
-    assert engine.kv_reserved_bytes == 0
+    assert engine.kv_blocks_used == 0
     assert REGISTRY.get_sample_value("sluice_inference_running_sequences") == 0
 
 
@@ -120,29 +122,96 @@ def test_deadline_expired_while_queued_never_reaches_the_model(make_engine: Call
     running.cancel()
 
 
-def test_kv_budget_bounds_the_batch(make_engine: Callable[..., Engine]) -> None:
-    probe = make_engine()
-    model = probe.loaded.model
-    per_token = SequenceKV.bytes_per_token(*kv_geometry(model), model.dtype)
-    engine = make_engine(kv_cache_bytes=per_token * 100, max_batched_tokens=64, prefill_chunk=32)
-    with pytest.raises(ResourceExhausted, match="budget"):
-        engine.submit(GenerationRequest("big", [5] * 50, 60, GREEDY))
-    peak = []
-    stop = threading.Event()
+def _block_budget(engine: Engine, blocks: int, block_size: int = 16) -> int:
+    """kv_cache_bytes that hold exactly `blocks` blocks of this model's KV."""
+    model = engine.loaded.model
+    return kv_geometry(model).bytes_per_token(model.dtype) * block_size * blocks
 
-    def watch() -> None:
-        while not stop.is_set():
-            peak.append(engine.running)
+
+class _Peak:
+    """Samples an engine figure every millisecond while the block runs."""
+
+    def __init__(self, read: Callable[[], int]) -> None:
+        self.values: list[int] = []
+        self._read, self._stop = read, threading.Event()
+        self._thread = threading.Thread(target=self._watch)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.values.append(self._read())
             time.sleep(0.001)
 
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    handles = [engine.submit(GenerationRequest(f"k{i}", [5, 6, 7], 57, GREEDY)) for i in range(3)]
-    results = [_ids(h) for h in handles]
-    stop.set()
-    watcher.join()
+    def __enter__(self) -> _Peak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def test_kv_budget_bounds_the_blocks_in_use(make_engine: Callable[..., Engine]) -> None:
+    probe = make_engine()
+    engine = make_engine(kv_cache_bytes=_block_budget(probe, 6), max_batched_tokens=64, prefill_chunk=32)
+    assert engine.kv_blocks_total == 6
+    with pytest.raises(ResourceExhausted, match="budget"):
+        engine.submit(GenerationRequest("big", [5] * 50, 50, GREEDY))  # 100 tokens > 96 slots
+    with _Peak(lambda: engine.kv_blocks_used) as used:
+        handles = [engine.submit(GenerationRequest(f"k{i}", [5, 6, 7], 57, ENDLESS)) for i in range(3)]
+        results = [_ids(h) for h in handles]
     assert [len(r) for r in results] == [57, 57, 57]
-    assert max(peak) == 1  # each reserves 60 of the 100 tokens: they run one after another
+    assert max(used.values) <= 6
+    assert engine.kv_blocks_used == 0
+
+
+def test_a_huge_request_does_not_block_small_ones(make_engine: Callable[..., Engine]) -> None:
+    engine = make_engine()
+    context = engine.loaded.context_length
+    huge = engine.submit(GenerationRequest("huge", [5, 6, 7], context - 3, ENDLESS))  # max_tokens at the context
+    next(iter(huge))
+    small = [engine.submit(GenerationRequest(f"s{i}", [5, 6, 7, i + 8], 8, GREEDY)) for i in range(4)]
+    assert [len(_ids(h)) for h in small] == [8, 8, 8, 8]
+    assert huge.finished_at is None, "the small requests waited for the huge one"
+    huge.cancel()
+
+
+def test_preemption_under_block_pressure_completes_every_request_with_its_tokens(
+    make_engine: Callable[..., Engine],
+) -> None:
+    probe = make_engine(batch_invariant=True)
+    prompts = _prompts(probe, 6)
+    reference = [_ids(probe.submit(GenerationRequest(f"r{i}", p, 40, GREEDY))) for i, p in enumerate(prompts)]
+    # Room for about two of the six at full length (up to 194 tokens each): they must take turns.
+    engine = make_engine(kv_cache_bytes=_block_budget(probe, 24), batch_invariant=True)
+    before = REGISTRY.get_sample_value("sluice_inference_preemptions_total") or 0.0
+    handles = [engine.submit(GenerationRequest(f"p{i}", p, 40, GREEDY)) for i, p in enumerate(prompts)]
+    assert [_ids(h) for h in handles] == reference
+    assert (REGISTRY.get_sample_value("sluice_inference_preemptions_total") or 0.0) > before
+    assert engine.kv_blocks_used == 0
+
+
+def test_sampled_requests_survive_preemption_with_their_seeded_tokens(make_engine: Callable[..., Engine]) -> None:
+    probe = make_engine(batch_invariant=True)
+    prompts = _prompts(probe, 4)
+    config = SamplingConfig(temperature=0.9, top_p=0.95, seed=7, frequency_penalty=0.3, ignore_eos=True)
+    reference = [_ids(probe.submit(GenerationRequest(f"r{i}", p, 48, config))) for i, p in enumerate(prompts)]
+    engine = make_engine(kv_cache_bytes=_block_budget(probe, 9), batch_invariant=True)
+    before = REGISTRY.get_sample_value("sluice_inference_preemptions_total") or 0.0
+    handles = [engine.submit(GenerationRequest(f"p{i}", p, 48, config)) for i, p in enumerate(prompts)]
+    assert [_ids(h) for h in handles] == reference
+    assert (REGISTRY.get_sample_value("sluice_inference_preemptions_total") or 0.0) > before
+
+
+def test_kv_blocks_return_to_free_after_100_cancelled_streams(make_engine: Callable[..., Engine]) -> None:
+    engine = make_engine(max_running=16)
+    prompts = _prompts(engine, 10)
+    handles = [engine.submit(GenerationRequest(f"c{i}", prompts[i % 10], 1000, ENDLESS)) for i in range(100)]
+    for i, handle in enumerate(handles):
+        if i % 3 == 0:
+            next(iter(handle))  # some are cancelled mid-stream, the rest while queued or prefilling
+        handle.cancel()
+    assert wait_for(lambda: engine.running == 0 and engine.kv_blocks_used == 0), "blocks stayed taken"
+    assert REGISTRY.get_sample_value("sluice_inference_kv_blocks", {"state": "free"}) == engine.kv_blocks_total
 
 
 def test_tokens_that_pile_up_behind_a_slow_reader_arrive_as_one_step(make_engine: Callable[..., Engine]) -> None:

@@ -14,6 +14,7 @@ from services.edge_http.guard import shared_settle
 from services.edge_http.openai_schema import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from services.edge_http.pipeline import _choice, sampling_params
 from services.edge_http.streaming import sse_stream
+from services.inference.server import sampling_config
 from services.mesh.errors import CODE_METADATA_KEY
 from services.mesh.stubs import preprocess_pb2
 
@@ -43,7 +44,17 @@ def test_openai_defaults_map_to_sampling_params() -> None:
     body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}])
     params = sampling_params(body)
     assert (params.temperature, params.top_p, params.top_k, params.max_tokens) == (1.0, 1.0, 0, 0)
+    assert (params.min_p, params.repetition_penalty) == (0.0, 1.0)
     assert not params.HasField("seed")
+
+
+def test_vllm_sampling_extensions_reach_the_engine_config() -> None:
+    body = ChatCompletionRequest(
+        model="m", messages=[{"role": "user", "content": "x"}], min_p=0.1, repetition_penalty=1.3, top_k=40
+    )
+    config = sampling_config(sampling_params(body))
+    assert (config.min_p, config.repetition_penalty, config.top_k) == (pytest.approx(0.1), pytest.approx(1.3), 40)
+    assert config.penalized
 
 
 def test_max_completion_tokens_is_an_alias_and_stop_string_becomes_a_list() -> None:
