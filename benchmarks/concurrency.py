@@ -1,73 +1,89 @@
-"""Throughput and latency under concurrent streaming load, side by side in one run.
+"""Throughput and latency under concurrent streaming load: Sluice against `transformers serve`,
+side by side in one run.
 
-Drives the running mesh through the edge with the official openai async client (closed
-loop: N clients, each sending streaming chats back to back; fixed prompts; greedy; EOS
-ignored) at several concurrencies, and on the same model measures (a) sequential in-process
-`model.generate`, (b) Sluice's engine in-process without the mesh, (c) `transformers serve
---continuous-batching` with a bounded cache, started here on a free port and driven by the
-same load generator. Prints a table and every ratio.
+Servers (closed loop through the official openai async client: N clients, each streaming
+chats back to back; greedy; EOS ignored; every prompt unique and the completion cache told
+`no-cache`): the Sluice mesh and `transformers serve --continuous-batching`, both started here
+on free ports and alternated at every concurrency (A B A B A B), medians reported.
 
-    python benchmarks/concurrency.py [--preset default|bench] [--concurrency 1,4,16,32]
+In-process, on the same 16 requests (alternated the same way): Sluice's engine (batch
+invariance off and on), one static padded batch through `model.generate`, transformers' own
+continuous-batching manager (`generate_batch`), and sequential `model.generate`.
+
+Memory: the inference service's peak RSS while 32 streams run with `max_tokens` unset, against
+the model's weights plus the KV blocks in use.
+
+    python benchmarks/concurrency.py [--preset default|bench] [--concurrency 1,4,16,32] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
+import os
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import openai
 import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from meshproc import start_mesh
+from meshproc import Mesh, start_mesh
 
 from services.inference.default_model import PRESETS, build_default_model
-from services.inference.engine import Engine, GenerationRequest
+from services.inference.engine import Engine, EngineLimits, GenerationRequest
 from services.inference.loader import load_model
+from services.inference.paged_attention import kv_geometry
 from services.inference.sampling import SamplingConfig
 from services.mesh.certs import init_certs
 
-PROMPTS = [f"Story {i}: the river reached the sluice gate and" for i in range(32)]
+_unique = itertools.count()
+
+
+def prompt() -> str:
+    """A prompt no cache and no earlier request has seen."""
+    return f"Story {next(_unique)}: the river reached the sluice gate and"
 
 
 @dataclass
 class LoadResult:
     tokens_per_s: float
     ttft_p50: float
-    ttft_p95: float
     itl_p50: float
     errors: int
 
 
-def _pct(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else (values or [float("nan")])[0]
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
 
 
 async def _load(base_url: str, model: str, concurrency: int, tokens: int, rounds: int, extra: dict) -> LoadResult:
     ttfts: list[float] = []
     itls: list[float] = []
-    generated = 0
-    errors = 0
+    generated = errors = 0
 
-    async def client_loop(client: openai.AsyncOpenAI, index: int) -> None:
+    async def client_loop(client: openai.AsyncOpenAI) -> None:
         nonlocal generated, errors
-        for round_ in range(rounds):
-            prompt = PROMPTS[(index + round_) % len(PROMPTS)]
+        for _ in range(rounds):
             started = time.perf_counter()
             first = last = None
             count = 0
             try:
                 stream = await client.chat.completions.create(
                     model=model,
-                    messages=[{"role": "user", "content": prompt}],
+                    messages=[{"role": "user", "content": prompt()}],
                     max_tokens=tokens,
                     temperature=0,
                     stream=True,
@@ -93,33 +109,109 @@ async def _load(base_url: str, model: str, concurrency: int, tokens: int, rounds
 
     async with openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=600) as client:
         started = time.perf_counter()
-        await asyncio.gather(*(client_loop(client, i) for i in range(concurrency)))
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-    return LoadResult(generated / elapsed, _pct(ttfts, 50), _pct(ttfts, 95), _pct(itls, 50), errors)
+    return LoadResult(generated / elapsed, _median(ttfts), _median(itls), errors)
 
 
-def load(base_url: str, model: str, concurrency: int, tokens: int, rounds: int, extra: dict) -> LoadResult:
-    return asyncio.run(_load(base_url, model, concurrency, tokens, rounds, extra))
+@dataclass
+class Server:
+    name: str
+    base_url: str
+    model: str
+    extra: dict
+
+    def load(self, concurrency: int, tokens: int, rounds: int) -> LoadResult:
+        return asyncio.run(_load(self.base_url, self.model, concurrency, tokens, rounds, self.extra))
 
 
-def sequential_generate(model_dir: Path, prompts: list[list[int]], tokens: int) -> float:
-    model = load_model(model_dir, "cpu").model
+# ---------------------------------------------------------------- in-process contenders
+
+
+def _ids(tokenizer: PreTrainedTokenizerBase, n: int) -> list[list[int]]:
+    chats = [[{"role": "user", "content": prompt()}] for _ in range(n)]
+    return [
+        tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True, return_dict=False) for c in chats
+    ]
+
+
+def static_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n: int, tokens: int) -> float:
+    """One left-padded batch through model.generate."""
+    ids = _ids(tokenizer, n)
+    width = max(len(i) for i in ids)
+    input_ids = torch.tensor([[0] * (width - len(i)) + i for i in ids])
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
     started = time.perf_counter()
     with torch.inference_mode():
-        for ids in prompts:
+        model.generate(
+            input_ids,
+            attention_mask=mask,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return n * tokens / (time.perf_counter() - started)
+
+
+def sequential(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n: int, tokens: int) -> float:
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for ids in _ids(tokenizer, n):
             model.generate(
                 torch.tensor([ids]), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0
             )
-    return len(prompts) * tokens / (time.perf_counter() - started)
+    return n * tokens / (time.perf_counter() - started)
 
 
-def engine_in_process(model_dir: Path, prompts: list[list[int]], tokens: int) -> float:
-    engine = Engine(load_model(model_dir, "cpu"))
-    greedy = SamplingConfig(temperature=0, ignore_eos=True)
+def transformers_cb(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, n: int, tokens: int) -> float:
+    """transformers' continuous-batching manager on the same requests (EOS never ends them), kept
+    between calls and sized as the peer server is."""
+    config = GenerationConfig(max_new_tokens=tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    batching = ContinuousBatchingConfig(num_blocks=32, max_batch_tokens=1024)
+    ids = _ids(tokenizer, n)
     started = time.perf_counter()
-    handles = [engine.submit(GenerationRequest(f"b{i}", ids, tokens, greedy)) for i, ids in enumerate(prompts)]
+    outputs = model.generate_batch(
+        inputs=ids, generation_config=config, continuous_batching_config=batching, persistent_manager=True
+    )
+    generated = sum(len(out.generated_tokens) for out in outputs.values())
+    return generated / (time.perf_counter() - started)
+
+
+def sluice_engine(engine: Engine, n: int, tokens: int) -> float:
+    greedy = SamplingConfig(temperature=0, ignore_eos=True)
+    ids = _ids(engine.loaded.tokenizer, n)
+    started = time.perf_counter()
+    handles = [engine.submit(GenerationRequest(f"b{i}", p, tokens, greedy)) for i, p in enumerate(ids)]
     total = sum(len(step.token_ids) for handle in handles for step in handle)
     return total / (time.perf_counter() - started)
+
+
+def in_process(model_dir: Path, n: int, tokens: int, repeats: int) -> dict[str, float]:
+    """tokens/s of each in-process contender on n requests, alternated `repeats` times, medians."""
+    loaded = load_model(model_dir, "cpu")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    fast = Engine(load_model(model_dir, "cpu"))
+    invariant = Engine(load_model(model_dir, "cpu"), EngineLimits(batch_invariant=True))
+    cb_model = load_model(model_dir, "cpu").model  # its own copy: generate_batch changes attention settings
+    contenders: dict[str, Callable[[], float]] = {
+        "Sluice engine": lambda: sluice_engine(fast, n, tokens),
+        "Sluice engine, batch_invariant": lambda: sluice_engine(invariant, n, tokens),
+        "static padded batch (generate)": lambda: static_batch(model, tokenizer, n, tokens),
+        "transformers CB (generate_batch)": lambda: transformers_cb(cb_model, tokenizer, n, tokens),
+    }
+    for run in contenders.values():
+        run()  # warm-up: first calls pay one-off costs
+    results: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, run in contenders.items():
+            results[name].append(run())
+    medians = {name: _median(values) for name, values in results.items()}
+    medians["sequential generate"] = sequential(model, tokenizer, min(n, 4), tokens)
+    return medians
+
+
+# ---------------------------------------------------------------- servers
 
 
 def _free_port() -> int:
@@ -128,34 +220,94 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def transformers_serve(model_dir: Path, work: Path, concurrency: list[int], tokens: int, rounds: int) -> dict:
-    port = _free_port()
-    transformers_cli = str(Path(sys.executable).with_name("transformers"))
-    batching = ["--continuous-batching", "--cb-num-blocks", "32", "--cb-max-batch-tokens", "1024"]
-    argv = [transformers_cli, "serve", *batching, "--host", "127.0.0.1", "--port", str(port), str(model_dir)]
-    log = (work / "transformers-serve.log").open("wb")
-    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+class Peer:
+    """`transformers serve --continuous-batching` on a free port."""
+
+    def __init__(self, model_dir: Path, work: Path) -> None:
+        self.port = _free_port()
+        cli = str(Path(sys.executable).with_name("transformers"))
+        batching = ["--continuous-batching", "--cb-num-blocks", "32", "--cb-max-batch-tokens", "1024"]
+        argv = [cli, "serve", *batching, "--host", "127.0.0.1", "--port", str(self.port), str(model_dir)]
+        self.log_path = work / "transformers-serve.log"
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and process.poll() is None:
+        while time.monotonic() < deadline and self.process.poll() is None:
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
             except OSError:
                 time.sleep(0.5)
-        else:
-            tail = (work / "transformers-serve.log").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"transformers serve did not start:\n{tail}")
-        base = f"http://127.0.0.1:{port}/v1"
-        load(base, str(model_dir), 1, 8, 1, {})  # warm-up
-        return {c: load(base, str(model_dir), c, tokens, rounds, {}) for c in concurrency}
-    finally:
-        process.terminate()
+        self.stop()
+        raise RuntimeError(f"transformers serve did not start:\n{self.log_path.read_text(errors='replace')[-2000:]}")
+
+    def stop(self) -> None:
+        self.process.terminate()
         try:
-            process.wait(timeout=20)
+            self.process.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+            self.process.kill()
+        self._log.close()
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def memory_at_32_unbounded(mesh: Mesh, tokens: int) -> tuple[int, int, int]:
+    """(peak RSS of inference, weights bytes, peak KV bytes in use) while 32 streams with
+    max_tokens unset each read `tokens` tokens and then leave."""
+    pid = mesh.child("inference")["pid"]
+    peak_rss = peak_blocks = 0
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak_rss, peak_blocks
+        while not done.is_set():
+            peak_rss = max(peak_rss, _rss_bytes(pid))
+            used = mesh.metric("inference", "sluice_inference_kv_blocks", state="used")
+            peak_blocks = max(peak_blocks, int(used))
+            time.sleep(0.2)
+
+    async def stream_then_leave(client: openai.AsyncOpenAI) -> None:
+        seen = 0
+        stream = await client.chat.completions.create(
+            model=mesh.model_dir.name,
+            messages=[{"role": "user", "content": prompt()}],
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+            extra_headers={"Cache-Control": "no-cache"},
+        )
+        async for chunk in stream:
+            seen += bool(chunk.choices and chunk.choices[0].delta.content)
+            if seen >= tokens:
+                break
+        await stream.close()
+
+    async def run() -> None:
+        async with openai.AsyncOpenAI(base_url=mesh.base_url, api_key="unused", max_retries=0) as client:
+            await asyncio.gather(*(stream_then_leave(client) for _ in range(32)))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        asyncio.run(run())
+    finally:
+        done.set()
+        watcher.join()
+    model = load_model(mesh.model_dir, "cpu").model
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    block_bytes = kv_geometry(model).bytes_per_token(model.dtype) * EngineLimits().kv_block_size
+    return peak_rss, weights, peak_blocks * block_bytes
+
+
+def _pause(process: subprocess.Popen, paused: bool) -> None:
+    """Freeze or thaw a server's whole process group, so the idle contender takes no CPU."""
+    os.killpg(process.pid, signal.SIGSTOP if paused else signal.SIGCONT)
 
 
 def main() -> None:
@@ -163,9 +315,11 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default", help="model to measure")
     parser.add_argument("--concurrency", default="1,4,16,32", help="comma-separated client counts")
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens per request (default 64)")
-    parser.add_argument("--rounds", type=int, default=2, help="requests per client per level (default 2)")
-    parser.add_argument("--torch-threads", type=int, default=0, help="the mesh's torch_threads setting (0: default)")
+    parser.add_argument("--rounds", type=int, default=2, help="requests per client per measurement (default 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternations of the contenders (default 3)")
     parser.add_argument("--skip-peer", action="store_true", help="do not start transformers serve")
+    parser.add_argument("--skip-in-process", action="store_true", help="servers only")
+    parser.add_argument("--mesh-arg", action="append", default=[], help="extra `sluice up` argument (repeatable)")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -173,53 +327,102 @@ def main() -> None:
         work = Path(tmp)
         print(f"building the {args.preset} model…", flush=True)
         model_dir = build_default_model(work / f"sluice-{args.preset}", shape=PRESETS[args.preset])
-        tokenizer = load_model(model_dir, "cpu").tokenizer
-        chats = [[{"role": "user", "content": p}] for p in PROMPTS[:16]]
-        prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
-        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        print("in-process baselines…", flush=True)
-        sequential = sequential_generate(model_dir, ids, args.tokens)
-        engine16 = engine_in_process(model_dir, ids, args.tokens)
+        local: dict[str, float] = {}
+        if not args.skip_in_process:
+            print("in-process contenders, 16 requests…", flush=True)
+            local = in_process(model_dir, 16, args.tokens, args.repeats)
 
         certs = work / "certs"
         init_certs(certs)
-        print("the Sluice mesh…", flush=True)
-        mesh = start_mesh(work, certs, model_dir, "--torch-threads", str(args.torch_threads))
+        print("starting the Sluice mesh and transformers serve…", flush=True)
+        mesh = start_mesh(work, certs, model_dir, *args.mesh_arg)
+        peer = None
         try:
-            extra = {"extra_body": {"ignore_eos": True}, "extra_headers": {"Cache-Control": "no-cache"}}
-            load(mesh.base_url, model_dir.name, 1, 8, 1, extra)  # warm-up
-            ours = {c: load(mesh.base_url, model_dir.name, c, args.tokens, args.rounds, extra) for c in levels}
+            servers = [
+                (
+                    Server(
+                        "Sluice mesh",
+                        mesh.base_url,
+                        model_dir.name,
+                        {
+                            "extra_body": {"ignore_eos": True},
+                            "extra_headers": {"Cache-Control": "no-cache"},
+                        },
+                    ),
+                    mesh.process,
+                )
+            ]
+            if not args.skip_peer:
+                try:
+                    peer = Peer(model_dir, work)
+                    servers.append(
+                        (
+                            Server("transformers serve", f"http://127.0.0.1:{peer.port}/v1", str(model_dir), {}),
+                            peer.process,
+                        )
+                    )
+                except RuntimeError as err:
+                    print(f"peer skipped: {err}", flush=True)
+            for _, process in servers:
+                _pause(process, True)
+            results: dict[tuple[str, int], list[LoadResult]] = {}
+            for server, process in servers:  # warm-up
+                _pause(process, False)
+                server.load(2, 8, 1)
+                _pause(process, True)
+            for level in levels:
+                for _ in range(args.repeats):
+                    for server, process in servers:
+                        _pause(process, False)
+                        results.setdefault((server.name, level), []).append(
+                            server.load(level, args.tokens, args.rounds)
+                        )
+                        _pause(process, True)
+                print(f"  {level} clients done", flush=True)
+            _pause(mesh.process, False)
+            memory = memory_at_32_unbounded(mesh, args.tokens)
         finally:
+            for _, process in servers:
+                _pause(process, False)
             mesh.stop()
-        peer = {}
-        if not args.skip_peer:
-            print("transformers serve --continuous-batching…", flush=True)
-            try:
-                peer = transformers_serve(model_dir, work, levels, args.tokens, args.rounds)
-            except RuntimeError as err:
-                print(f"peer skipped: {err}", flush=True)
+            if peer is not None:
+                peer.stop()
 
-    print(
-        f"\n{args.preset} model, {args.tokens} new tokens, greedy, {args.rounds} requests per client, "
-        f"mesh torch_threads {args.torch_threads}"
-    )
-    print(f"sequential model.generate in-process: {sequential:8.0f} tokens/s")
-    print(f"Sluice engine in-process, 16 at once: {engine16:8.0f} tokens/s")
-    print(f"{'server':22} {'clients':>7} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} {'errors':>6}")
-    for name, results in (("sluice mesh", ours), ("transformers serve cb", peer)):
-        for c, r in results.items():
-            print(
-                f"{name:22} {c:7d} {r.tokens_per_s:9.0f} {r.ttft_p50 * 1e3:7.0f}ms {r.ttft_p95 * 1e3:7.0f}ms "
-                f"{r.itl_p50 * 1e3:6.1f}ms {r.errors:6d}"
-            )
-    for c, r in ours.items():
-        line = (
-            f"c={c}: mesh/sequential {r.tokens_per_s / sequential:.2f}x, mesh/engine {r.tokens_per_s / engine16:.2f}x"
+    print(f"\n{args.preset} model, {args.tokens} new tokens, greedy, medians of {args.repeats} alternated runs\n")
+    if local:
+        engine = local["Sluice engine"]
+        print(f"{'in-process, 16 requests':36} {'tokens/s':>9} {'engine /':>9}")
+        for name, value in local.items():
+            print(f"{name:36} {value:9.0f} {engine / value:8.2f}x")
+        print()
+    print(f"{'server':20} {'clients':>7} {'tokens/s':>9} {'TTFT p50':>9} {'ITL p50':>8} {'errors':>6}")
+    for (name, level), runs in results.items():
+        print(
+            f"{name:20} {level:7d} {_median([r.tokens_per_s for r in runs]):9.0f} "
+            f"{_median([r.ttft_p50 for r in runs]) * 1e3:7.0f}ms {_median([r.itl_p50 for r in runs]) * 1e3:6.1f}ms "
+            f"{sum(r.errors for r in runs):6d}"
         )
-        if c in peer:
-            line += f", mesh/transformers-serve {r.tokens_per_s / peer[c].tokens_per_s:.2f}x"
-            line += f", TTFT p50 mesh/peer {r.ttft_p50 / peer[c].ttft_p50:.2f}x"
+    print()
+    for level in levels:
+        ours = results[("Sluice mesh", level)]
+        line = f"c={level}:"
+        theirs = results.get(("transformers serve", level))
+        if theirs:
+            line += f" mesh/transformers-serve {_ratio(ours, theirs, 'tokens_per_s'):.2f}x,"
+            line += f" TTFT p50 mesh/peer {_ratio(ours, theirs, 'ttft_p50'):.2f}x"
+        if local and level == 16:
+            line += f", mesh/engine in-process {_median([r.tokens_per_s for r in ours]) / local['Sluice engine']:.2f}x"
         print(line)
+    rss, weights, kv = memory
+    budget = EngineLimits().kv_cache_bytes
+    print(
+        f"\ninference RSS at 32 streams, max_tokens unset: peak {rss / 2**20:.0f} MiB; weights "
+        f"{weights / 2**20:.0f} MiB + peak KV in use {kv / 2**20:.1f} MiB (budget {budget >> 20} MiB)"
+    )
+
+
+def _ratio(ours: list[LoadResult], theirs: list[LoadResult], figure: str) -> float:
+    return _median([getattr(r, figure) for r in ours]) / _median([getattr(r, figure) for r in theirs])
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ class Step:
         )
 
 
-@dataclass
+@dataclass(eq=False)
 class SequenceHandle:
     request: GenerationRequest
     deadline: float | None = None  # time.monotonic() after which a queued request is dropped
@@ -163,7 +163,7 @@ class SequenceHandle:
             ended = ended or step.finish_reason is not None
 
 
-@dataclass
+@dataclass(eq=False)  # identity: sequences are found and removed in lists by who they are
 class _Sequence:
     handle: SequenceHandle
     kv: SequenceBlocks

@@ -63,7 +63,7 @@ class BlockPool:
         self._free.extend(reversed(blocks))
 
 
-@dataclass
+@dataclass(eq=False)
 class SequenceBlocks:
     """One sequence's block table and how many of its positions hold keys and values."""
 
