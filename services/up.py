@@ -216,14 +216,23 @@ def replica_names(service: str, count: int) -> list[str]:
 
 
 def inference_env(settings: Settings, env: Mapping[str, str], count: int) -> dict[str, str]:
-    """Replicas on one machine share its cores: with torch_threads left at auto, each gets its
-    share, since several processes each running a thread per core oversubscribe the CPU and
-    torch's spinning workers then slow every replica many times over."""
+    """The environment of the inference instances on this machine, which they share with the
+    edge, preprocess and often the clients.
+
+    Replicas share its cores: with torch_threads left at auto, each gets its share, since
+    several processes each running a thread per core oversubscribe the CPU and torch's spinning
+    workers then slow every replica many times over. And torch's OpenMP workers sleep when idle
+    instead of spinning (unless OMP_WAIT_POLICY is set already): a spinning worker burns the
+    core the edge and the clients need between every two operations (figures in
+    docs/design.md, CPU threads)."""
+    shared = dict(env)
+    if "OMP_WAIT_POLICY" not in os.environ:
+        shared["OMP_WAIT_POLICY"] = "PASSIVE"
     if count < 2 or settings.torch_threads:
-        return dict(env)
+        return shared
     share = max(1, (os.cpu_count() or 1) // count)
     log.info("%d inference replicas on this machine: %d torch thread(s) each", count, share)
-    return {**env, env_name("torch_threads"): str(share)}
+    return {**shared, env_name("torch_threads"): str(share)}
 
 
 def _model_instances(env: Mapping[str, str], plan: MeshPlan) -> dict[str, dict[str, str]]:

@@ -130,13 +130,21 @@ def test_wildcard_binds_are_advertised_as_loopback() -> None:
 
 def test_inference_replicas_on_one_machine_share_its_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     env = {"SLUICE_TORCH_THREADS": "0"}
-    assert inference_env(Settings(), env, 1) == env
+    assert inference_env(Settings(), env, 1) == env | {"OMP_WAIT_POLICY": "PASSIVE"}
     assert inference_env(Settings(), env, 3)["SLUICE_TORCH_THREADS"] == "2"
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert inference_env(Settings(), env, 4)["SLUICE_TORCH_THREADS"] == "1"
     # A thread count the user chose is theirs.
     assert inference_env(Settings(torch_threads=3), {"SLUICE_TORCH_THREADS": "3"}, 2)["SLUICE_TORCH_THREADS"] == "3"
+
+
+def test_idle_torch_workers_sleep_unless_the_user_chose_a_wait_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert inference_env(Settings(), {}, 1)["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert "OMP_WAIT_POLICY" not in inference_env(Settings(), {}, 1)  # the child inherits the user's ACTIVE
 
 
 def test_model_manifest_command_writes_a_manifest_the_service_accepts(tmp_path: Path) -> None:
