@@ -39,7 +39,7 @@ def test_greedy_stream_reproduces_the_full_decode(engine: Engine) -> None:
 def test_engine_output_matches_transformers_generate(engine: Engine, model_dir: Path) -> None:
     prompt = _prompt(engine)
     ours = [t for s in engine.submit(GenerationRequest("b", prompt, 30, GREEDY)) for t in s.token_ids]
-    # A model of its own: the engine routes its model's attention through ragged attention.
+    # A model of its own: the engine routes its model's attention through paged attention.
     plain = load_model(model_dir, "cpu").model
     with torch.inference_mode():
         reference = plain.generate(
