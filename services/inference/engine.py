@@ -229,7 +229,8 @@ class Engine:
         # Admitting a prompt leaves this many blocks for running sequences to grow into.
         self._headroom = blocks // 100
         self._attention = install(loaded.model)
-        self._attention.pool = KVPool(geometry, blocks, limits.kv_block_size, loaded.model.dtype, loaded.device)
+        self._pool = KVPool(geometry, blocks, limits.kv_block_size, loaded.model.dtype, loaded.device)
+        self._attention.pool = self._pool
         self._waiting: collections.deque[SequenceHandle] = collections.deque()
         self._wakeup = threading.Condition()
         self._running: list[_Sequence] = []
@@ -312,7 +313,7 @@ class Engine:
         headroom = self._headroom if self._running else 0
         if missing + headroom > self._blocks.free:
             return False
-        seq.kv.blocks += self._blocks.take(missing)
+        seq.kv.blocks += self._take(missing)
         return True
 
     def _admit(self) -> None:
@@ -348,6 +349,11 @@ class Engine:
                 metrics.SEQUENCES_STARTED.inc()
                 metrics.QUEUE_WAIT.observe(now - handle.queued_at)
         self._publish()
+
+    def _take(self, count: int) -> list[int]:
+        blocks = self._blocks.take(count)
+        self._pool.clear(blocks)
+        return blocks
 
     def _preempt(self, seq: _Sequence) -> None:
         """Take the sequence out of the batch and give its blocks back; it recomputes later."""
@@ -440,7 +446,7 @@ class Engine:
                 if newest is seq:
                     break
             else:
-                seq.kv.blocks += self._blocks.take(missing)
+                seq.kv.blocks += self._take(missing)
 
     def _plan(self) -> _StepPlan:
         """Pack this step's tokens: one per decoding sequence, then prefill chunks within the token

@@ -95,6 +95,16 @@ class KVPool:
         self.keys = torch.empty(shape, dtype=dtype, device=device)
         self.values = torch.empty(shape, dtype=dtype, device=device)
         self.block_size = block_size
+        self.clear([0])  # padded decode positions read block 0: it must never hold NaN garbage
+
+    def clear(self, blocks: list[int]) -> None:
+        """Zero blocks as they are handed out. Decode attention reads the unwritten tail of a
+        sequence's last block (masked, weight 0); uninitialised memory there may hold NaN or
+        infinity, and a zero weight times NaN would poison the row."""
+        size = self.block_size
+        for block in blocks:
+            self.keys[:, :, block * size : (block + 1) * size].zero_()
+            self.values[:, :, block * size : (block + 1) * size].zero_()
 
 
 @dataclass(frozen=True)
