@@ -175,31 +175,33 @@ def test_a_huge_request_does_not_block_small_ones(make_engine: Callable[..., Eng
     huge.cancel()
 
 
+@pytest.mark.parametrize(
+    ("config", "count", "tokens", "blocks"),
+    [
+        # Room for about two of the six at full length (up to 194 tokens each): they take turns.
+        pytest.param(GREEDY, 6, 40, 24, id="greedy"),
+        # Seeded draws and penalties: the sampler's state must survive the recompute.
+        pytest.param(
+            SamplingConfig(temperature=0.9, top_p=0.95, seed=7, frequency_penalty=0.3, ignore_eos=True),
+            4,
+            48,
+            9,
+            id="seeded",
+        ),
+    ],
+)
 def test_preemption_under_block_pressure_completes_every_request_with_its_tokens(
-    make_engine: Callable[..., Engine],
+    make_engine: Callable[..., Engine], config: SamplingConfig, count: int, tokens: int, blocks: int
 ) -> None:
     probe = make_engine(batch_invariant=True)
-    prompts = _prompts(probe, 6)
-    reference = [_ids(probe.submit(GenerationRequest(f"r{i}", p, 40, GREEDY))) for i, p in enumerate(prompts)]
-    # Room for about two of the six at full length (up to 194 tokens each): they must take turns.
-    engine = make_engine(kv_cache_bytes=_block_budget(probe, 24), batch_invariant=True)
+    prompts = _prompts(probe, count)
+    reference = [_ids(probe.submit(GenerationRequest(f"r{i}", p, tokens, config))) for i, p in enumerate(prompts)]
+    engine = make_engine(kv_cache_bytes=_block_budget(probe, blocks), batch_invariant=True)
     before = REGISTRY.get_sample_value("sluice_inference_preemptions_total") or 0.0
-    handles = [engine.submit(GenerationRequest(f"p{i}", p, 40, GREEDY)) for i, p in enumerate(prompts)]
+    handles = [engine.submit(GenerationRequest(f"p{i}", p, tokens, config)) for i, p in enumerate(prompts)]
     assert [_ids(h) for h in handles] == reference
     assert (REGISTRY.get_sample_value("sluice_inference_preemptions_total") or 0.0) > before
     assert engine.kv_blocks_used == 0
-
-
-def test_sampled_requests_survive_preemption_with_their_seeded_tokens(make_engine: Callable[..., Engine]) -> None:
-    probe = make_engine(batch_invariant=True)
-    prompts = _prompts(probe, 4)
-    config = SamplingConfig(temperature=0.9, top_p=0.95, seed=7, frequency_penalty=0.3, ignore_eos=True)
-    reference = [_ids(probe.submit(GenerationRequest(f"r{i}", p, 48, config))) for i, p in enumerate(prompts)]
-    engine = make_engine(kv_cache_bytes=_block_budget(probe, 9), batch_invariant=True)
-    before = REGISTRY.get_sample_value("sluice_inference_preemptions_total") or 0.0
-    handles = [engine.submit(GenerationRequest(f"p{i}", p, 48, config)) for i, p in enumerate(prompts)]
-    assert [_ids(h) for h in handles] == reference
-    assert (REGISTRY.get_sample_value("sluice_inference_preemptions_total") or 0.0) > before
 
 
 def test_kv_blocks_return_to_free_after_100_cancelled_streams(make_engine: Callable[..., Engine]) -> None:
