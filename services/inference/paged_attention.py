@@ -101,10 +101,13 @@ class KVPool:
         """Zero blocks as they are handed out. Decode attention reads the unwritten tail of a
         sequence's last block (masked, weight 0); uninitialised memory there may hold NaN or
         infinity, and a zero weight times NaN would poison the row."""
-        size = self.block_size
-        for block in blocks:
-            self.keys[:, :, block * size : (block + 1) * size].zero_()
-            self.values[:, :, block * size : (block + 1) * size].zero_()
+        if not blocks:
+            return
+        layers, kv_heads, slots, head_dim = self.keys.shape
+        by_block = (layers, kv_heads, slots // self.block_size, self.block_size, head_dim)
+        index = torch.tensor(blocks, device=self.keys.device)
+        for tensor in (self.keys, self.values):  # one op per tensor, however many blocks
+            tensor.view(by_block).index_fill_(2, index, 0)
 
 
 @dataclass(frozen=True)
