@@ -15,15 +15,22 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from services.edge_http.openai_schema import ResponseMeta, Usage
+from services.edge_http.openai_schema import PromptTokensDetails, ResponseMeta, Usage
 from services.edge_http.pipeline import Run
 
 Response = TypeVar("Response", bound=BaseModel)
 
 
-def _total(usages: list[Usage], prompt_tokens: int) -> Usage:
-    completion = sum(u.completion_tokens for u in usages)
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
+def _total(usages: list[tuple[Run, Usage]], prompt_tokens: int) -> Usage:
+    """Every completion summed; each prompt and what of it was cached counted once (by its first choice)."""
+    completion = sum(u.completion_tokens for _, u in usages)
+    cached = sum(u.prompt_tokens_details.cached_tokens for run, u in usages if not run.shares_prompt)
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion,
+        total_tokens=prompt_tokens + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+    )
 
 
 def _numbered(response: Any, index: int) -> Any:
@@ -45,7 +52,7 @@ async def whole_choices(
     merged = parts[0]
     if len(parts) > 1:
         merged.choices = [choice for i, part in enumerate(parts) for choice in _numbered(part, i).choices]
-        merged.usage = _total([part.usage for part in parts], prompt_tokens)
+        merged.usage = _total([(run, part.usage) for run, part in zip(runs, parts, strict=True)], prompt_tokens)
     return merged
 
 
@@ -72,7 +79,7 @@ async def streamed_choices(
             await queue.put((index, err))
 
     tasks = [asyncio.create_task(pump(i, run)) for i, run in enumerate(runs)]
-    usages: list[Any] = []  # each choice's usage-only chunk
+    usages: list[tuple[Run, Any]] = []  # each choice's usage-only chunk
     try:
         running = len(tasks)
         while running:
@@ -82,11 +89,12 @@ async def streamed_choices(
             elif isinstance(item, Exception):
                 raise item
             elif not item.choices:  # a choice's usage: summed into one chunk at the end
-                usages.append(item)
+                usages.append((runs[index], item))
             else:
                 yield _numbered(item, index)
         if include_usage:
-            yield usages[0].model_copy(update={"usage": _total([u.usage for u in usages], prompt_tokens)})
+            total = _total([(run, chunk.usage) for run, chunk in usages], prompt_tokens)
+            yield usages[0][1].model_copy(update={"usage": total})
     finally:
         for task in tasks:
             task.cancel()  # the client left or a choice failed: stop the others upstream too

@@ -395,10 +395,15 @@ class ResponseMeta:
     reasoning_fields: tuple[str, ...] = REASONING_FIELDS  # the names reasoning text is sent under
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens not computed again (OpenAI reports its prompt caching here)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class ToolCallOut(BaseModel):

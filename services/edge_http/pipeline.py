@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from services.edge_http.openai_schema import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
+    PromptTokensDetails,
     ReasoningTags,
     SamplingFields,
     Usage,
@@ -61,6 +62,7 @@ class Event:
     completion_tokens: int = 0
     logprobs: tuple[inference_pb2.TokenLogprob, ...] = ()  # when the request asked for them
     prompt_logprobs: tuple[inference_pb2.TokenLogprob, ...] = ()  # first event only, when asked for
+    cached_tokens: int = 0  # prompt tokens the engine's prefix cache held
 
     @property
     def usage(self) -> Usage:
@@ -68,6 +70,7 @@ class Event:
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
             total_tokens=self.prompt_tokens + self.completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens),
         )
 
 
@@ -79,6 +82,8 @@ class Run:
     prompt: preprocess_pb2.PreprocessReply = field(repr=False)  # what it generates for
     first: Event
     rest: AsyncIterator[Event] = field(repr=False)
+    # Not its prompt's first choice: usage counts the prompt (and what of it was cached) once, by the first.
+    shares_prompt: bool = False
 
     async def events(self) -> AsyncIterator[Event]:
         yield self.first
@@ -225,7 +230,12 @@ class Pipeline:
             raise from_rpc_error(err, "preprocess") from err
 
     async def open(
-        self, target: Served, prepared: preprocess_pb2.PreprocessReply, request_id: str, no_cache: bool
+        self,
+        target: Served,
+        prepared: preprocess_pb2.PreprocessReply,
+        request_id: str,
+        no_cache: bool,
+        shares_prompt: bool = False,
     ) -> Run:
         """Answer from the cache or start generating on an instance of the chosen model version."""
         # Versions differ in their weights: each caches its own completions.
@@ -238,7 +248,7 @@ class Pipeline:
         else:
             hit = await self._lookup(key, request_id)
             if hit is not None:
-                return Run("hit", prepared, hit, _nothing())
+                return Run("hit", prepared, hit, _nothing(), shares_prompt)
             status = "miss"
         rest = self._generate(target, prepared, request_id, key if status == "miss" else "")
         try:
@@ -246,7 +256,7 @@ class Pipeline:
         except BaseException:
             await rest.aclose()
             raise
-        return Run(status, prepared, first, rest)
+        return Run(status, prepared, first, rest, shares_prompt)
 
     async def open_choices(
         self,
@@ -256,22 +266,28 @@ class Pipeline:
         no_cache: bool,
         n: int,
     ) -> list[Run]:
-        """`n` runs of each prompt, opened side by side, prompt by prompt (choice p * n + i is the
-        i-th of prompt p, as OpenAI numbers them); if one fails, the others are closed."""
-        opening = [
-            asyncio.ensure_future(self.open(target, _choice(prepared, i), request_id, no_cache))
-            for prepared in prompts
-            for i in range(n)
-        ]
+        """`n` runs of each prompt, prompts side by side (choice p * n + i is the i-th of prompt p,
+        as OpenAI numbers them); if one fails, the others are closed."""
+        return await _together([self._choices(target, prepared, request_id, no_cache, n) for prepared in prompts])
+
+    async def _choices(
+        self, target: Served, prepared: preprocess_pb2.PreprocessReply, request_id: str, no_cache: bool, n: int
+    ) -> list[Run]:
+        """One prompt's `n` runs. The first opens alone: once it has a token, its prompt's KV is in
+        the prefix cache of the instance that computed it, and prefix-aware routing sends the others
+        there to read it rather than compute it again each."""
+        first = await self.open(target, _choice(prepared, 0), request_id, no_cache)
         try:
-            return list(await asyncio.gather(*opening))
+            others = [self._one(target, _choice(prepared, i), request_id, no_cache) for i in range(1, n)]
+            return [first, *await _together(others)]
         except BaseException:
-            for task in opening:
-                task.cancel()
-            for outcome in await asyncio.gather(*opening, return_exceptions=True):
-                if isinstance(outcome, Run):  # opened before the failure: end its call upstream
-                    await outcome.rest.aclose()
+            await first.rest.aclose()
             raise
+
+    async def _one(
+        self, target: Served, prepared: preprocess_pb2.PreprocessReply, request_id: str, no_cache: bool
+    ) -> list[Run]:
+        return [await self.open(target, prepared, request_id, no_cache, shares_prompt=True)]
 
     async def _lookup(self, key: str, request_id: str) -> Event | None:
         try:
@@ -285,7 +301,9 @@ class Pipeline:
                 log.warning("cache lookup failed (%s); generating instead", err.code().name)
             return None
         finish = finish_reasons.FROM_PROTO.get(hit.finish_reason, "stop")
-        return Event(hit.text, finish, hit.usage.prompt_tokens, hit.usage.completion_tokens)
+        # The usage the completion was generated with: a hit answers exactly what the miss did.
+        usage = hit.usage
+        return Event(hit.text, finish, usage.prompt_tokens, usage.completion_tokens, cached_tokens=usage.cached_tokens)
 
     async def _store(self, key: str, completion: cache_pb2.Completion, request_id: str) -> None:
         try:
@@ -311,6 +329,7 @@ class Pipeline:
                 request_id=request_id, model=target.id, token_ids=prepared.token_ids, sampling=prepared.sampling
             ),
             accept=_serves(target),
+            choose=self._up.by_prefix(list(prepared.token_ids)),
             # A chunk with no text yet (the detokenizer holds a partial character) shows the
             # client nothing, so a failure after it can still be retried elsewhere.
             commits=lambda chunk: bool(chunk.text or chunk.finish_reason),
@@ -343,6 +362,7 @@ class Pipeline:
                     chunk.usage.completion_tokens,
                     tuple(chunk.logprobs),
                     tuple(chunk.prompt_logprobs),
+                    chunk.usage.cached_tokens,
                 )
                 # The stream ends right after its finishing chunk; reading to its end lets the
                 # call (and its trace span) complete normally instead of being cancelled.
@@ -352,6 +372,21 @@ class Pipeline:
             await chunks.aclose()  # cancels the call upstream if the client left early
         if not finished:
             raise OpenAIError(502, "inference ended the stream without a finish reason", "server_error")
+
+
+async def _together(openings: list[Awaitable[list[Run]]]) -> list[Run]:
+    """Every opening's runs, in order, opened side by side; if one fails, the runs the others
+    opened are closed (their calls upstream end) and the failure is raised."""
+    tasks = [asyncio.ensure_future(opening) for opening in openings]
+    try:
+        return [run for runs in await asyncio.gather(*tasks) for run in runs]
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+            for run in outcome if isinstance(outcome, list) else ():
+                await run.rest.aclose()
+        raise
 
 
 def _choice(prepared: preprocess_pb2.PreprocessReply, index: int) -> preprocess_pb2.PreprocessReply:

@@ -2,7 +2,8 @@
 
 One balanced pool per service, fed by discovery. A call that fails on an instance before any
 of its answer was used is retried once on another instance; a grpc.health.v1 Watch stream per
-instance keeps NOT_SERVING (draining, hung) instances out of the rotation.
+instance keeps NOT_SERVING (draining, hung) instances out of the rotation, and a WatchLoad stream
+per chat model instance keeps its reported load current for routing (prefix_routing.py).
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from services.edge_http.metrics import UPSTREAM_EJECTIONS, UPSTREAM_RETRIES
 from services.edge_http.models import Served
 from services.edge_http.openai_schema import ReasoningTags
 from services.edge_http.readiness import Probe
-from services.mesh.balancer import Endpoint, NoInstance, Pool
+from services.mesh.balancer import Choose, Endpoint, NoInstance, Pool, ReportedLoad
 from services.mesh.channels import aio_channel
 from services.mesh.config import Settings
 from services.mesh.discovery import UPSTREAM_SERVICES, Discovery, Instance
 from services.mesh.errors import is_instance_fault
 from services.mesh.health import SERVING, check_async
-from services.mesh.stubs.inference_pb2 import ListModelsRequest, ModelInfo
+from services.mesh.prefix_routing import PrefixRouter
+from services.mesh.stubs.inference_pb2 import ListModelsRequest, ModelInfo, WatchLoadRequest
 from services.mesh.stubs.inference_pb2_grpc import InferenceStub
 from services.mesh.tool_formats import ToolFormat
 
@@ -69,13 +71,15 @@ class Upstreams:
             svc: Pool[ModelInfo](
                 svc,
                 lambda address: aio_channel(settings, address, IDENTITY),
-                on_eject=lambda _, svc=svc: UPSTREAM_EJECTIONS.labels(svc).inc(),
+                on_eject=self._ejected,
             )
             for svc in UPSTREAM_SERVICES
         }
+        self._router = PrefixRouter(self.pools["inference"]) if settings.prefix_routing else None
         for svc, pool in self.pools.items():
             discovery.watch(svc, lambda instances, pool=pool: self._update(pool, instances))
         self._watchers: dict[int, asyncio.Task] = {}
+        self._load_watchers: dict[int, asyncio.Task] = {}
         self._health_task = asyncio.create_task(self._check_health_forever())
 
     def _update(self, pool: Pool, instances: list[Instance]) -> None:
@@ -92,18 +96,34 @@ class Upstreams:
             # Calls still running on a removed instance get the drain grace period to finish.
             self._loop.call_later(self._settings.drain_grace_s + 5, lambda c=channel: asyncio.ensure_future(c.close()))
 
+    def _ejected(self, endpoint: Upstream) -> None:
+        UPSTREAM_EJECTIONS.labels(endpoint.instance.service).inc()
+        self._forget(endpoint)
+
+    def _forget(self, endpoint: Upstream) -> None:
+        """An inference instance that failed or stopped serving may have lost its prefix cache."""
+        if self._router is not None and endpoint.instance.service == "inference":
+            self._router.forget(endpoint.instance.key)
+
     async def _check_health_forever(self) -> None:
         """One grpc.health.v1 Watch stream per instance: a draining or hung instance pushes
-        NOT_SERVING the moment it changes, and no new call is made to it for the check."""
-        watchers = self._watchers
+        NOT_SERVING the moment it changes, and no new call is made to it for the check. Chat model
+        instances that serve also push their load (WatchLoad)."""
         while True:
             current = {id(e): e for pool in self.pools.values() for e in pool.endpoints}
-            for key in set(watchers) - set(current):
-                watchers.pop(key).cancel()
-            for key, endpoint in current.items():
-                if key not in watchers or watchers[key].done():
-                    watchers[key] = asyncio.create_task(self._watch_health(endpoint))
+            _keep(self._watchers, current, lambda e: True, self._watch_health)
+            _keep(self._load_watchers, current, _reports_load, self._watch_load)
             await asyncio.sleep(HEALTH_INTERVAL_S)
+
+    async def _watch_load(self, endpoint: Upstream) -> None:
+        try:
+            async for report in endpoint.stub(InferenceStub).WatchLoad(WatchLoadRequest()):
+                endpoint.reported = ReportedLoad(
+                    report.waiting, report.running, report.kv_blocks_free, report.kv_blocks_total
+                )
+        except grpc.aio.AioRpcError:
+            pass
+        endpoint.reported = None  # stale from now on; watched again once it serves
 
     async def _watch_health(self, endpoint: Upstream) -> None:
         healthy = False
@@ -118,8 +138,9 @@ class Upstreams:
         # The stream ended: the instance stopped or is unreachable; watched again after HEALTH_INTERVAL_S.
         self._set_health(endpoint, False)
 
-    @staticmethod
-    def _set_health(endpoint: Upstream, healthy: bool) -> None:
+    def _set_health(self, endpoint: Upstream, healthy: bool) -> None:
+        if not healthy:
+            self._forget(endpoint)
         if endpoint.healthy != healthy:
             log.warning(
                 "%s at %s is %s",
@@ -145,6 +166,14 @@ class Upstreams:
         """What every inference instance that has described itself serves."""
         return [_served(e) for e in self.pools["inference"].endpoints if e.info is not None]
 
+    def by_prefix(self, token_ids: list[int]) -> Choose[ModelInfo] | None:
+        """How to choose the inference instance for this prompt (None: the least busy)."""
+        router = self._router
+        if router is None:
+            return None
+        hashes = router.hashes(token_ids)
+        return lambda usable: router.choose(usable, hashes)
+
     async def unary(
         self, service: str, stub_class: type, method: str, request: Message, accept: Accept = None, **call: Any
     ) -> Any:
@@ -167,12 +196,13 @@ class Upstreams:
         request: Message,
         commits: Callable[[Any], bool] = lambda _: True,
         accept: Accept = None,
+        choose: Choose[ModelInfo] | None = None,
         **call: Any,
     ) -> AsyncIterator:
         """A server-streaming call, retried on another instance if it fails before a message that
         `commits` it: messages before that one (e.g. tokens whose text is still held back) are
-        kept back too, so a retry is invisible to the caller."""
-        attempts = _Call(service, self.pools[service], accept)
+        kept back too, so a retry is invisible to the caller. `choose` picks among usable instances."""
+        attempts = _Call(service, self.pools[service], accept, choose)
         while True:
             endpoint = attempts.pick()
             held, committed = [], False
@@ -208,13 +238,32 @@ class Upstreams:
         ]
 
     async def close(self) -> None:
-        tasks = [self._health_task, *self._watchers.values()]
+        tasks = [self._health_task, *self._watchers.values(), *self._load_watchers.values()]
         for task in tasks:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*tasks, return_exceptions=True)
         self._discovery.close()
         await asyncio.gather(*(e.channel.close() for pool in self.pools.values() for e in pool.endpoints))
+
+
+def _reports_load(endpoint: Upstream) -> bool:
+    info = endpoint.info
+    return endpoint.healthy and info is not None and (info.kind or "chat") == "chat"
+
+
+def _keep(
+    tasks: dict[int, asyncio.Task],
+    endpoints: dict[int, Upstream],
+    wanted: Callable[[Upstream], bool],
+    watch: Callable[[Upstream], Any],
+) -> None:
+    """One running `watch` task per wanted endpoint: ended ones restarted, gone ones cancelled."""
+    for key in set(tasks) - set(endpoints):
+        tasks.pop(key).cancel()
+    for key, endpoint in endpoints.items():
+        if wanted(endpoint) and (key not in tasks or tasks[key].done()):
+            tasks[key] = asyncio.create_task(watch(endpoint))
 
 
 @dataclass
@@ -225,11 +274,12 @@ class _Call:
     service: str
     pool: Pool[ModelInfo]
     accept: Accept
+    choose: Choose[ModelInfo] | None = None
     tried: list[str] = field(default_factory=list)
 
     def pick(self) -> Upstream:
         try:
-            return self.pool.pick(self.tried, self.accept)
+            return self.pool.pick(self.tried, self.accept, self.choose)
         except NoInstance as err:
             raise OpenAIError(
                 503, str(err), "service_unavailable", code="unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}

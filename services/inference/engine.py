@@ -10,6 +10,10 @@ when it grows into it. When none is free, the newest running sequence is preempt
 go back, and it later recomputes its prompt and output so far and carries on with the same
 sampler state, so its tokens are unchanged.
 
+Full blocks are indexed by the hash chain of their tokens (prefix_cache.py): a request whose
+prompt starts like one computed before holds those blocks and prefills only the rest, and a
+preempted sequence finds its own blocks again unless they were evicted meanwhile.
+
 Limits keep the process bounded under any load: at most `max_running` sequences, at most
 `max_batched_tokens` tokens per forward pass, KV blocks within `kv_cache_bytes`, and at most
 `max_waiting` queued requests (beyond that, submit fails fast with RESOURCE_EXHAUSTED).
@@ -44,10 +48,12 @@ from services.inference.paged_attention import (
     install,
     kv_geometry,
 )
+from services.inference.prefix_cache import BlockCache
 from services.inference.sampling import Sampler, SamplingConfig, sample
 from services.inference.stopping import StopMatcher
 from services.inference.structured import JsonGrammars, JsonMatcher
 from services.mesh.errors import ContextLengthExceeded, DeadlineExceeded, InvalidArgument, ResourceExhausted
+from services.mesh.prefix_hash import BlockHash, block_hashes, root_hash
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +74,7 @@ class EngineLimits:
     kv_cache_bytes: int = 1 << 30
     kv_block_size: int = 16
     batch_invariant: bool = False
+    prefix_caching: bool = True
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,7 @@ class Step:
     # One per prompt token, first step only, when asked for; the first prompt token, which nothing
     # predicts, has logprob 0 and no alternatives.
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (last step)
 
     def then(self, more: Step) -> Step:
         """This step and the next one as one (for a reader that fell behind)."""
@@ -113,7 +121,19 @@ class Step:
             more.completion_tokens,
             self.logprobs + more.logprobs,
             self.prompt_logprobs + more.prompt_logprobs,
+            more.cached_tokens,
         )
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """What the engine is doing now (reported to the edge for routing)."""
+
+    waiting: int  # queued requests, and preempted sequences waiting to resume
+    running: int
+    kv_blocks_free: int
+    kv_blocks_total: int
+    prefix_cached_blocks: int
 
 
 @dataclass(eq=False)
@@ -172,6 +192,9 @@ class _Sequence:
     stopper: StopMatcher
     order: int  # admission order: preemption takes the newest first, re-admission the oldest
     target: int  # tokens to prefill: the prompt, or after a preemption the prompt and output so far
+    hashes: list[BlockHash] = field(default_factory=list)  # of its full blocks' tokens, as far as known
+    indexed: int = 0  # its first blocks findable in the prefix cache
+    cached_tokens: int = 0  # prompt tokens matched in the prefix cache when first admitted
     prefilled: int = 0
     output_ids: list[int] = field(default_factory=list)
     last_token_at: float = 0.0
@@ -208,13 +231,15 @@ class _StepPlan:
     writes: list[int] = field(default_factory=list)
     decode: list[DecodeGroup] = field(default_factory=list)
     prefill: list[PrefillSlice] = field(default_factory=list)
-    grown: list[tuple[SequenceBlocks, int]] = field(default_factory=list)
+    grown: list[tuple[_Sequence, int]] = field(default_factory=list)
     sampled: list[tuple[_Sequence, int]] = field(default_factory=list)  # (sequence, row of its logits)
     scored: list[tuple[_Sequence, int, int]] = field(default_factory=list)  # (sequence, row, prompt index)
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, limits: EngineLimits = EngineLimits()) -> None:
+    def __init__(self, loaded: LoadedModel, limits: EngineLimits = EngineLimits(), cache_salt: str = "") -> None:
+        """`cache_salt` names the weights (model and version): cached blocks are only found again
+        by prompts for the same ones."""
         if limits.prefill_chunk > limits.max_batched_tokens - limits.max_running:
             raise ValueError("prefill_chunk must leave room for one decode token per running sequence")
         self.loaded = loaded
@@ -225,7 +250,8 @@ class Engine:
         blocks = limits.kv_cache_bytes // self._block_bytes
         if blocks < 1:
             raise ValueError(f"kv_cache_bytes must hold at least one block of {self._block_bytes} bytes")
-        self._blocks = BlockPool(blocks)
+        self._blocks = BlockCache(BlockPool(blocks), limits.prefix_caching, lambda _: metrics.PREFIX_EVICTIONS.inc())
+        self._root = root_hash(cache_salt or loaded.model_id)
         # Admitting a prompt leaves this many blocks for running sequences to grow into.
         self._headroom = blocks // 100
         self._attention = install(loaded.model)
@@ -308,12 +334,21 @@ class Engine:
         return handle
 
     def _reserve(self, seq: _Sequence) -> bool:
-        """Give the sequence blocks for everything it is about to prefill, if the pool allows."""
-        missing = seq.kv.missing(seq.target)
+        """Give the sequence blocks for everything it is about to prefill, if the pool allows: the
+        cached blocks its tokens start with, and fresh ones for the rest."""
+        size = self.limits.kv_block_size
+        matched: list[int] = []
+        if seq.request.prompt_logprobs is None:  # scoring the prompt needs every position's logits
+            # The last token is always computed: its logits choose the next one.
+            matched = self._blocks.match(seq.hashes[: (seq.target - 1) // size])
+        missing = seq.kv.missing(seq.target) - len(matched)
         headroom = self._headroom if self._running else 0
-        if missing + headroom > self._blocks.free:
+        if missing + headroom > self._blocks.free - self._blocks.idle_among(matched):
             return False
-        seq.kv.blocks += self._take(missing)
+        self._blocks.hold(matched)
+        seq.kv.blocks = matched + self._take(missing)
+        seq.kv.length = seq.prefilled = len(matched) * size
+        seq.indexed = len(matched)
         return True
 
     def _admit(self) -> None:
@@ -341,8 +376,15 @@ class Engine:
                     order=next(self._admissions),
                     target=len(request.prompt_ids),
                 )
+                if self._blocks.enabled:
+                    seq.hashes = block_hashes(request.prompt_ids, self.limits.kv_block_size, self._root)
                 if not self._reserve(seq):
                     break
+                seq.cached_tokens = seq.kv.length
+                if self._blocks.enabled:
+                    metrics.PREFIX_LOOKUPS.inc()
+                    metrics.PREFIX_QUERY_TOKENS.inc(len(request.prompt_ids))
+                    metrics.PREFIX_HIT_TOKENS.inc(seq.cached_tokens)
                 self._waiting.popleft()
                 self._running.append(seq)
                 handle.admitted_at = now
@@ -358,9 +400,9 @@ class Engine:
     def _preempt(self, seq: _Sequence) -> None:
         """Take the sequence out of the batch and give its blocks back; it recomputes later."""
         self._running.remove(seq)
-        self._blocks.give_back(seq.kv.blocks)
+        self._blocks.release(seq.kv.blocks)
         seq.kv = SequenceBlocks(self.limits.kv_block_size)
-        seq.prefilled, seq.target = 0, len(seq.request.prompt_ids) + seq.generated
+        seq.prefilled, seq.indexed, seq.target = 0, 0, len(seq.request.prompt_ids) + seq.generated
         seq.prompt_logprobs.clear()  # a sequence preempted mid-prompt scores its prompt again
         self._preempted.append(seq)
         self._preempted.sort(key=lambda s: s.order)
@@ -381,7 +423,7 @@ class Engine:
     def _release(self, seq: _Sequence, reason: str) -> None:
         seq.handle.finished_at = seq.handle.finished_at or time.monotonic()
         (self._running if seq in self._running else self._preempted).remove(seq)
-        self._blocks.give_back(seq.kv.blocks)
+        self._blocks.release(seq.kv.blocks)
         seq.kv.blocks = []
         metrics.SEQUENCES_FINISHED.labels(reason).inc()
         self._publish()
@@ -391,6 +433,7 @@ class Engine:
         metrics.RUNNING.set(len(self._running))
         metrics.KV_BLOCKS.labels("used").set(self._blocks.used)
         metrics.KV_BLOCKS.labels("free").set(self._blocks.free)
+        metrics.PREFIX_CACHED_BLOCKS.set(self._blocks.cached)
 
     # ------------------------------------------------------------------ the loop
 
@@ -407,6 +450,15 @@ class Engine:
     @property
     def kv_blocks_total(self) -> int:
         return self._blocks.count
+
+    def load(self) -> EngineLoad:
+        return EngineLoad(
+            waiting=len(self._waiting) + len(self._preempted),
+            running=len(self._running),
+            kv_blocks_free=self._blocks.free,
+            kv_blocks_total=self._blocks.count,
+            prefix_cached_blocks=self._blocks.cached,
+        )
 
     def stalled(self, after_s: float) -> bool:
         """Work is waiting or running, yet the loop has not completed a step for `after_s` seconds:
@@ -467,7 +519,7 @@ class Engine:
                 plan.ids.append(seq.output_ids[-1])
                 plan.positions.append(seq.kv.length)
                 plan.writes += seq.kv.slots(seq.kv.length, seq.kv.length + 1)
-                plan.grown.append((seq.kv, 1))
+                plan.grown.append((seq, 1))
         budget = self.limits.max_batched_tokens - len(plan.ids)
         for seq in self._running:
             if not seq.prefilling:
@@ -486,12 +538,25 @@ class Engine:
             plan.ids.extend(chunk)
             plan.positions.extend(range(past, past + len(chunk)))
             plan.writes += seq.kv.slots(past, past + len(chunk))
-            plan.grown.append((seq.kv, len(chunk)))
+            plan.grown.append((seq, len(chunk)))
             seq.prefilled += len(chunk)
             budget -= len(chunk)
             if not seq.prefilling:
                 plan.sampled.append((seq, len(plan.ids) - 1))
         return plan
+
+    def _index(self, seq: _Sequence) -> None:
+        """Make the sequence's newly filled blocks findable by their tokens (output included: the
+        next turn of a conversation starts with this one's answer)."""
+        size = self.limits.kv_block_size
+        full = seq.kv.length // size
+        if not self._blocks.enabled or full <= seq.indexed:
+            return
+        if len(seq.hashes) < full:
+            seq.hashes = block_hashes(seq.context(0, full * size), size, self._root, seq.hashes)
+        for index in range(seq.indexed, full):
+            self._blocks.register(seq.kv.blocks[index], seq.hashes[index])
+        seq.indexed = full
 
     def _span(self, length: int) -> int:
         """The padded attention length of a decoding row in batch-invariant mode (0: one group)."""
@@ -518,8 +583,9 @@ class Engine:
             use_cache=False,
             logits_to_keep=torch.tensor(rows, device=device),
         )
-        for kv, count in plan.grown:
-            kv.length += count
+        for seq, count in plan.grown:
+            seq.kv.length += count
+            self._index(seq)
         metrics.BATCH_TOKENS.observe(len(plan.ids))
         metrics.BATCH_SEQUENCES.observe(len(plan.grown))
         logits = out.logits[0]
@@ -596,7 +662,16 @@ class Engine:
         if seq.generated == 1 and seq.request.prompt_logprobs is not None:
             # Nothing predicts the prompt's first token: it leads with no log probability.
             prompt_logprobs = (TokenLogprob(seq.request.prompt_ids[0], 0.0), *seq.prompt_logprobs)
-        step = Step([token], text, finish, len(seq.request.prompt_ids), seq.generated, logprobs, prompt_logprobs)
+        step = Step(
+            [token],
+            text,
+            finish,
+            len(seq.request.prompt_ids),
+            seq.generated,
+            logprobs,
+            prompt_logprobs,
+            seq.cached_tokens,
+        )
         seq.handle._steps.put(step)
         if finish:
             self._release(seq, finish)

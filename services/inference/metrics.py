@@ -38,3 +38,17 @@ KV_BLOCKS = Gauge("sluice_inference_kv_blocks", "KV cache blocks of the engine, 
 PREEMPTIONS = Counter(
     "sluice_inference_preemptions_total", "Sequences preempted when KV blocks ran out (they recompute and resume)"
 )
+PREFIX_LOOKUPS = Counter("sluice_inference_prefix_cache_lookups_total", "Prompts looked up in the prefix cache")
+PREFIX_QUERY_TOKENS = Counter(
+    "sluice_inference_prefix_cache_query_tokens_total", "Prompt tokens of the prompts looked up in the prefix cache"
+)
+PREFIX_HIT_TOKENS = Counter(
+    "sluice_inference_prefix_cache_hit_tokens_total",
+    "Prompt tokens whose KV the prefix cache held (hit ratio: this over query tokens)",
+)
+PREFIX_EVICTIONS = Counter(
+    "sluice_inference_prefix_cache_evictions_total", "Cached KV blocks evicted to make room for new ones"
+)
+PREFIX_CACHED_BLOCKS = Gauge(
+    "sluice_inference_prefix_cache_blocks", "KV blocks findable by content (held by sequences or idle)"
+)

@@ -26,6 +26,11 @@ from services.mesh.stubs import common_pb2, inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+# WatchLoad looks at the engine this often and reports when anything changed, and at least this
+# often otherwise (so a caller can tell a quiet instance from a lost stream).
+LOAD_INTERVAL_S = 0.2
+LOAD_HEARTBEAT_S = 5.0
+
 
 def sampling_config(params: common_pb2.SamplingParams) -> SamplingConfig:
     return SamplingConfig(
@@ -57,6 +62,7 @@ def _chunk(step: Step, token_text: Callable[[int], str]) -> inference_pb2.Genera
         chunk.finish_reason = finish_reasons.TO_PROTO[step.finish_reason]
         chunk.usage.prompt_tokens = step.prompt_tokens
         chunk.usage.completion_tokens = step.completion_tokens
+        chunk.usage.cached_tokens = step.cached_tokens
     return chunk
 
 
@@ -113,6 +119,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 },
             )
 
+    def WatchLoad(
+        self, request: inference_pb2.WatchLoadRequest, context: grpc.ServicerContext
+    ) -> Iterator[inference_pb2.LoadReport]:
+        if self._engine is None:
+            raise WrongModelKind(f"{self._info.id} is an embedding model: it has no generation load", "model")
+        last, sent_at = None, 0.0
+        while context.is_active():
+            load, now = self._engine.load(), time.monotonic()
+            if load != last or now - sent_at >= LOAD_HEARTBEAT_S:
+                yield inference_pb2.LoadReport(**dataclasses.asdict(load))
+                last, sent_at = load, now
+            time.sleep(LOAD_INTERVAL_S)
+
     def Embed(self, request: inference_pb2.EmbedRequest, context: grpc.ServicerContext) -> inference_pb2.EmbedReply:
         check_model(request.model, self._info.id)
         if self._embedder is None:
@@ -167,7 +186,8 @@ def run(settings: Settings, ready_file: Path | None) -> int:
         if tags:
             info.reasoning_open, info.reasoning_close = tags
         info.tool_parser = tool_parser(settings.tool_parser, loaded.tokenizer.chat_template) or ""
-        engine = Engine(loaded, limits)
+        # Blocks cached for one build of the weights are never found by prompts for another.
+        engine = Engine(loaded, limits, cache_salt=f"{info.id}@{info.version}")
         live = lambda: not engine.stalled(settings.stall_timeout_s)  # noqa: E731
         # Every running or queued stream holds a worker thread while it waits for tokens.
         workers = limits.max_running + limits.max_waiting + 8

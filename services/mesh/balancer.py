@@ -1,6 +1,7 @@
 """Client-side load balancing over the instances of one service.
 
-Picks the healthy instance with the fewest requests in flight; an instance that fails
+Picks the healthy instance with the fewest requests in flight (or lets the caller choose among
+the usable ones, as prefix-aware routing does: prefix_routing.py); an instance that fails
 `eject_after` calls in a row (faults of the instance: unreachable, timed out, connection lost;
 never a request's own error or crash) is ejected for `cooldown_s`, then admitted again. When
 every instance is ejected or unhealthy the pool still answers with the least bad one (as
@@ -28,6 +29,16 @@ class NoInstance(LookupError):
 Info = TypeVar("Info")
 
 
+@dataclass(frozen=True)
+class ReportedLoad:
+    """What an instance last said about its own load (inference's WatchLoad)."""
+
+    waiting: int
+    running: int
+    kv_blocks_free: int
+    kv_blocks_total: int
+
+
 @dataclass
 class Endpoint(Generic[Info]):
     instance: Instance
@@ -37,12 +48,23 @@ class Endpoint(Generic[Info]):
     ejected_until: float = 0.0
     healthy: bool = True  # from health checks
     info: Info | None = None  # what the instance says about itself, once it has (set by the pool's owner)
+    reported: ReportedLoad | None = None  # its own load report, where it sends them
     _stubs: dict[type, Any] = field(default_factory=dict)
+
+    @property
+    def load(self) -> int:
+        """Requests on it: ours in flight, or all it reports (other callers' included), whichever is more."""
+        reported = self.reported.waiting + self.reported.running if self.reported is not None else 0
+        return max(self.outstanding, reported)
 
     def stub(self, stub_class: type) -> Any:
         if stub_class not in self._stubs:
             self._stubs[stub_class] = stub_class(self.channel)
         return self._stubs[stub_class]
+
+
+# Picks the endpoint for a call among the usable ones (healthy, not ejected, accepted).
+Choose = Callable[[list[Endpoint[Info]]], Endpoint[Info]]
 
 
 class Pool(Generic[Info]):
@@ -80,9 +102,13 @@ class Pool(Generic[Info]):
         log.info("%s instances: %s", self.service, ", ".join(e.instance.address for e in self.endpoints) or "none")
 
     def pick(
-        self, exclude: Iterable[str] = (), accept: Callable[[Endpoint[Info]], bool] | None = None
+        self,
+        exclude: Iterable[str] = (),
+        accept: Callable[[Endpoint[Info]], bool] | None = None,
+        choose: Choose[Info] | None = None,
     ) -> Endpoint[Info]:
-        """The endpoint for the next call, among those `accept` allows (all by default)."""
+        """The endpoint for the next call, among those `accept` allows (all by default): `choose`'s
+        pick among the usable ones, or the least busy."""
         excluded = set(exclude)
         candidates = [e for key, e in self._endpoints.items() if key not in excluded and (accept is None or accept(e))]
         if not candidates:
@@ -90,12 +116,15 @@ class Pool(Generic[Info]):
         now = self._clock()
         usable = [e for e in candidates if e.healthy and e.ejected_until <= now]
         if usable:
-            fewest = min(e.outstanding for e in usable)
-            idle = [e for e in usable if e.outstanding == fewest]
-            self._turn += 1  # ties go round-robin, so equally idle instances share the load
-            return idle[self._turn % len(idle)]
+            return choose(usable) if choose is not None else self.least_busy(usable)
         # Panic: everything is ejected or unhealthy; the one whose ejection ends first is the best bet.
         return min(candidates, key=lambda e: (not e.healthy, e.ejected_until, e.outstanding))
+
+    def least_busy(self, usable: list[Endpoint[Info]]) -> Endpoint[Info]:
+        fewest = min(e.load for e in usable)
+        idle = [e for e in usable if e.load == fewest]
+        self._turn += 1  # ties go round-robin, so equally idle instances share the load
+        return idle[self._turn % len(idle)]
 
     def alternatives(self, tried: Iterable[str], accept: Callable[[Endpoint[Info]], bool] | None = None) -> bool:
         untried = set(self._endpoints) - set(tried)

@@ -16,8 +16,14 @@ from services.mesh.logs import request_scope
 
 REQUEST_ID_METADATA = "x-request-id"
 Track = Callable[[grpc.ServicerContext], None]
-# Health watches live as long as the caller's channel: they are not work a drain waits for.
+# Health checks, and watches (grpc.health.v1's Watch, Inference.WatchLoad), which live as long as
+# the caller's channel: they are not work a drain waits for.
 _UNTRACKED_PREFIX = "/grpc.health.v1.Health/"
+
+
+def _untracked(method: str) -> bool:
+    return method.startswith(_UNTRACKED_PREFIX) or method.rsplit("/", 1)[-1].startswith("Watch")
+
 
 HANDLED = Counter(
     "sluice_grpc_server_handled_total", "gRPC calls completed, by method and status code", ["method", "code"]
@@ -43,7 +49,7 @@ class CallObserver(UnaryRequestInterceptor):
 
     @property
     def active(self) -> int:
-        """Calls running now, health checks excluded."""
+        """Calls running now, health checks and watches excluded."""
         return self._active
 
     def wait_idle(self, timeout_s: float) -> bool:
@@ -66,7 +72,7 @@ class CallObserver(UnaryRequestInterceptor):
     def intercept(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         method = details.method
         request_id = dict(details.invocation_metadata or ()).get(REQUEST_ID_METADATA)
-        track = self._started if not method.startswith(_UNTRACKED_PREFIX) else lambda _: None
+        track = self._started if not _untracked(method) else lambda _: None
         observe = self._streaming if handler.response_streaming else self._unary
         return wrap_behavior(handler, lambda behavior: observe(behavior, method, request_id, track))
 

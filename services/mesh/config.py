@@ -202,6 +202,11 @@ class Settings(BaseSettings):
         description="bitwise-identical output whatever shares the batch (slower: see docs/benchmarks.md)",
         json_schema_extra=used_by(INFERENCE),
     )
+    prefix_caching: bool = Field(
+        True,
+        description="reuse the KV of prompt prefixes computed before (kept in free KV blocks until they are wanted)",
+        json_schema_extra=used_by(INFERENCE),
+    )
 
     cache_backend: Literal["memory", "redis"] = Field(
         "memory",
@@ -284,6 +289,12 @@ class Settings(BaseSettings):
         15.0,
         gt=0,
         description="edge: a `: ping` SSE comment this often while a stream waits for its first token",
+        json_schema_extra=used_by(EDGE),
+    )
+    prefix_routing: bool = Field(
+        True,
+        description="edge: send a prompt to the inference replica that computed its prefix, unless it is busier "
+        "than its share (see docs/prefix-caching.md)",
         json_schema_extra=used_by(EDGE),
     )
     upstream_timeout_s: float = Field(

@@ -33,6 +33,7 @@ def test_each_choice_is_the_lone_request_with_its_seed(client: openai.OpenAI) ->
 
 
 def test_streamed_choices_carry_their_index_and_one_usage_chunk_ends_the_stream(client: openai.OpenAI) -> None:
+    client.chat.completions.create(seed=7, **ASK)  # the prompt is in the prefix cache for both runs below
     whole = client.chat.completions.create(n=4, seed=7, **ASK)
     chunks = list(
         client.chat.completions.create(n=4, seed=7, stream=True, stream_options={"include_usage": True}, **ASK)

@@ -51,6 +51,11 @@ class InferenceStub:
                 request_serializer=sluice_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=sluice_dot_v1_dot_inference__pb2.ListModelsReply.FromString,
                 _registered_method=True)
+        self.WatchLoad = channel.unary_stream(
+                '/sluice.v1.Inference/WatchLoad',
+                request_serializer=sluice_dot_v1_dot_inference__pb2.WatchLoadRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_inference__pb2.LoadReport.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -76,6 +81,14 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchLoad(self, request, context):
+        """The instance's load now and whenever it changes (at most every few hundred milliseconds), for
+        as long as the caller listens: pushed, so routing never asks per request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +106,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=sluice_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
                     response_serializer=sluice_dot_v1_dot_inference__pb2.ListModelsReply.SerializeToString,
+            ),
+            'WatchLoad': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchLoad,
+                    request_deserializer=sluice_dot_v1_dot_inference__pb2.WatchLoadRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_inference__pb2.LoadReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +196,33 @@ class Inference:
             '/sluice.v1.Inference/ListModels',
             sluice_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
             sluice_dot_v1_dot_inference__pb2.ListModelsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sluice.v1.Inference/WatchLoad',
+            sluice_dot_v1_dot_inference__pb2.WatchLoadRequest.SerializeToString,
+            sluice_dot_v1_dot_inference__pb2.LoadReport.FromString,
             options,
             channel_credentials,
             insecure,
