@@ -492,6 +492,8 @@ class Engine:
             if seq.prefilling or seq not in self._running:
                 continue
             missing = seq.kv.missing(seq.kv.length + 1)
+            if not missing:  # most steps: the token fits in the last block
+                continue
             while missing > self._blocks.free:
                 newest = max(self._running, key=lambda s: s.order)
                 self._preempt(newest)

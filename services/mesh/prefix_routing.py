@@ -7,8 +7,9 @@ prompt to the replica whose remembered chains share the most leading blocks with
 replica is busier than its fair share (consistent hashing with bounded loads: at most
 (1 + spill) times the average load, counting this request, and at least `slack` requests more
 than the least busy replica, since a few more sequences in a batch cost far less than computing a
-long prefix again); then to the least busy one, which from then on holds the prefix too. So a hot prefix spreads over as many replicas as its load
-needs, and a cold one stays where it was computed. A replica that is ejected or stops serving
+long prefix again); then to the least busy one, which from then on holds the prefix too. So a
+hot prefix spreads over as many replicas as its load needs, and a cold one stays where it was
+computed. A replica that is ejected or stops serving
 is forgotten: its prefixes move to whichever replica takes them next.
 
 Pure logic over balancer endpoints; no network.
