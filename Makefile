@@ -53,6 +53,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/concurrency.py --preset bench --concurrency 1,16
 	$(BIN)/python benchmarks/tracing_overhead.py
 	$(BIN)/python benchmarks/structured_output.py
+	$(BIN)/python benchmarks/prefix_cache.py --preset default
 
 # 10 minutes of streaming load while random backends are killed with SIGKILL.
 soak: $(VENV)/.installed-test

@@ -10,9 +10,13 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import openai
 import pytest
 from meshproc import Mesh, start_mesh, wait_for
+
+from services.mesh.certs import ca_paths, service_paths
+from services.mesh.stubs import common_pb2, inference_pb2, inference_pb2_grpc
 
 MODEL = "sluice-tiny"
 NO_CACHE = {"Cache-Control": "no-cache"}  # the completion cache must not answer: the engine does
@@ -134,3 +138,29 @@ def test_a_killed_replicas_prefixes_move_to_the_survivor(two_replicas: Mesh, cli
         prompt = [*system, 9]
         reply = _complete(client, prompt)
         assert reply.usage.prompt_tokens_details.cached_tokens == _expected(len(system), len(prompt)), i
+
+
+def test_an_instance_pushes_its_load_as_it_changes(mesh: Mesh) -> None:
+    """What the edge routes by: WatchLoad reports at once, then when a sequence runs and leaves."""
+    own = service_paths(mesh.certs_dir, "edge")
+    creds = grpc.ssl_channel_credentials(
+        ca_paths(mesh.certs_dir).cert.read_bytes(), own.key.read_bytes(), own.cert.read_bytes()
+    )
+    endless = inference_pb2.GenerateRequest(
+        request_id="load",
+        token_ids=[5, 6, 7] * 20,
+        sampling=common_pb2.SamplingParams(max_tokens=1000, ignore_eos=True),
+    )
+    with grpc.secure_channel(mesh.address("inference"), creds) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        reports = stub.WatchLoad(inference_pb2.WatchLoadRequest(), timeout=60)
+        idle = next(reports)
+        assert idle.running == 0 and idle.waiting == 0
+        assert 0 < idle.kv_blocks_free == idle.kv_blocks_total
+        call = stub.Generate(endless, timeout=60)
+        next(call)
+        busy = next(r for r in reports if r.running == 1)
+        assert busy.kv_blocks_free < busy.kv_blocks_total
+        call.cancel()
+        assert next(r for r in reports if r.running == 0).kv_blocks_free == idle.kv_blocks_total
+        reports.cancel()
