@@ -97,6 +97,20 @@ def _parser() -> argparse.ArgumentParser:
     envoy.add_argument("--out", type=Path, help="write the bootstrap here (default: standard output)")
     envoy.add_argument("--no-validate", dest="validate", action="store_false", help="skip `envoy --mode validate`")
 
+    health = commands.add_parser(
+        "health",
+        help="exit 0 if a gRPC service is SERVING (a probe for Kubernetes)",
+        description="Ask a Sluice gRPC service whether it is SERVING (grpc.health.v1), over mTLS with the "
+        "service's own certificate, and exit 0 if it is, 1 if it answers NOT_SERVING (draining, a hung "
+        "engine), 2 if it cannot be reached within the deadline. Meant as a Kubernetes exec probe: the "
+        "kubelet's own gRPC probe cannot present a client certificate.",
+    )
+    health.add_argument("service", choices=[s for s in SERVICES if s != "edge"], help="which service to ask")
+    health.add_argument("--address", help="host:port to ask (default: 127.0.0.1 and the service's port setting)")
+    health.add_argument("--timeout-s", type=float, default=3.0, help="deadline of the check (default 3)")
+    add_config_flag(health)
+    add_setting_flags(health, "certs_dir", "insecure", "preprocess_port", "inference_port", "cache_port")
+
     certs = commands.add_parser("certs", help="manage the mesh's TLS material")
     certs_cmd = certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
     init = certs_cmd.add_parser(
@@ -218,6 +232,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "keys":
         return _keys(settings, args)
+    if args.command == "health":
+        from services.mesh.probe import probe
+
+        port = getattr(settings, f"{args.service}_port")
+        if not args.address and not port:
+            parser.error(
+                f"give --address or the {args.service} port (--{args.service}-port, SLUICE_{args.service.upper()}_PORT)"
+            )
+        return probe(settings, args.service, args.address or f"127.0.0.1:{port}", args.timeout_s)
     if args.command == "up":
         from services.inference.embedding_default import resolve_embedding_model
         from services.up import MeshPlan, up

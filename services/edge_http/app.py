@@ -30,7 +30,8 @@ from services.edge_http.routes import embedding, generation, status
 from services.edge_http.upstreams import Upstreams
 from services.mesh.config import Settings
 from services.mesh.consul import ConsulDiscovery
-from services.mesh.discovery import StaticDiscovery
+from services.mesh.discovery import Discovery, StaticDiscovery
+from services.mesh.dns_discovery import DnsDiscovery
 from services.mesh.telemetry import shutdown_tracing, tracing_enabled
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,13 @@ class NormalizeSlashes:
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        discovery = (
-            ConsulDiscovery(settings) if settings.discovery == "consul" else StaticDiscovery.from_settings(settings)
-        )
+        discovery: Discovery
+        if settings.discovery == "consul":
+            discovery = ConsulDiscovery(settings)
+        elif settings.discovery == "dns":
+            discovery = DnsDiscovery(settings)
+        else:
+            discovery = StaticDiscovery.from_settings(settings)
         upstreams = Upstreams(settings, discovery)
         app.state.upstreams = upstreams
         app.state.pipeline = Pipeline(upstreams, settings)

@@ -70,7 +70,7 @@ class Upstreams:
         self.pools = {
             svc: Pool[ModelInfo](
                 svc,
-                lambda address: aio_channel(settings, address, IDENTITY),
+                lambda instance: aio_channel(settings, instance.address, IDENTITY, instance.tls_name),
                 on_eject=self._ejected,
             )
             for svc in UPSTREAM_SERVICES

@@ -71,7 +71,7 @@ class Pool(Generic[Info]):
     def __init__(
         self,
         service: str,
-        make_channel: Callable[[str], Any],
+        make_channel: Callable[[Instance], Any],
         eject_after: int = 3,
         cooldown_s: float = 10.0,
         on_eject: Callable[[Endpoint[Info]], None] = lambda _: None,
@@ -98,7 +98,7 @@ class Pool(Generic[Info]):
             self.retired.append(self._endpoints.pop(key).channel)
         for key, instance in wanted.items():
             if key not in self._endpoints:
-                self._endpoints[key] = Endpoint(instance, self._make_channel(instance.address))
+                self._endpoints[key] = Endpoint(instance, self._make_channel(instance))
         log.info("%s instances: %s", self.service, ", ".join(e.instance.address for e in self.endpoints) or "none")
 
     def pick(

@@ -21,13 +21,16 @@ CHANNEL_OPTIONS = (
 )
 
 
-def aio_channel(settings: Settings, target: str, identity: str) -> grpc.aio.Channel:
+def aio_channel(settings: Settings, target: str, identity: str, tls_name: str = "") -> grpc.aio.Channel:
+    """`tls_name`: the name the server's certificate must carry, when `target` is an address it
+    was found at (a pod IP behind a DNS name) rather than that name."""
     # With tracing on, every call carries the W3C trace context in its metadata.
     interceptors = client_interceptors()
     if settings.insecure:
         return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS, interceptors=interceptors)
+    options = (*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", tls_name)) if tls_name else CHANNEL_OPTIONS
     return grpc.aio.secure_channel(
-        target, channel_credentials(settings, identity), options=CHANNEL_OPTIONS, interceptors=interceptors
+        target, channel_credentials(settings, identity), options=options, interceptors=interceptors
     )
 
 

@@ -129,10 +129,22 @@ class Settings(BaseSettings):
         json_schema_extra=used_by(PREPROCESS, INFERENCE, CACHE, up=False),
     )
 
-    discovery: Literal["static", "consul"] = Field(
+    discovery: Literal["static", "consul", "dns"] = Field(
         "static",
-        description="how services find each other: the *_addr settings, or Consul",
+        description="how services find each other: the *_addr settings as they are, Consul, or the *_addr "
+        "names resolved to every address they have (Kubernetes headless Services)",
         json_schema_extra=used_by(MESH),
+    )
+    dns_refresh_s: float = Field(
+        5.0,
+        gt=0,
+        description="dns discovery: how often the *_addr names are resolved again",
+        json_schema_extra=used_by(EDGE),
+    )
+    dns_server: str = Field(
+        "",
+        description="dns discovery: host:port of the DNS server to ask (default: the system's resolvers)",
+        json_schema_extra=used_by(EDGE),
     )
     consul_addr: str = Field(
         "127.0.0.1:8500", description="host:port of the local Consul agent's HTTP API", json_schema_extra=used_by(MESH)

@@ -1,8 +1,9 @@
 """Where callers find the instances of a service.
 
 Static addresses (comma-separated lists, one entry per replica) are the embedded default;
-Consul (services/mesh/consul.py) is the dynamic backend. Both hand a caller the instances to
-use through `watch`, so pools update without restarts.
+Consul (services/mesh/consul.py) and DNS (dns_discovery.py: Kubernetes headless Services) are
+the dynamic backends. Each hands a caller the instances to use through `watch`, so pools update
+without restarts.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class Instance:
     address: str  # host:port
     id: str = ""  # unique per instance; defaults to the address
     tags: tuple[str, ...] = field(default=(), compare=False)
+    tls_name: str = ""  # the name its certificate carries, when the address is not it (an IP found by DNS)
 
     @property
     def key(self) -> str:

@@ -15,7 +15,8 @@ from services.mesh.handlers import wrap_behavior
 
 # The edge calls every backend; Envoy's internal gRPC listener forwards the edge's calls as `envoy`.
 DEFAULT_CALLERS = frozenset({"edge", "envoy"})
-# The Consul agent runs gRPC health checks and may do nothing else.
+# The Consul agent runs gRPC health checks and may do nothing else; so may a service checking its
+# own health with its own certificate (`sluice health`, the Kubernetes exec probe).
 HEALTH_CHECKERS = frozenset({"consul"})
 _HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
@@ -30,7 +31,7 @@ class PeerAuthorizer(grpc.ServerInterceptor):
     def __init__(self, service: str, callers: Iterable[str] = DEFAULT_CALLERS) -> None:
         self._service = service
         self._callers = frozenset(spiffe_id(c) for c in callers)
-        self._health_callers = self._callers | {spiffe_id(c) for c in HEALTH_CHECKERS}
+        self._health_callers = self._callers | {spiffe_id(c) for c in (*HEALTH_CHECKERS, service)}
 
     def allowed(self, method: str, identity: str | None) -> bool:
         callers = self._health_callers if method.startswith(_HEALTH_PREFIX) else self._callers

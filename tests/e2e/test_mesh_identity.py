@@ -76,9 +76,18 @@ def test_client_certificate_outside_its_validity_is_refused(
 
 @pytest.mark.parametrize("service", BACKENDS)
 def test_mesh_identity_not_allowed_to_call_a_service_is_denied(mesh: Mesh, service: str) -> None:
-    # A real, valid mesh certificate, but preprocess never calls its peers.
-    code = _refusal(lambda: _health(mesh.address(service), mesh.certs_dir, "preprocess"))
+    # A real, valid mesh certificate of a backend that never calls its peers (a service may only
+    # check its own health: `sluice health`, so the caller is another backend).
+    caller = "cache" if service == "preprocess" else "preprocess"
+    code = _refusal(lambda: _health(mesh.address(service), mesh.certs_dir, caller))
     assert code == grpc.StatusCode.PERMISSION_DENIED
+
+
+@pytest.mark.parametrize("service", BACKENDS)
+def test_sluice_health_checks_a_running_service_with_its_own_identity(mesh: Mesh, service: str) -> None:
+    probe = [sys.executable, "-m", "services.cli", "health", service, "--address", mesh.address(service)]
+    done = subprocess.run([*probe, "--certs-dir", str(mesh.certs_dir)], cwd=REPO_ROOT, capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr.decode()
 
 
 def test_consul_may_check_health_and_nothing_else(mesh: Mesh) -> None:

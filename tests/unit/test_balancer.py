@@ -19,7 +19,7 @@ class Clock:
 def _pool(*addresses: str, clock: Clock | None = None, ejected: list | None = None) -> Pool:
     pool = Pool(
         "inference",
-        lambda address: f"channel to {address}",
+        lambda instance: f"channel to {instance.address}",
         eject_after=3,
         cooldown_s=10,
         on_eject=(ejected if ejected is not None else []).append,

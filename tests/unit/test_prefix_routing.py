@@ -19,7 +19,7 @@ class Clock:
 
 def _setup(replicas: int = 3) -> tuple[Pool, PrefixRouter, Clock]:
     clock = Clock()
-    pool: Pool = Pool("inference", lambda address: address, eject_after=1, cooldown_s=10, clock=clock)
+    pool: Pool = Pool("inference", lambda instance: instance.address, eject_after=1, cooldown_s=10, clock=clock)
     pool.update([Instance("inference", f"r{i}:1") for i in range(replicas)])
     return pool, PrefixRouter(pool), clock
 
