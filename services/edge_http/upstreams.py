@@ -35,6 +35,7 @@ from services.mesh.health import SERVING, check_async
 from services.mesh.prefix_routing import PrefixRouter
 from services.mesh.stubs.inference_pb2 import ListModelsRequest, ModelInfo, WatchLoadRequest
 from services.mesh.stubs.inference_pb2_grpc import InferenceStub
+from services.mesh.tls import CertificateWatch
 from services.mesh.tool_formats import ToolFormat
 
 log = logging.getLogger(__name__)
@@ -76,10 +77,14 @@ class Upstreams:
             for svc in UPSTREAM_SERVICES
         }
         self._router = PrefixRouter(self.pools["inference"]) if settings.prefix_routing else None
+        # Channels keep the client certificate they were opened with: a renewed one (cert-manager
+        # replaces the files) takes new channels.
+        self._certificate = None if settings.insecure else CertificateWatch(settings, IDENTITY)
         for svc, pool in self.pools.items():
             discovery.watch(svc, lambda instances, pool=pool: self._update(pool, instances))
         self._watchers: dict[int, asyncio.Task] = {}
         self._load_watchers: dict[int, asyncio.Task] = {}
+        self._closing: set[asyncio.Task] = set()  # old channels finishing their calls
         self._health_task = asyncio.create_task(self._check_health_forever())
 
     def _update(self, pool: Pool, instances: list[Instance]) -> None:
@@ -91,10 +96,29 @@ class Upstreams:
             self._loop.call_soon_threadsafe(self._update, pool, instances)
             return
         pool.update(instances)
+        self._retire(pool)
+
+    def _retire(self, pool: Pool) -> None:
         retired, pool.retired = pool.retired, []
         for channel in retired:
             # Calls still running on a removed instance get the drain grace period to finish.
             self._loop.call_later(self._settings.drain_grace_s + 5, lambda c=channel: asyncio.ensure_future(c.close()))
+
+    def _renew_channels(self) -> None:
+        """New channels to every instance with the renewed certificate. Calls running on the old
+        ones finish there (up to a generation's deadline); the watches move at once, so no
+        instance looks unhealthy meanwhile."""
+        for pool in self.pools.values():
+            pool.renew_channels()
+            retired, pool.retired = pool.retired, []
+            for channel in retired:
+                closing = asyncio.ensure_future(channel.close(grace=self._settings.generate_timeout_s))
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
+        for tasks in (self._watchers, self._load_watchers):
+            for task in tasks.values():
+                task.cancel()
+            tasks.clear()
 
     def _ejected(self, endpoint: Upstream) -> None:
         UPSTREAM_EJECTIONS.labels(endpoint.instance.service).inc()
@@ -110,6 +134,8 @@ class Upstreams:
         NOT_SERVING the moment it changes, and no new call is made to it for the check. Chat model
         instances that serve also push their load (WatchLoad)."""
         while True:
+            if self._certificate is not None and self._certificate.changed() is not None:
+                self._renew_channels()
             current = {id(e): e for pool in self.pools.values() for e in pool.endpoints}
             _keep(self._watchers, current, lambda e: True, self._watch_health)
             _keep(self._load_watchers, current, _reports_load, self._watch_load)

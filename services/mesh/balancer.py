@@ -101,6 +101,14 @@ class Pool(Generic[Info]):
                 self._endpoints[key] = Endpoint(instance, self._make_channel(instance))
         log.info("%s instances: %s", self.service, ", ".join(e.instance.address for e in self.endpoints) or "none")
 
+    def renew_channels(self) -> None:
+        """Open a new channel to every instance (new credentials), keeping its state; the old
+        channels go to `retired` for the owner to close once their calls are done."""
+        for endpoint in self._endpoints.values():
+            self.retired.append(endpoint.channel)
+            endpoint.channel = self._make_channel(endpoint.instance)
+            endpoint._stubs.clear()
+
     def pick(
         self,
         exclude: Iterable[str] = (),

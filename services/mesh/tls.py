@@ -1,4 +1,6 @@
-"""mTLS credentials for servers and channels, read from the certs folder (servers follow rotation)."""
+"""mTLS credentials for servers and channels, read from the certs folder. Both follow rotation:
+servers through grpc's dynamic credentials, clients by opening new channels when their own
+certificate files change (CertificateWatch)."""
 
 from __future__ import annotations
 
@@ -32,38 +34,54 @@ def _matching_pair(cert: bytes, key: bytes) -> bool:
     return serialization.load_pem_private_key(key, password=None).public_key() == public
 
 
-class _RotatingCertificates:
-    """Asked by grpc on every new connection: a new configuration once the files changed.
+class CertificateWatch:
+    """Whether an identity's certificate files (its pair and the CA) were replaced since last asked.
 
-    A half-done replacement (a new certificate beside the old key) is not taken; the files
-    are read again on the next connection until they match.
+    A half-done replacement (a new certificate beside the old key) does not count; the files are
+    looked at again next time until they match.
     """
 
-    def __init__(self, settings: Settings, service: str) -> None:
-        self._settings, self._service = settings, service
-        own = service_paths(settings.certs_dir, service)
+    def __init__(self, settings: Settings, identity: str) -> None:
+        own = service_paths(settings.certs_dir, identity)
+        self._settings, self._identity = settings, identity
         self._files = (ca_paths(settings.certs_dir).cert, own.cert, own.key)
         self._stamp = self._stamps()
 
     def _stamps(self) -> tuple[tuple[int, int], ...]:
         return tuple((st.st_mtime_ns, st.st_size) for st in (path.stat() for path in self._files))
 
+    def changed(self) -> tuple[bytes, bytes, bytes] | None:
+        """The new (CA, certificate, key), once, when the files changed into a matching pair."""
+        try:
+            stamp = self._stamps()
+            if stamp == self._stamp:
+                return None
+            ca, cert, key = _read(self._settings, self._identity)
+            if not _matching_pair(cert, key):
+                return None
+        except (OSError, ValueError):
+            return None  # mid-replacement; keep the current certificate
+        self._stamp = stamp
+        log.info("%s: certificate files changed; new connections use the new certificate", self._identity)
+        return ca, cert, key
+
+
+class _RotatingCertificates:
+    """Asked by grpc on every new connection: a new configuration once the files changed."""
+
+    def __init__(self, settings: Settings, service: str) -> None:
+        self._settings, self._service = settings, service
+        self._watch = CertificateWatch(settings, service)
+
     def initial(self) -> grpc.ServerCertificateConfiguration:
         ca, cert, key = _read(self._settings, self._service)
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        try:
-            stamp = self._stamps()
-            if stamp == self._stamp:
-                return None
-            ca, cert, key = _read(self._settings, self._service)
-            if not _matching_pair(cert, key):
-                return None
-        except (OSError, ValueError):
-            return None  # mid-replacement; keep serving the current certificate
-        self._stamp = stamp
-        log.info("%s: certificate files changed; new connections use the new certificate", self._service)
+        new = self._watch.changed()
+        if new is None:
+            return None
+        ca, cert, key = new
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
 
