@@ -13,8 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from dnslib import AAAA, QTYPE, RR, A, DNSRecord
-from dnslib.server import BaseResolver, DNSServer
+from dns_standin import Zone, dns_zone
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from meshproc import wait_for
 
@@ -28,34 +27,10 @@ from services.mesh.tls import server_credentials
 NAME = "sluice-inference.sluice.svc.cluster.local"
 
 
-class Records(BaseResolver):
-    """A zone the test edits: name → addresses; anything else is NXDOMAIN."""
-
-    def __init__(self) -> None:
-        self.names: dict[str, list[str]] = {}
-
-    def resolve(self, request: DNSRecord, handler: object) -> DNSRecord:
-        reply = request.reply()
-        name = str(request.q.qname).rstrip(".")
-        if name not in self.names:
-            reply.header.rcode = 3  # NXDOMAIN
-            return reply
-        for address in self.names[name]:
-            v6 = ":" in address
-            if request.q.qtype == (QTYPE.AAAA if v6 else QTYPE.A):
-                reply.add_answer(RR(request.q.qname, request.q.qtype, rdata=AAAA(address) if v6 else A(address), ttl=1))
-        return reply
-
-
 @pytest.fixture
-def zone() -> Iterator[tuple[Records, str]]:
-    records = Records()
-    server = DNSServer(records, address="127.0.0.1", port=0)
-    server.start_thread()
-    try:
-        yield records, f"127.0.0.1:{server.server.server_address[1]}"
-    finally:
-        server.stop()
+def zone() -> Iterator[tuple[Zone, str]]:
+    with dns_zone() as served:
+        yield served, served.server
 
 
 def _settings(server: str, **addresses: str) -> Settings:
