@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from services.inference.default_model import PRESETS
@@ -23,6 +24,9 @@ from services.mesh.config import (
     up_settings,
 )
 from services.mesh.logs import configure_logging
+
+# Where `sluice up` says what runs, and `sluice status` looks (beside sluice-keys.json).
+STATE_FILE = Path("sluice-state.json")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,7 +70,13 @@ def _parser() -> argparse.ArgumentParser:
         help="also serve this model directory (served as its directory name), e.g. a canary version of --model: "
         "models/v2/sluice-tiny@2 (repeatable; split traffic with --model-weights)",
     )
-    up.add_argument("--state-file", type=Path, help="write the base URL and every service's addresses here (JSON)")
+    up.add_argument(
+        "--state-file",
+        type=Path,
+        default=STATE_FILE,
+        help=f"write the base URL and every service's addresses, pids and restarts here, for `sluice status` "
+        f"(JSON; default {STATE_FILE})",
+    )
     up.add_argument(
         "--log-dir", type=Path, help="write each service's log to DIR/<service>.log instead of the terminal"
     )
@@ -110,6 +120,26 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--timeout-s", type=float, default=3.0, help="deadline of the check (default 3)")
     add_config_flag(health)
     add_setting_flags(health, "certs_dir", "insecure", "preprocess_port", "inference_port", "cache_port")
+
+    status = commands.add_parser(
+        "status",
+        help="show what a running mesh is doing",
+        description="Ask a running mesh what it is doing and print it as tables: every service and replica "
+        "(address, health, supervisor state, restarts, uptime), every served model (instances serving, "
+        "requests waiting, sequences running, KV cache in use, tokens per second over the last minute) and "
+        "the completion cache's hit ratio. It finds the services in the state file `sluice up` writes, or "
+        "in Consul (--discovery consul, with --url for the edge).",
+    )
+    status.add_argument(
+        "--state-file", type=Path, default=STATE_FILE, help=f"what `sluice up` wrote (default {STATE_FILE})"
+    )
+    status.add_argument("--url", help="the edge's base URL, e.g. http://127.0.0.1:8000/v1 (with Consul)")
+    status.add_argument("--json", action="store_true", help="print the status as JSON, for scripts")
+    status.add_argument(
+        "--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until Ctrl-C (default: print once)"
+    )
+    add_config_flag(status)
+    add_setting_flags(status, "certs_dir", "insecure", "discovery", "consul_addr", "consul_scheme", "consul_token")
 
     certs = commands.add_parser("certs", help="manage the mesh's TLS material")
     certs_cmd = certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
@@ -232,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "keys":
         return _keys(settings, args)
+    if args.command == "status":
+        return _status(settings, args, parser)
     if args.command == "health":
         from services.mesh.probe import probe
 
@@ -281,6 +313,54 @@ def _envoy_config(settings: Settings, args: argparse.Namespace) -> int:
             return 1
         print(f"{args.out} written and validated by Envoy", file=sys.stderr)
     return 0
+
+
+def _status(settings: Settings, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from services import status
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per scrape is noise here
+    if settings.discovery == "consul":
+        if not args.url:
+            parser.error("with Consul discovery, give the edge's base URL: --url http://HOST:PORT/v1")
+
+        def locate() -> tuple[str, list[status.Located]]:
+            return args.url, status.from_consul(settings, args.url)
+    else:
+        if not args.state_file.exists():
+            print(
+                f"sluice status: {args.state_file} not found: is the mesh running (`sluice up` writes it)? "
+                "Elsewhere give --state-file, or --discovery consul with --url",
+                file=sys.stderr,
+            )
+            return 2
+
+        def locate() -> tuple[str, list[status.Located]]:
+            return status.from_state_file(args.state_file)
+
+    probes = status.network_probes(settings)
+
+    def snapshot() -> status.MeshStatus:
+        base_url, located = locate()
+        return status.gather(base_url, located, probes)
+
+    if args.json:
+        print(snapshot().to_json())
+        return 0
+    from rich.console import Console, Group
+    from rich.live import Live
+
+    console = Console()
+    if not args.watch:
+        for part in status.render(snapshot()):
+            console.print(part)
+        return 0
+    with Live(console=console, auto_refresh=False) as live:
+        try:
+            while True:
+                live.update(Group(*status.render(snapshot())), refresh=True)
+                time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return 0
 
 
 def _keys(settings: Settings, args: argparse.Namespace) -> int:

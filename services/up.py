@@ -163,6 +163,7 @@ def up(
             log.info("%s: stopping every service (up to %.0fs to drain)", stop.received.name, settings.drain_grace_s)
         supervisor.stop_all(settings.drain_grace_s + 5)
         metrics_httpd.shutdown()
+        state.remove()  # nothing runs any more: `sluice status` must not show it
         return code
 
 
@@ -188,6 +189,10 @@ class MeshState:
         temporary = self.path.with_name(f".{self.path.name}.tmp")
         temporary.write_text(json.dumps(state | {"services": services}, indent=2))
         os.replace(temporary, self.path)
+
+    def remove(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 def _announce(

@@ -198,6 +198,7 @@ def assert_stops_cleanly_mid_stream(mesh: Mesh, how: str, grace_s: float, max_to
     with httpx.Client(timeout=60) as client, client.stream("POST", url, json=body) as reply:
         lines = reply.iter_lines()
         assert next(lines).startswith("data: ")
+        pids = [info["pid"] for info in mesh.state()["services"].values()]  # `sluice up` removes the file on exit
         stopped_at = time.monotonic()
         STOP_SIGNALS[how](mesh)
         rest = [line for line in lines if line]
@@ -207,7 +208,8 @@ def assert_stops_cleanly_mid_stream(mesh: Mesh, how: str, grace_s: float, max_to
     assert events[-1]["choices"][0]["finish_reason"] == "length", "the stream was cut instead of drained"
     assert mesh.process.wait(timeout=grace_s + 10) == 0
     assert time.monotonic() - stopped_at < grace_s + 5
-    assert not [info["pid"] for info in mesh.state()["services"].values() if alive(info["pid"])]
+    assert not [pid for pid in pids if alive(pid)]
+    assert not mesh.state_file.exists()
 
 
 GENERATION_PROMPT = "'<|im_start|>assistant\\n' }}"  # where the default model's template opens the answer

@@ -636,6 +636,7 @@ class Engine:
         seq.sampler.observe(token)
         seq.output_ids.append(token)
         metrics.TOKENS_GENERATED.inc()
+        metrics.TOKEN_RATE.add()
         if seq.generated == 1:
             seq.handle.first_token_at = now
             metrics.TIME_TO_FIRST_TOKEN.observe(now - seq.handle.queued_at)

@@ -1,6 +1,40 @@
 """Prometheus metrics of the inference service (the engine's figures)."""
 
+import collections
+import threading
+import time
+from collections.abc import Callable
+
 from prometheus_client import Counter, Gauge, Histogram
+
+
+class RollingRate:
+    """Events per second over the last `window_s` seconds, in one-second buckets (for people:
+    `sluice status`; Prometheus computes its own rates from the counters)."""
+
+    def __init__(self, window_s: int = 60, clock: Callable[[], float] = time.monotonic) -> None:
+        self._window_s, self._clock = window_s, clock
+        self._buckets: collections.deque[list[int]] = collections.deque()  # [second, count], oldest first
+        self._lock = threading.Lock()  # the engine adds, the metrics server's thread reads
+
+    def add(self, count: int = 1) -> None:
+        second = int(self._clock())
+        with self._lock:
+            if self._buckets and self._buckets[-1][0] == second:
+                self._buckets[-1][1] += count
+            else:
+                self._buckets.append([second, count])
+            self._trim(second)
+
+    def per_second(self) -> float:
+        with self._lock:
+            self._trim(int(self._clock()))
+            return sum(count for _, count in self._buckets) / self._window_s
+
+    def _trim(self, now: int) -> None:
+        while self._buckets and self._buckets[0][0] <= now - self._window_s:
+            self._buckets.popleft()
+
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -52,3 +86,8 @@ PREFIX_EVICTIONS = Counter(
 PREFIX_CACHED_BLOCKS = Gauge(
     "sluice_inference_prefix_cache_blocks", "KV blocks findable by content (held by sequences or idle)"
 )
+TOKEN_RATE = RollingRate()
+TOKENS_PER_SECOND = Gauge(
+    "sluice_inference_tokens_per_second", "Tokens sampled per second over the last minute (for sluice status)"
+)
+TOKENS_PER_SECOND.set_function(TOKEN_RATE.per_second)

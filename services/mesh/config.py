@@ -319,8 +319,10 @@ class Settings(BaseSettings):
         10.0, ge=0, description="seconds in-flight work may finish after SIGTERM", json_schema_extra=used_by(MESH)
     )
     log_level: str = Field("info", description="debug, info, warning or error", json_schema_extra=used_by(MESH))
-    log_format: Literal["json", "text"] = Field(
-        "json", description="log lines as JSON objects or plain text", json_schema_extra=used_by(MESH)
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto",
+        description="log lines as short text for people (auto: on a terminal) or JSON objects (auto: files, pipes)",
+        json_schema_extra=used_by(MESH),
     )
 
     @classmethod

@@ -97,7 +97,8 @@ def serve(settings: Settings, spec: GrpcService, port: int, ready_file: Path | N
 
     registration = None
     if settings.discovery == "consul":
-        registration = ConsulRegistration(settings, spec.name, address, spec.live, spec.tags, {"pid": str(os.getpid())})
+        meta = {"pid": str(os.getpid()), "metrics": metrics}  # `sluice status` scrapes it
+        registration = ConsulRegistration(settings, spec.name, address, spec.live, spec.tags, meta)
         registration.register()
 
     serving = True

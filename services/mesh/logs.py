@@ -1,23 +1,30 @@
 """Process-wide logging shared by every service and the CLI.
 
-JSON lines by default (one object per line: time, level, service, logger, message, and the
-request id and trace id of the request being served when there is one), or plain text for
-people reading a terminal. The request id travels in a context variable: the edge sets it per
-HTTP request, gRPC servers per call from the `x-request-id` metadata.
+For people at a terminal, short lines: time, service, level (in colour unless NO_COLOR is set)
+and message. For files, pipes and containers, JSON lines (one object per line: time, level,
+service, logger, message, and the request id and trace id of the request being served when there
+is one). `auto`, the default, picks text when the log goes to a terminal and JSON otherwise. The
+request id travels in a context variable: the edge sets it per HTTP request, gRPC servers per call
+from the `x-request-id` metadata.
 """
 
 from __future__ import annotations
 
 import contextvars
 import logging
+import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TextIO
 
 from opentelemetry import trace
 from pythonjsonlogger.json import JsonFormatter
 
-LOG_FORMATS = ("json", "text")
+LOG_FORMATS = ("auto", "json", "text")
+_COLOURS = {"DEBUG": "\033[2m", "WARNING": "\033[33m", "ERROR": "\033[31m", "CRITICAL": "\033[1;31m"}
+_RESET = "\033[0m"
 
 _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("sluice_request_id", default=None)
 
@@ -48,11 +55,40 @@ class _RequestContext(logging.Filter):
         return True
 
 
-def configure_logging(level: str, service: str, fmt: str = "json") -> None:
+class _ConsoleFormatter(logging.Formatter):
+    """`14:03:07 inference  INFO  message [request id]`: what a person scanning a terminal needs."""
+
+    def __init__(self, colour: bool) -> None:
+        super().__init__()
+        self._colour = colour
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        level = f"{record.levelname:<5}"
+        if self._colour and record.levelname in _COLOURS:
+            level = f"{_COLOURS[record.levelname]}{level}{_RESET}"
+        request = getattr(record, "request_id", None)
+        line = f"{stamp} {getattr(record, 'service', '-'):<10} {level} {record.getMessage()}"
+        line += f" [{request}]" if request else ""
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def log_format(fmt: str, stream: TextIO) -> str:
+    """The format `fmt` means for this stream: `auto` is text on a terminal, JSON elsewhere."""
     if fmt not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, not {fmt!r}")
-    handler = logging.StreamHandler(sys.stderr)
+    if fmt != "auto":
+        return fmt
+    return "text" if stream.isatty() else "json"
+
+
+def configure_logging(level: str, service: str, fmt: str = "auto", stream: TextIO | None = None) -> None:
+    stream = stream or sys.stderr
+    handler = logging.StreamHandler(stream)
     handler.addFilter(_RequestContext(service))
+    fmt = log_format(fmt, stream)
     if fmt == "json":
         handler.setFormatter(
             JsonFormatter(
@@ -63,8 +99,6 @@ def configure_logging(level: str, service: str, fmt: str = "json") -> None:
             )
         )
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(service)s %(name)s [%(request_id)s]: %(message)s")
-        )
+        handler.setFormatter(_ConsoleFormatter(colour=stream.isatty() and "NO_COLOR" not in os.environ))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     logging.captureWarnings(True)  # library warnings become log lines too

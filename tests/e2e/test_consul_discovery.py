@@ -4,13 +4,16 @@ finding itself through it."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from consul_standin import ConsulStandIn
-from meshproc import start_mesh, wait_for
+from meshproc import REPO_ROOT, start_mesh, wait_for
 
 from services.mesh.config import Settings
 from services.mesh.consul import ConsulDiscovery, ConsulRegistration
@@ -101,6 +104,16 @@ def test_the_mesh_finds_itself_through_consul_and_leaves_it_when_stopped(
                 },
             )
             assert reply.status_code == 200, reply.text
+        # `sluice status` finds the same instances through Consul, with their metrics endpoints.
+        argv = [sys.executable, "-m", "services.cli", "status", "--json", "--discovery", "consul"]
+        argv += ["--consul-addr", standin.address, "--url", mesh.base_url, "--certs-dir", str(certs_dir)]
+        done = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        status = json.loads(done.stdout)
+        rows = status["instances"]
+        assert sorted(r["service"] for r in rows) == ["cache", "edge", "inference", "inference", "preprocess"]
+        assert all(r["healthy"] and r["uptime_s"] is not None for r in rows), rows
+        assert [(m["model"], m["serving"]) for m in status["models"]] == [(model_dir.name, 2)]
     finally:
         assert mesh.stop() == 0
     assert standin.services == {}  # every service deregistered on the way out

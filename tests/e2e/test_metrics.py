@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
 
+import httpx
 import openai
 import pytest
-from meshproc import Mesh
+from meshproc import REPO_ROOT, Mesh
 
 SERVICES = ("edge", "preprocess", "cache", "inference")
+METRIC = re.compile(r"\bsluice_[a-z_]+")
 TOKENS = 5
 
 
@@ -77,3 +81,24 @@ def test_counters_move_by_the_right_amounts(mesh: Mesh) -> None:
     assert after["inference"].value("sluice_inference_running_sequences") == 0
     assert after["inference"].value("sluice_inference_queue_depth") == 0
     assert [u.completion_tokens for u in usages] == [TOKENS] * 4
+
+
+DASHBOARD = REPO_ROOT / "deploy" / "kubernetes" / "components" / "grafana-dashboard" / "sluice-dashboard.json"
+
+
+def test_every_metric_the_dashboard_queries_is_exported(mesh: Mesh) -> None:
+    """Grafana's panels chart what a live mesh's /metrics serves (after some traffic, so every
+    histogram has its buckets); a renamed metric would leave a panel silently empty."""
+    client = openai.OpenAI(base_url=mesh.base_url, api_key="unused", max_retries=0)
+    client.chat.completions.create(
+        model=mesh.model_dir.name, messages=[{"role": "user", "content": uuid.uuid4().hex}], max_tokens=3
+    )
+    exported: set[str] = set()
+    for service in SERVICES:
+        text = httpx.get(f"http://{mesh.services[service]['metrics']}/metrics", timeout=5).text
+        exported |= {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+        exported |= {line.split("{")[0].split()[0] for line in text.splitlines() if line and line[0] != "#"}
+    dashboard = json.loads(DASHBOARD.read_text())
+    queried = {name for panel in dashboard["panels"] for t in panel["targets"] for name in METRIC.findall(t["expr"])}
+    assert len(queried) >= 15
+    assert sorted(queried - exported) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -106,3 +107,15 @@ def test_envoy_runs_the_config_setup_generates_for_the_edge() -> None:
     assert args.out == Path(config)
     assert f"{args.envoy_port}:{args.envoy_port}" in envoy["ports"]
     assert args.host == "0.0.0.0"  # reachable from outside the container
+
+
+def test_grafana_is_provisioned_with_the_dashboard_and_prometheus() -> None:
+    grafana = _services()["grafana"]
+    mounts = {target: COMPOSE.parent / source for source, target, _ in (v.split(":") for v in grafana["volumes"])}
+    dashboard = json.loads(mounts["/var/lib/grafana/dashboards/sluice.json"].read_text())
+    assert dashboard["uid"] == "sluice-mesh" and dashboard["panels"]
+    providers = yaml.safe_load(mounts["/etc/grafana/provisioning/dashboards/sluice.yml"].read_text())["providers"]
+    assert providers[0]["options"]["path"] == "/var/lib/grafana/dashboards"
+    (source,) = yaml.safe_load(mounts["/etc/grafana/provisioning/datasources/sluice.yml"].read_text())["datasources"]
+    prometheus_port = _services()["prometheus"]["ports"][0].split(":")[1]
+    assert source["type"] == "prometheus" and source["url"] == f"http://prometheus:{prometheus_port}"
