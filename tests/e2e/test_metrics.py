@@ -100,5 +100,5 @@ def test_every_metric_the_dashboard_queries_is_exported(mesh: Mesh) -> None:
         exported |= {line.split("{")[0].split()[0] for line in text.splitlines() if line and line[0] != "#"}
     dashboard = json.loads(DASHBOARD.read_text())
     queried = {name for panel in dashboard["panels"] for t in panel["targets"] for name in METRIC.findall(t["expr"])}
-    assert len(queried) >= 15
+    assert len(queried) >= 12  # the regex found the queries: the check below is not vacuous
     assert sorted(queried - exported) == []
