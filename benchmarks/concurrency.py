@@ -13,6 +13,9 @@ continuous-batching manager (`generate_batch`), and sequential `model.generate`.
 Memory: the inference service's peak RSS while 32 streams run with `max_tokens` unset, against
 the model's weights plus the KV blocks in use.
 
+Charts: a PNG of tokens/s and TTFT against concurrency (the mesh, the peer, the engine
+in-process at 16) beside the tables, in --charts (default benchmarks/results/).
+
     python benchmarks/concurrency.py [--preset default|bench] [--concurrency 1,4,16,32] [--repeats 3]
 """
 
@@ -40,6 +43,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from charts import Series, concurrency_chart
 from meshproc import Mesh, start_mesh
 
 from services.inference.default_model import PRESETS, build_default_model
@@ -320,6 +324,9 @@ def main() -> None:
     parser.add_argument("--skip-peer", action="store_true", help="do not start transformers serve")
     parser.add_argument("--skip-in-process", action="store_true", help="servers only")
     parser.add_argument("--mesh-arg", action="append", default=[], help="extra `sluice up` argument (repeatable)")
+    parser.add_argument(
+        "--charts", type=Path, default=Path(__file__).parent / "results", help="where the PNG chart goes"
+    )
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -413,12 +420,36 @@ def main() -> None:
         if local and level == 16:
             line += f", mesh/engine in-process {_median([r.tokens_per_s for r in ours]) / local['Sluice engine']:.2f}x"
         print(line)
+    chart = concurrency_chart(
+        args.charts / f"concurrency-{args.preset}.png",
+        f"{args.preset} model, {args.tokens} new tokens, greedy (medians of {args.repeats} alternated runs)",
+        _series(results, levels, local),
+    )
+    print(f"\nchart: {chart}")
     rss, weights, kv = memory
     budget = EngineLimits().kv_cache_bytes
     print(
         f"\ninference RSS at 32 streams, max_tokens unset: peak {rss / 2**20:.0f} MiB; weights "
         f"{weights / 2**20:.0f} MiB + peak KV in use {kv / 2**20:.1f} MiB (budget {budget >> 20} MiB)"
     )
+
+
+def _series(
+    results: dict[tuple[str, int], list[LoadResult]], levels: list[int], local: dict[str, float]
+) -> list[Series]:
+    servers = sorted({name for name, _ in results}, key=lambda name: name != "Sluice mesh")
+    series = [
+        Series(
+            name,
+            [c for c in levels if (name, c) in results],
+            [_median([r.tokens_per_s for r in results[(name, c)]]) for c in levels if (name, c) in results],
+            [_median([r.ttft_p50 for r in results[(name, c)]]) for c in levels if (name, c) in results],
+        )
+        for name in servers
+    ]
+    if local:
+        series.append(Series("Sluice engine in-process", [16], [local["Sluice engine"]], []))
+    return series
 
 
 def _ratio(ours: list[LoadResult], theirs: list[LoadResult], figure: str) -> float:
