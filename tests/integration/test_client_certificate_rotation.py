@@ -19,31 +19,26 @@ from services.edge_http.upstreams import Upstreams
 from services.mesh.certs import issue_service_cert, load_ca, service_paths
 from services.mesh.config import Settings
 from services.mesh.discovery import StaticDiscovery
+from services.mesh.handlers import UnaryRequestInterceptor, wrap_behavior
 from services.mesh.tls import server_credentials
 
 
-class ClientSerials(grpc.ServerInterceptor):
+class ClientSerials(UnaryRequestInterceptor):
     """Notes the serial number of the certificate each call's client presented."""
 
     def __init__(self) -> None:
         self.serials: list[int] = []
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        inner = handler.unary_unary
+    def intercept(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        def record(behavior: Callable) -> Callable:
+            def recorded(request: Any, context: grpc.ServicerContext) -> Any:
+                pem = context.auth_context()["x509_pem_cert"][0]
+                self.serials.append(x509.load_pem_x509_certificate(pem).serial_number)
+                return behavior(request, context)
 
-        def recorded(request: Any, context: grpc.ServicerContext) -> Any:
-            pem = context.auth_context()["x509_pem_cert"][0]
-            self.serials.append(x509.load_pem_x509_certificate(pem).serial_number)
-            return inner(request, context)
+            return recorded
 
-        return grpc.unary_unary_rpc_method_handler(recorded, handler.request_deserializer, handler.response_serializer)
+        return wrap_behavior(handler, record)
 
 
 def test_a_renewed_client_certificate_is_used_without_a_restart(certs_dir: Path, tmp_path: Path) -> None:
@@ -66,8 +61,13 @@ def test_a_renewed_client_certificate_is_used_without_a_restart(certs_dir: Path,
         try:
             before = [probe.serving for probe in await upstreams.health()]
             ca_cert, ca_key = load_ca(certs)
-            issue_service_cert(certs, "edge", ca_cert, ca_key)
-            await asyncio.sleep(2.5)  # the renewal is noticed within a second
+            renewed = issue_service_cert(certs, "edge", ca_cert, ca_key)
+            serial = x509.load_pem_x509_certificate(renewed.cert.read_bytes()).serial_number
+            # The health watches move to the new channels first: the server sees the new certificate.
+            for _ in range(100):
+                if serial in seen.serials:
+                    break
+                await asyncio.sleep(0.1)
             after = [probe.serving for probe in await upstreams.health()]
             return before, after
         finally:
