@@ -146,6 +146,8 @@ class SequenceHandle:
     first_token_at: float | None = None
     finished_at: float | None = None
     grammar: JsonMatcher | None = None  # the output's grammar state, for structured output
+    # Its prompt's block hashes, computed once: a request waiting for memory is tried every step.
+    prompt_hashes: list[BlockHash] = field(default_factory=list)
     _steps: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -377,7 +379,9 @@ class Engine:
                     target=len(request.prompt_ids),
                 )
                 if self._blocks.enabled:
-                    seq.hashes = block_hashes(request.prompt_ids, self.limits.kv_block_size, self._root)
+                    if not handle.prompt_hashes:
+                        handle.prompt_hashes = block_hashes(request.prompt_ids, self.limits.kv_block_size, self._root)
+                    seq.hashes = handle.prompt_hashes  # never changed in place: _index builds a new list
                 if not self._reserve(seq):
                     break
                 seq.cached_tokens = seq.kv.length

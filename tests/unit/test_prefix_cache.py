@@ -26,12 +26,18 @@ def _cache(blocks: int = 8) -> tuple[BlockCache, list[int]]:
     return BlockCache(BlockPool(blocks), on_evict=evicted.append), evicted
 
 
-def test_registered_blocks_are_found_by_the_longest_matching_prefix() -> None:
-    cache, _ = _cache()
-    hashes = block_hashes(list(range(32)), 8, ROOT)
-    blocks = cache.take(4)
+def _filled(cache: BlockCache, tokens: list[int]) -> tuple[list[int], list[bytes]]:
+    """Blocks a sequence took and filled with `tokens` (8 per block), now findable, and their hashes."""
+    hashes = block_hashes(tokens, 8, ROOT)
+    blocks = cache.take(len(hashes))
     for block, block_hash in zip(blocks, hashes, strict=True):
         cache.register(block, block_hash)
+    return blocks, hashes
+
+
+def test_registered_blocks_are_found_by_the_longest_matching_prefix() -> None:
+    cache, _ = _cache()
+    blocks, hashes = _filled(cache, list(range(32)))
     other = block_hashes(list(range(16)) + [7] * 16, 8, ROOT)
     assert cache.match(other) == blocks[:2]
     assert cache.match(hashes) == blocks
@@ -40,10 +46,7 @@ def test_registered_blocks_are_found_by_the_longest_matching_prefix() -> None:
 
 def test_shared_blocks_are_counted_and_idle_only_when_nobody_holds_them() -> None:
     cache, _ = _cache()
-    hashes = block_hashes(list(range(16)), 8, ROOT)
-    first = cache.take(2)
-    for block, block_hash in zip(first, hashes, strict=True):
-        cache.register(block, block_hash)
+    first, hashes = _filled(cache, list(range(16)))
     shared = cache.match(hashes)
     assert cache.idle_among(shared) == 0
     cache.hold(shared)
@@ -58,12 +61,8 @@ def test_shared_blocks_are_counted_and_idle_only_when_nobody_holds_them() -> Non
 
 def test_eviction_takes_idle_blocks_least_recently_released_first_and_never_a_held_one() -> None:
     cache, evicted = _cache(6)
-    a = cache.take(2)
-    b = cache.take(2)
-    for block, block_hash in zip(
-        a + b, block_hashes(list(range(16)), 8, ROOT) + block_hashes([3] * 16, 8, ROOT), strict=True
-    ):
-        cache.register(block, block_hash)
+    a, _ = _filled(cache, list(range(16)))
+    b, b_hashes = _filled(cache, [3] * 16)
     cache.release(a)  # idle: a's tail, then a's head
     held = cache.take(2)  # the two never-cached blocks first: nothing evicted
     assert evicted == []
@@ -72,7 +71,7 @@ def test_eviction_takes_idle_blocks_least_recently_released_first_and_never_a_he
     assert not set(fresh) & set(b + held)
     with pytest.raises(MemoryError):
         cache.take(1)  # every block is held: nothing may be evicted
-    assert cache.match(block_hashes([3] * 16, 8, ROOT)) == b
+    assert cache.match(b_hashes) == b
 
 
 def test_a_second_block_with_the_same_content_stays_unindexed_and_is_freed() -> None:
