@@ -47,12 +47,9 @@ def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> froz
     return frozenset(ids)
 
 
-def load_model(path: Path, device: str = "auto", model_id: str = "", threads: int = 0) -> LoadedModel:
+def load_model(path: Path, device: str = "auto", model_id: str = "") -> LoadedModel:
     check_model_dir(path)
     target = pick_device(device)
-    if threads:
-        # Small models on few cores lose more to thread handoffs than they gain from parallel kernels.
-        torch.set_num_threads(threads)
     # bf16 halves memory and is what GPUs are fast at; CPUs are fastest in fp32.
     dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
     weights = sum(f.stat().st_size for f in path.glob("*.safetensors"))

@@ -17,6 +17,7 @@ from services.inference.loader import load_model
 from services.inference.manifest import ManifestError, verify_manifest
 from services.inference.model_dir import model_kind, reasoning_tags, tool_parser
 from services.inference.sampling import SamplingConfig
+from services.inference.threads import apply_threads
 from services.inference.tracing import record_phases
 from services.mesh import finish_reasons
 from services.mesh.config import Settings
@@ -180,7 +181,8 @@ def run(settings: Settings, ready_file: Path | None) -> int:
         workers = 32
     else:
         limits = engine_limits(settings)
-        loaded = load_model(settings.model, settings.device, settings.model_name, settings.torch_threads)
+        loaded = load_model(settings.model, settings.device, settings.model_name)
+        apply_threads(loaded.model, settings.torch_threads)
         info.context_length = loaded.context_length
         tags = reasoning_tags(settings.reasoning_tags, loaded.tokenizer.get_vocab())
         if tags:

@@ -111,7 +111,7 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         0,
         ge=0,
-        description="CPU threads per torch op in inference (0: torch's default)",
+        description="CPU threads per torch op in inference (0: auto, measured at start: one unless more pay)",
         json_schema_extra=used_by(INFERENCE),
     )
 

@@ -12,6 +12,7 @@ from prometheus_client import REGISTRY
 from services.inference.engine import Engine, GenerationRequest
 from services.inference.loader import load_model
 from services.inference.sampling import SamplingConfig
+from services.inference.threads import apply_threads
 from services.mesh.errors import ContextLengthExceeded, InvalidArgument
 
 GREEDY = SamplingConfig(temperature=0)
@@ -93,14 +94,22 @@ def test_invalid_requests_are_refused_before_queueing(
         engine.submit(GenerationRequest("g", prompt, max_tokens, GREEDY))
 
 
-def test_torch_threads_setting_sets_the_intra_op_threads(model_dir: Path) -> None:
+def test_torch_threads_setting_sets_the_intra_op_threads(engine: Engine) -> None:
     before = torch.get_num_threads()
     wanted = 1 if before != 1 else 2
     try:
-        load_model(model_dir, "cpu", threads=wanted)
+        assert apply_threads(engine.loaded.model, wanted) == wanted
         assert torch.get_num_threads() == wanted
-        load_model(model_dir, "cpu", threads=0)  # 0 leaves torch's choice alone
-        assert torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_auto_threads_measure_the_model_and_pick_one_or_all(engine: Engine) -> None:
+    before = torch.get_num_threads()
+    try:
+        chosen = apply_threads(engine.loaded.model, 0)
+        assert chosen in {1, before}
+        assert torch.get_num_threads() == chosen
     finally:
         torch.set_num_threads(before)
 
