@@ -32,11 +32,20 @@ class _ReportingServer(uvicorn.Server):
             self._on_started()
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The edge's bound TCP socket. Its protocol is named (IPPROTO_TCP): asyncio turns Nagle's
+    algorithm off only on connections whose socket says TCP, and with Nagle on, a streamed
+    response on a reused connection waited for the client's delayed ACK of its headers (40 ms)
+    before its first token, then sent its tokens in one burst."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
 def run(settings: Settings, ready_file: Path | None) -> int:
     warn_if_insecure(settings)
-    sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((settings.host, settings.edge_port))
+    sock = listening_socket(settings.host, settings.edge_port)
     address = advertised_address(settings.host, sock.getsockname()[1])
 
     def started() -> None:
