@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import json
 import os
 import signal
 import socket
@@ -309,6 +310,15 @@ def memory_at_32_unbounded(mesh: Mesh, tokens: int) -> tuple[int, int, int]:
     return peak_rss, weights, peak_blocks * block_bytes
 
 
+def _torch_threads_line(mesh: Mesh) -> str:
+    """What the inference service chose for torch's threads, and why (its start-up log line)."""
+    log_text = (mesh.log_dir / "inference.log").read_text(errors="replace")
+    for line in log_text.splitlines():
+        if "torch threads" in line:
+            return json.loads(line)["message"]
+    return "torch threads: not logged"
+
+
 def _pause(process: subprocess.Popen, paused: bool) -> None:
     """Freeze or thaw a server's whole process group, so the idle contender takes no CPU."""
     os.killpg(process.pid, signal.SIGSTOP if paused else signal.SIGCONT)
@@ -343,6 +353,7 @@ def main() -> None:
         init_certs(certs)
         print("starting the Sluice mesh and transformers serve…", flush=True)
         mesh = start_mesh(work, certs, model_dir, *args.mesh_arg)
+        print(f"  inference: {_torch_threads_line(mesh)}", flush=True)
         peer = None
         try:
             servers = [

@@ -358,16 +358,13 @@ class Engine:
         KV blocks allow, in arrival order (the head waits for memory: large requests never starve)."""
         now = time.monotonic()
         with self._wakeup:
+            self._sweep_waiting(now)
             while self._preempted and len(self._running) < self.limits.max_running:
                 if not self._reserve(self._preempted[0]):
                     break
                 self._running.append(self._preempted.pop(0))
             while not self._preempted and self._waiting and len(self._running) < self.limits.max_running:
                 handle = self._waiting[0]
-                if handle.cancelled or (handle.deadline is not None and now >= handle.deadline):
-                    self._waiting.popleft()
-                    self._drop_queued(handle)
-                    continue
                 request = handle.request
                 seq = _Sequence(
                     handle=handle,
@@ -395,6 +392,14 @@ class Engine:
                 metrics.SEQUENCES_STARTED.inc()
                 metrics.QUEUE_WAIT.observe(now - handle.queued_at)
         self._publish()
+
+    def _sweep_waiting(self, now: float) -> None:
+        """Queued requests that were cancelled or whose deadline passed leave now, wherever they
+        wait in the queue: their callers are answered at once, not when a slot frees up."""
+        gone = [h for h in self._waiting if h.cancelled or (h.deadline is not None and now >= h.deadline)]
+        for handle in gone:
+            self._waiting.remove(handle)
+            self._drop_queued(handle)
 
     def _take(self, count: int) -> list[int]:
         blocks = self._blocks.take(count)

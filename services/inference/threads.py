@@ -75,11 +75,11 @@ def apply_threads(model: PreTrainedModel, requested: int) -> int:
     """Set torch's threads per operation: `requested`, or when it is 0 on a CPU, the measured
     choice. Returns the count in force."""
     if requested:
-        torch.set_num_threads(requested)
-        return requested
-    if model.device.type != "cpu":
-        return torch.get_num_threads()  # the GPU does the work; torch's default is fine
-    choice = choose_threads(torch.get_num_threads(), timed_forward(model))
+        choice = ThreadChoice(requested, "torch_threads")
+    elif model.device.type != "cpu":
+        choice = ThreadChoice(torch.get_num_threads(), f"torch's default: {model.device.type} does the work")
+    else:
+        choice = choose_threads(torch.get_num_threads(), timed_forward(model))
     torch.set_num_threads(choice.threads)
     log.info("torch threads: %d (%s)", choice.threads, choice.reason, extra={"torch_threads": choice.threads})
     return choice.threads

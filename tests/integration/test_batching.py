@@ -119,7 +119,21 @@ def test_deadline_expired_while_queued_never_reaches_the_model(make_engine: Call
     with pytest.raises(DeadlineExceeded):
         _ids(expiring)
     assert REGISTRY.get_sample_value("sluice_inference_sequences_started_total") == started
+    # Answered while the batch was still full, not once a slot freed up.
+    assert engine.running == 1 and not running.cancelled
     running.cancel()
+
+
+def test_a_cancelled_queued_request_leaves_while_the_batch_stays_full(make_engine: Callable[..., Engine]) -> None:
+    engine = make_engine(max_running=1)
+    running = engine.submit(GenerationRequest("r", [5, 6, 7], 1000, ENDLESS))
+    next(iter(running))
+    queued = [engine.submit(GenerationRequest(f"q{i}", [5, 6, 7], 5, GREEDY)) for i in range(3)]
+    queued[1].cancel()  # the middle one: not at the head of the queue
+    assert list(queued[1]) == []  # its stream ends with no step
+    assert engine.running == 1 and engine.load().waiting == 2
+    running.cancel()
+    assert all(len(_ids(handle)) == 5 for handle in (queued[0], queued[2]))
 
 
 def _block_budget(engine: Engine, blocks: int, block_size: int = 16) -> int:
