@@ -38,3 +38,19 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path, model_dir: P
         yield running
     finally:
         running.stop()
+
+
+# The chat model's aliases on the mesh that also serves the embedding model (test_models.py).
+ALIASES = "deepseek-chat=sluice-tiny,text-embedding-3-small=all-minilm-l6-v2"
+
+
+@pytest.fixture(scope="session")
+def embedding_mesh(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path, model_dir: Path) -> Iterator[Mesh]:
+    """A mesh that also serves the real embedding model (and aliases for both), shared by the
+    modules that need one: starting a mesh is the slowest part of an end-to-end test."""
+    work = tmp_path_factory.mktemp("embedding-mesh")
+    running = start_mesh(work, certs_dir, model_dir, "--embedding-model", "auto", "--model-aliases", ALIASES)
+    try:
+        yield running
+    finally:
+        running.stop()

@@ -8,12 +8,10 @@ import json
 import os
 import signal
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
-from meshproc import Mesh, start_mesh, wait_for
+from meshproc import Mesh, wait_for
 
 MODEL = "sluice-tiny"
 EMBEDDING_MODEL = "all-minilm-l6-v2"
@@ -21,13 +19,9 @@ RESTART_TIMEOUT_S = 120.0
 
 
 @pytest.fixture(scope="module")
-def healing(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path, model_dir: Path) -> Iterator[Mesh]:
+def healing(embedding_mesh: Mesh) -> Mesh:
     # With the embedding model too: its instance must never count as a replica of the chat model.
-    mesh = start_mesh(tmp_path_factory.mktemp("healing"), certs_dir, model_dir, "--embedding-model", "auto")
-    try:
-        yield mesh
-    finally:
-        mesh.stop()
+    return embedding_mesh
 
 
 def _chat(mesh: Mesh, content: str, **extra: object) -> httpx.Response:

@@ -30,14 +30,8 @@ def _cosine(a: list[float], b: list[float]) -> float:
 
 
 @pytest.fixture(scope="module")
-def models_mesh(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path, model_dir: Path) -> Iterator[Mesh]:
-    aliases = f"deepseek-chat={CHAT},text-embedding-3-small={EMBED}"
-    work = tmp_path_factory.mktemp("models")
-    mesh = start_mesh(work, certs_dir, model_dir, "--embedding-model", "auto", "--model-aliases", aliases)
-    try:
-        yield mesh
-    finally:
-        mesh.stop()
+def models_mesh(embedding_mesh: Mesh) -> Mesh:
+    return embedding_mesh
 
 
 def _client(mesh: Mesh) -> openai.OpenAI:
