@@ -4,7 +4,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from meshproc import Mesh, start_mesh
+from meshproc import Mesh, start_mesh, wait_for
 
 from services.inference.default_model import build_default_model
 from services.mesh.certs import init_certs
@@ -54,3 +54,28 @@ def embedding_mesh(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path, mo
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture(scope="session")
+def mesh_of_two(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path, model_dir: Path) -> Iterator[Mesh]:
+    """A mesh with two inference replicas, shared by the modules that kill one and wait for it."""
+    running = start_mesh(tmp_path_factory.mktemp("two-replicas"), certs_dir, model_dir, "--replicas", "inference=2")
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def replicated(mesh_of_two: Mesh) -> Mesh:
+    """The two-replica mesh with both replicas serving as the edge sees them, and running as
+    `sluice up` sees them (the state file then holds their pids): a replica an earlier test
+    killed is back first."""
+
+    def all_serving() -> bool:
+        running = all(child["state"] == "running" for child in mesh_of_two.state()["services"].values())
+        reply = mesh_of_two.health()
+        return running and reply.status_code == 200 and reply.json()["status"] == "ok"
+
+    assert wait_for(all_serving, timeout=120), mesh_of_two.logs()
+    return mesh_of_two

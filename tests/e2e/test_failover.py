@@ -8,12 +8,10 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
-import pytest
-from meshproc import Mesh, start_mesh, streamed_outcome, wait_for
+from meshproc import Mesh, streamed_outcome, wait_for
 
 REQUESTS, CONCURRENCY, TOKENS, DEADLINE_S = 120, 16, 32, 60.0
 
@@ -52,28 +50,6 @@ def _gone(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
-
-
-@pytest.fixture(scope="module")
-def mesh_of_two(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path, model_dir: Path) -> Iterator[Mesh]:
-    mesh = start_mesh(tmp_path_factory.mktemp("failover"), certs_dir, model_dir, "--replicas", "inference=2")
-    try:
-        yield mesh
-    finally:
-        mesh.stop()
-
-
-@pytest.fixture
-def replicated(mesh_of_two: Mesh) -> Mesh:
-    """The module's mesh with both replicas serving as the edge sees them (a replica an earlier
-    test stopped is back first)."""
-
-    def all_serving() -> bool:
-        reply = mesh_of_two.health()
-        return reply.status_code == 200 and reply.json()["status"] == "ok"
-
-    assert wait_for(all_serving, timeout=120), mesh_of_two.logs()
-    return mesh_of_two
 
 
 def test_kill_9_of_one_replica_mid_load_loses_and_hangs_nothing(replicated: Mesh) -> None:

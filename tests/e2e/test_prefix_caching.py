@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import openai
 import pytest
-from meshproc import Mesh, start_mesh, wait_for
+from meshproc import Mesh, wait_for
 
 from services.mesh.certs import ca_paths, service_paths
 from services.mesh.stubs import common_pb2, inference_pb2, inference_pb2_grpc
@@ -24,18 +22,9 @@ BLOCK = 16  # the engine's kv_block_size (the default)
 REPLICAS = ("inference", "inference-2")
 
 
-@pytest.fixture(scope="module")
-def two_replicas(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path, model_dir: Path) -> Iterator[Mesh]:
-    mesh = start_mesh(tmp_path_factory.mktemp("prefix"), certs_dir, model_dir, "--replicas", "inference=2")
-    try:
-        yield mesh
-    finally:
-        mesh.stop()
-
-
-@pytest.fixture(scope="module")
-def client(two_replicas: Mesh) -> openai.OpenAI:
-    return openai.OpenAI(base_url=two_replicas.base_url, api_key="unused", max_retries=0, timeout=120)
+@pytest.fixture
+def client(replicated: Mesh) -> openai.OpenAI:
+    return openai.OpenAI(base_url=replicated.base_url, api_key="unused", max_retries=0, timeout=120)
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -96,12 +85,10 @@ def test_cached_tokens_are_exact_whole_and_streamed(client: openai.OpenAI, token
     )
 
 
-def test_each_system_prompt_is_served_where_it_was_computed(
-    two_replicas: Mesh, client: openai.OpenAI, tokenizer
-) -> None:
+def test_each_system_prompt_is_served_where_it_was_computed(replicated: Mesh, client: openai.OpenAI, tokenizer) -> None:
     systems = [_system(tokenizer, i) for i in range(6)]
-    started = {r: two_replicas.metric(r, "sluice_inference_sequences_started_total") for r in REPLICAS}
-    hits_before = _hits(two_replicas)
+    started = {r: replicated.metric(r, "sluice_inference_sequences_started_total") for r in REPLICAS}
+    hits_before = _hits(replicated)
     expected = 0
     for round_ in range(3):
         for i, system in enumerate(systems):
@@ -111,28 +98,28 @@ def test_each_system_prompt_is_served_where_it_was_computed(
             assert reply.usage.prompt_tokens_details.cached_tokens == want, (round_, i)
             expected += want
     # Every warm request found its prefix: a balancer blind to prefixes would miss about half.
-    assert _hits(two_replicas) - hits_before == expected
+    assert _hits(replicated) - hits_before == expected
     # ...and the distinct prefixes were spread over both replicas, not piled on one.
-    assert all(two_replicas.metric(r, "sluice_inference_sequences_started_total") - started[r] >= 6 for r in REPLICAS)
+    assert all(replicated.metric(r, "sluice_inference_sequences_started_total") - started[r] >= 6 for r in REPLICAS)
 
 
-def test_n_choices_compute_their_prompt_once(two_replicas: Mesh, client: openai.OpenAI, tokenizer) -> None:
+def test_n_choices_compute_their_prompt_once(replicated: Mesh, client: openai.OpenAI, tokenizer) -> None:
     prompt = _system(tokenizer, 200, 120) + _ids(tokenizer, " pick three words")
-    hits_before = _hits(two_replicas)
+    hits_before = _hits(replicated)
     reply = _complete(client, prompt, n=3, seed=5, temperature=1.0)
     assert len(reply.choices) == 3
     assert reply.usage.prompt_tokens_details.cached_tokens == 0  # new to the mesh: choice 0 computed it
     # Choices 1 and 2 read choice 0's blocks on the same replica.
-    assert _hits(two_replicas) - hits_before == 2 * _expected(len(prompt), len(prompt))
+    assert _hits(replicated) - hits_before == 2 * _expected(len(prompt), len(prompt))
 
 
-def test_a_killed_replicas_prefixes_move_to_the_survivor(two_replicas: Mesh, client: openai.OpenAI, tokenizer) -> None:
+def test_a_killed_replicas_prefixes_move_to_the_survivor(replicated: Mesh, client: openai.OpenAI, tokenizer) -> None:
     systems = [_system(tokenizer, 300 + i) for i in range(4)]
     for system in systems:
         _complete(client, [*system, 7])
-    victim = two_replicas.child("inference-2")["pid"]
+    victim = replicated.child("inference-2")["pid"]
     os.kill(victim, signal.SIGKILL)
-    assert wait_for(lambda: two_replicas.health().json()["status"] != "ok", timeout=15), "the kill went unnoticed"
+    assert wait_for(lambda: replicated.health().json()["status"] != "ok", timeout=15), "the kill went unnoticed"
     for i, system in enumerate(systems):
         _complete(client, [*system, 8])  # computed again where the victim's prefixes went
         prompt = [*system, 9]
