@@ -33,11 +33,8 @@ def tokenizer(model_dir: Path):
 @pytest.fixture(scope="session")
 def mesh(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path, model_dir: Path) -> Iterator[Mesh]:
     """The whole mesh as real processes over mTLS, started by the real `sluice up`."""
-    running = start_mesh(tmp_path_factory.mktemp("mesh"), certs_dir, model_dir)
-    try:
+    with start_mesh(tmp_path_factory.mktemp("mesh"), certs_dir, model_dir) as running:
         yield running
-    finally:
-        running.stop()
 
 
 # The chat model's aliases on the mesh that also serves the embedding model (test_models.py).
@@ -49,21 +46,15 @@ def embedding_mesh(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path, mo
     """A mesh that also serves the real embedding model (and aliases for both), shared by the
     modules that need one: starting a mesh is the slowest part of an end-to-end test."""
     work = tmp_path_factory.mktemp("embedding-mesh")
-    running = start_mesh(work, certs_dir, model_dir, "--embedding-model", "auto", "--model-aliases", ALIASES)
-    try:
+    with start_mesh(work, certs_dir, model_dir, "--embedding-model", "auto", "--model-aliases", ALIASES) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="session")
 def mesh_of_two(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path, model_dir: Path) -> Iterator[Mesh]:
     """A mesh with two inference replicas, shared by the modules that kill one and wait for it."""
-    running = start_mesh(tmp_path_factory.mktemp("two-replicas"), certs_dir, model_dir, "--replicas", "inference=2")
-    try:
-        yield running
-    finally:
-        running.stop()
+    with start_mesh(tmp_path_factory.mktemp("two-replicas"), certs_dir, model_dir, "--replicas", "inference=2") as mesh:
+        yield mesh
 
 
 @pytest.fixture

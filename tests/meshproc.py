@@ -80,6 +80,12 @@ class Mesh:
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in self.log_dir.glob("*.log"))
 
+    def __enter__(self) -> Mesh:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM the supervisor; kill its whole process group if it does not exit in time."""
         if self.process.poll() is None:
