@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
-import grpc
+import grpc.aio
 from opentelemetry import trace
 from prometheus_client import Counter, Gauge
 
@@ -32,18 +33,19 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
         ENTRIES.set_function(lambda: store.stats().entries)
         BYTES.set_function(lambda: store.stats().bytes)
 
-    def Lookup(self, request: cache_pb2.LookupRequest, context: grpc.ServicerContext) -> cache_pb2.Completion:
+    # The store may be Redis, a network round trip: on a thread, so the event loop keeps serving.
+    async def Lookup(self, request: cache_pb2.LookupRequest, context: grpc.aio.ServicerContext) -> cache_pb2.Completion:
         _require_key(request.cache_key)
-        value = self._store.get(request.cache_key)
+        value = await asyncio.to_thread(self._store.get, request.cache_key)
         LOOKUPS.labels("hit" if value is not None else "miss").inc()
         trace.get_current_span().set_attribute("sluice.cache.hit", value is not None)
         if value is None:
             raise NotFound("no cached completion for this key")
         return cache_pb2.Completion.FromString(value)
 
-    def Store(self, request: cache_pb2.StoreRequest, context: grpc.ServicerContext) -> cache_pb2.StoreReply:
+    async def Store(self, request: cache_pb2.StoreRequest, context: grpc.aio.ServicerContext) -> cache_pb2.StoreReply:
         _require_key(request.cache_key)
-        stored = self._store.put(request.cache_key, request.completion.SerializeToString())
+        stored = await asyncio.to_thread(self._store.put, request.cache_key, request.completion.SerializeToString())
         trace.get_current_span().set_attributes(
             {"sluice.cache.stored": stored, "sluice.cache.bytes": request.completion.ByteSize()}
         )

@@ -21,14 +21,16 @@ Limits keep the process bounded under any load: at most `max_running` sequences,
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import math
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -150,6 +152,7 @@ class SequenceHandle:
     prompt_hashes: list[BlockHash] = field(default_factory=list)
     _steps: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     _cancelled: threading.Event = field(default_factory=threading.Event)
+    _wake: Callable[[], None] | None = None  # an event-loop reader's wake-up (see `steps`)
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -158,31 +161,65 @@ class SequenceHandle:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
+    def _put(self, item: Step | BaseException | None) -> None:
+        """Deliver a step, the end of a cancelled sequence (None) or its failure (from the engine thread)."""
+        self._steps.put(item)
+        wake = self._wake
+        if wake is not None:
+            wake()
+
     def _next(self, block: bool) -> Step | None:
         item = self._steps.get(block=block)
         if isinstance(item, BaseException):
             raise item
         return item
 
+    def _merged(self, step: Step) -> tuple[Step, bool]:
+        """`step` with the steps that piled up behind it while the reader was busy, so a slow reader
+        costs one message per read, not one per token; and whether the sequence has ended."""
+        while not step.finish_reason:
+            try:
+                more = self._next(block=False)
+            except queue.Empty:
+                break
+            if more is None:
+                return step, True
+            step = step.then(more)
+        return step, step.finish_reason is not None
+
     def __iter__(self) -> Iterator[Step]:
-        """Steps until the finishing one. Steps that piled up while the consumer was busy come
-        merged into one, so a slow reader costs one message per read, not one per token."""
+        """Steps until the finishing one (a cancelled sequence ends without one), for a reader on a thread."""
         ended = False
         while not ended:
             step = self._next(block=True)
-            if step is None:  # cancelled: the sequence left without a finish reason
+            if step is None:
                 return
-            while not step.finish_reason:
-                try:
-                    more = self._next(block=False)
-                except queue.Empty:
-                    break
-                if more is None:
-                    ended = True
-                    break
-                step = step.then(more)
+            step, ended = self._merged(step)
             yield step
-            ended = ended or step.finish_reason is not None
+
+    async def steps(self) -> AsyncIterator[Step]:
+        """The same steps for a reader on an event loop, which waits without holding a thread: the
+        engine thread wakes the loop when it delivers. A handle has one reader."""
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):  # the reader's loop has closed: nobody waits
+                loop.call_soon_threadsafe(ready.set)
+
+        self._wake = wake
+        ended = False
+        while not ended:
+            ready.clear()  # before looking, so a step delivered after the look sets it again
+            try:
+                step = self._next(block=False)
+            except queue.Empty:
+                await ready.wait()
+                continue
+            if step is None:
+                return
+            step, ended = self._merged(step)
+            yield step
 
 
 @dataclass(eq=False)  # identity: sequences are found and removed in lists by who they are
@@ -420,13 +457,13 @@ class Engine:
     def _drop_queued(self, handle: SequenceHandle) -> None:
         if handle.cancelled:
             metrics.SEQUENCES_FINISHED.labels("cancelled").inc()
-            handle._steps.put(None)
+            handle._put(None)
         else:
             metrics.SEQUENCES_FINISHED.labels("expired").inc()
-            handle._steps.put(DeadlineExceeded("the request's deadline passed while it waited in the queue"))
+            handle._put(DeadlineExceeded("the request's deadline passed while it waited in the queue"))
 
     def _fail(self, seq: _Sequence, err: Exception) -> None:
-        seq.handle._steps.put(err)  # raised to the caller reading the steps
+        seq.handle._put(err)  # raised to the caller reading the steps
         self._release(seq, "error")
 
     def _release(self, seq: _Sequence, reason: str) -> None:
@@ -482,7 +519,7 @@ class Engine:
                 while not self._waiting and not self._running and not self._preempted:
                     self._wakeup.wait()
             for seq in [s for s in self._running + self._preempted if s.handle.cancelled]:
-                seq.handle._steps.put(None)
+                seq.handle._put(None)
                 self._release(seq, "cancelled")
             self._admit()
             if not self._running:
@@ -684,7 +721,7 @@ class Engine:
             prompt_logprobs,
             seq.cached_tokens,
         )
-        seq.handle._steps.put(step)
+        seq.handle._put(step)
         if finish:
             self._release(seq, finish)
 

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
+import grpc.aio
 
 from services.inference.embedder import Embedder
 from services.inference.engine import Engine, EngineLimits, GenerationRequest, Step, TokenLogprob
@@ -77,14 +79,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         assert self._engine is not None
         return self._engine.loaded.tokenizer.decode([token_id])
 
-    def Generate(
-        self, request: inference_pb2.GenerateRequest, context: grpc.ServicerContext
-    ) -> Iterator[inference_pb2.GenerateChunk]:
+    async def Generate(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerateChunk]:
         check_model(request.model, self._info.id)
         if self._engine is None:
             raise WrongModelKind(f"{self._info.id} is an embedding model: it generates no text", "model")
         remaining = context.time_remaining()
-        handle = self._engine.submit(
+        # Submitting checks every prompt token and may compile a JSON grammar: off the event loop.
+        handle = await asyncio.to_thread(
+            self._engine.submit,
             GenerationRequest(
                 request_id=request.request_id,
                 prompt_ids=list(request.token_ids),
@@ -99,11 +103,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             ),
             deadline=None if remaining is None else time.monotonic() + remaining,
         )
-        # Fires on cancellation, deadline and completion alike; cancelling a finished sequence is a no-op.
-        context.add_callback(handle.cancel)
+        # Fires on cancellation, deadline and completion alike, even while this generator waits to
+        # be closed; cancelling a finished sequence is a no-op.
+        context.add_done_callback(lambda _: handle.cancel())
         tokens, finish = 0, None
         try:
-            for step in handle:
+            async for step in handle.steps():
                 tokens, finish = tokens + len(step.token_ids), step.finish_reason
                 yield _chunk(step, self._token_text)
         finally:
@@ -120,37 +125,44 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 },
             )
 
-    def WatchLoad(
-        self, request: inference_pb2.WatchLoadRequest, context: grpc.ServicerContext
-    ) -> Iterator[inference_pb2.LoadReport]:
+    async def WatchLoad(
+        self, request: inference_pb2.WatchLoadRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.LoadReport]:
+        """Until the caller goes away, which cancels this generator."""
         if self._engine is None:
             raise WrongModelKind(f"{self._info.id} is an embedding model: it has no generation load", "model")
         last, sent_at = None, 0.0
-        while context.is_active():
+        while True:
             load, now = self._engine.load(), time.monotonic()
             if load != last or now - sent_at >= LOAD_HEARTBEAT_S:
                 yield inference_pb2.LoadReport(**dataclasses.asdict(load))
                 last, sent_at = load, now
-            time.sleep(LOAD_INTERVAL_S)
+            await asyncio.sleep(LOAD_INTERVAL_S)
 
-    def Embed(self, request: inference_pb2.EmbedRequest, context: grpc.ServicerContext) -> inference_pb2.EmbedReply:
+    async def Embed(
+        self, request: inference_pb2.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.EmbedReply:
         check_model(request.model, self._info.id)
         if self._embedder is None:
             raise WrongModelKind(f"{self._info.id} generates text: it has no embeddings", "model")
         if not request.inputs:
             raise InvalidArgument("input must hold at least one item", "input")
+        return await asyncio.to_thread(self._embed, self._embedder, request)  # a forward pass: off the loop
+
+    @staticmethod
+    def _embed(embedder: Embedder, request: inference_pb2.EmbedRequest) -> inference_pb2.EmbedReply:
         texts = [item.text for item in request.inputs if not item.token_ids]
-        tokenized = iter(self._embedder.tokenize(texts))
+        tokenized = iter(embedder.tokenize(texts))
         ids = [list(item.token_ids) if item.token_ids else next(tokenized) for item in request.inputs]
         if request.truncate_to:
-            ids = [self._embedder.truncated(item, request.truncate_to) for item in ids]
-        result = self._embedder.embed(ids)
+            ids = [embedder.truncated(item, request.truncate_to) for item in ids]
+        result = embedder.embed(ids)
         return inference_pb2.EmbedReply(
             embeddings=[inference_pb2.Embedding(values=v) for v in result.vectors], prompt_tokens=result.prompt_tokens
         )
 
-    def ListModels(
-        self, request: inference_pb2.ListModelsRequest, context: grpc.ServicerContext
+    async def ListModels(
+        self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.ListModelsReply:
         return inference_pb2.ListModelsReply(models=[self._info])
 
@@ -178,7 +190,6 @@ def run(settings: Settings, ready_file: Path | None) -> int:
     if kind == "embedding":
         embedder = Embedder(settings.model, settings.device)
         info.context_length = embedder.max_tokens
-        workers = 32
     else:
         limits = engine_limits(settings)
         loaded = load_model(settings.model, settings.device, settings.model_name)
@@ -191,14 +202,11 @@ def run(settings: Settings, ready_file: Path | None) -> int:
         # Blocks cached for one build of the weights are never found by prompts for another.
         engine = Engine(loaded, limits, cache_salt=f"{info.id}@{info.version}")
         live = lambda: not engine.stalled(settings.stall_timeout_s)  # noqa: E731
-        # Every running or queued stream holds a worker thread while it waits for tokens.
-        workers = limits.max_running + limits.max_waiting + 8
     servicer = InferenceServicer(info, engine, embedder)
     spec = GrpcService(
         name="inference",
         service_names=[inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name],
         register=lambda server: inference_pb2_grpc.add_InferenceServicer_to_server(servicer, server),
-        max_workers=workers,
         live=live,
         tags=(f"model={info.id}", *([f"version={info.version}"] if info.version else []), f"kind={kind}"),
     )

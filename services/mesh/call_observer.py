@@ -3,19 +3,20 @@ status code, and the caller's `x-request-id` in the logging context while the ca
 
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+import grpc.aio
 from prometheus_client import Counter, Histogram
 
-from services.mesh.handlers import UnaryRequestInterceptor, wrap_behavior
+from services.mesh.handlers import Behavior, UnaryRequestInterceptor, wrap_behavior
 from services.mesh.logs import request_scope
 
 REQUEST_ID_METADATA = "x-request-id"
-Track = Callable[[grpc.ServicerContext], None]
+Track = Callable[[grpc.aio.ServicerContext], None]
 # Health checks, and watches (grpc.health.v1's Watch, Inference.WatchLoad), which live as long as
 # the caller's channel: they are not work a drain waits for.
 _UNTRACKED_PREFIX = "/grpc.health.v1.Health/"
@@ -36,80 +37,96 @@ HANDLING = Histogram(
 )
 
 
-def _record(method: str, context: grpc.ServicerContext, outcome: str, started: float) -> None:
+def _record(method: str, context: grpc.aio.ServicerContext, outcome: str, started: float) -> None:
     code = context.code()  # set when the handler aborted with a status
     HANDLED.labels(method, code.name if code is not None else outcome).inc()
     HANDLING.labels(method).observe(time.perf_counter() - started)
 
 
 class CallObserver(UnaryRequestInterceptor):
+    """Also counts the calls running now, for a drain to wait on. Calls, their done callbacks and
+    the drain all run on the server's event loop, so the count needs no lock."""
+
     def __init__(self) -> None:
-        self._changed = threading.Condition()
         self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @property
     def active(self) -> int:
         """Calls running now, health checks and watches excluded."""
         return self._active
 
-    def wait_idle(self, timeout_s: float) -> bool:
-        """Block until no call is running (True) or `timeout_s` passed (False)."""
-        with self._changed:
-            return self._changed.wait_for(lambda: self._active == 0, timeout=max(0.0, timeout_s))
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no call is running (True) or `timeout_s` passed (False)."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), max(0.0, timeout_s))
+        except TimeoutError:
+            return False
+        return True
 
     def _track(self, delta: int) -> None:
-        with self._changed:
-            self._active += delta
-            self._changed.notify_all()
+        self._active += delta
+        if self._active:
+            self._idle.clear()
+        else:
+            self._idle.set()
 
-    def _started(self, context: grpc.ServicerContext) -> None:
+    def _started(self, context: grpc.aio.ServicerContext) -> None:
         """Count a call from its start until grpc has sent its last message and status: a drain
         that stopped the server once the handler returned could still cut what it answered."""
+        if context.done():
+            return  # the call had already terminated
         self._track(1)
-        if not context.add_callback(lambda: self._track(-1)):
-            self._track(-1)  # the call had already terminated
+        context.add_done_callback(lambda _: self._track(-1))
 
     def intercept(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         method = details.method
         request_id = dict(details.invocation_metadata or ()).get(REQUEST_ID_METADATA)
         track = self._started if not _untracked(method) else lambda _: None
-        observe = self._streaming if handler.response_streaming else self._unary
-        return wrap_behavior(handler, lambda behavior: observe(behavior, method, request_id, track))
+        return wrap_behavior(
+            handler,
+            lambda behavior: self._unary(behavior, method, request_id, track),
+            lambda behavior: self._streaming(behavior, method, request_id, track),
+        )
 
     @staticmethod
-    def _unary(behavior: Callable, method: str, request_id: str | None, track: Track) -> Callable:
-        def observed(request: Any, context: grpc.ServicerContext) -> Any:
+    def _unary(behavior: Behavior, method: str, request_id: str | None, track: Track) -> Behavior:
+        async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started, outcome = time.perf_counter(), "UNKNOWN"
             track(context)
             try:
                 with request_scope(request_id):
-                    reply = behavior(request, context)
+                    reply = await behavior(request, context)
                 outcome = "OK"
                 return reply
+            except asyncio.CancelledError:
+                outcome = "CANCELLED"  # the client went away
+                raise
             finally:
                 _record(method, context, outcome, started)
 
         return observed
 
     @staticmethod
-    def _streaming(behavior: Callable, method: str, request_id: str | None, track: Track) -> Callable:
-        def observed(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+    def _streaming(behavior: Behavior, method: str, request_id: str | None, track: Track) -> Behavior:
+        async def observed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started, outcome = time.perf_counter(), "UNKNOWN"
             track(context)
+            responses = behavior(request, context)
             try:
-                responses = behavior(request, context)
                 while True:
                     # The request id is set around each step, never across a yield.
                     with request_scope(request_id):
                         try:
-                            response = next(responses)
-                        except StopIteration:
+                            response = await anext(responses)
+                        except StopAsyncIteration:
                             break
                     yield response
                 outcome = "OK"
-            except GeneratorExit:
+            except (asyncio.CancelledError, GeneratorExit):
                 outcome = "CANCELLED"  # the client went away and gRPC closed the stream
-                responses.close()
+                await responses.aclose()
                 raise
             finally:
                 _record(method, context, outcome, started)

@@ -1,7 +1,7 @@
 """Errors that cross the mesh as gRPC status codes, and who is to blame for a failed call.
 
 Service logic raises MeshError subclasses without knowing about gRPC contexts; the
-`ServiceErrors` interceptor, on every server, turns them into the matching status with the
+`ServiceErrors` interceptor, on every (asyncio) server, turns them into the matching status with the
 error code (and the offending request field) in trailing metadata. Any other exception a
 handler raises is that request's crash: it is logged with its traceback and answered as
 INTERNAL with a stable message, never with the exception's own text.
@@ -15,10 +15,11 @@ and deadlines, count toward ejecting an instance.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import grpc.aio
 
 from services.mesh.handlers import Behavior, UnaryRequestInterceptor, wrap_behavior
 
@@ -84,12 +85,12 @@ class DeadlineExceeded(MeshError):
     code = "timeout"
 
 
-def _abort(context: grpc.ServicerContext, err: MeshError) -> None:
+async def _abort(context: grpc.aio.ServicerContext, err: MeshError) -> None:
     metadata = [(CODE_METADATA_KEY, err.code)]
     if err.param:
         metadata.append((PARAM_METADATA_KEY, err.param))
     context.set_trailing_metadata(tuple(metadata))
-    context.abort(err.status, err.message)
+    await context.abort(err.status, err.message)
 
 
 class ServiceErrors(UnaryRequestInterceptor):
@@ -100,32 +101,36 @@ class ServiceErrors(UnaryRequestInterceptor):
         self._crashed = MeshError(f"internal error in {service} while handling this request")
 
     def intercept(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        wrap = self._streaming if handler.response_streaming else self._unary
-        return wrap_behavior(handler, lambda behavior: wrap(behavior, details.method))
+        return wrap_behavior(
+            handler,
+            lambda behavior: self._unary(behavior, details.method),
+            lambda behavior: self._streaming(behavior, details.method),
+        )
 
-    def _fail(self, context: grpc.ServicerContext, err: Exception, method: str) -> None:
+    async def _fail(self, context: grpc.aio.ServicerContext, err: Exception, method: str) -> None:
         if context.code() is not None:
             raise err  # the handler aborted the call itself: grpc's own way out
         if isinstance(err, MeshError):
-            _abort(context, err)
+            await _abort(context, err)
         log.exception("%s crashed", method)
-        _abort(context, self._crashed)
+        await _abort(context, self._crashed)
 
     def _unary(self, behavior: Behavior, method: str) -> Behavior:
-        def answered(request: Any, context: grpc.ServicerContext) -> Any:
+        async def answered(request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                return behavior(request, context)
+                return await behavior(request, context)
             except Exception as err:
-                self._fail(context, err, method)
+                await self._fail(context, err, method)
 
         return answered
 
     def _streaming(self, behavior: Behavior, method: str) -> Behavior:
-        def answered(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        async def answered(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
-                yield from behavior(request, context)
+                async for response in behavior(request, context):
+                    yield response
             except Exception as err:
-                self._fail(context, err, method)
+                await self._fail(context, err, method)
 
         return answered
 

@@ -1,4 +1,4 @@
-"""Run one gRPC service the way every Sluice service runs.
+"""Run one gRPC service the way every Sluice service runs: a `grpc.aio` server on one event loop.
 
 mTLS with certificate rotation and a check of the caller's identity (or a warned plaintext),
 grpc.health.v1, server reflection, a Prometheus endpoint, per-call metrics and request-id
@@ -9,15 +9,16 @@ exit 0.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
@@ -48,7 +49,9 @@ SERVER_OPTIONS = (
 class GrpcService:
     name: str  # mesh identity, e.g. "inference"
     service_names: Sequence[str]  # full gRPC names, e.g. "sluice.v1.Inference"
-    register: Callable[[grpc.Server], None]
+    register: Callable[[grpc.aio.Server], None]
+    # Threads for the handlers' blocking work (tokenizing, store I/O, a forward pass); waiting
+    # for the next token of a stream holds none.
     max_workers: int = 32
     # Liveness beyond "the port answers" (e.g. the engine makes progress); False turns health NOT_SERVING.
     live: Callable[[], bool] = lambda: True
@@ -56,26 +59,36 @@ class GrpcService:
 
 
 def serve(settings: Settings, spec: GrpcService, port: int, ready_file: Path | None) -> int:
+    """Serve until SIGTERM or SIGINT, then drain; the exit status."""
     warn_if_insecure(settings)
-    observer = CallObserver()
+    stop = StopSignals()
+    return asyncio.run(_serve(settings, spec, port, ready_file, stop))
+
+
+def _interceptors(settings: Settings, spec: GrpcService, observer: CallObserver) -> list[grpc.aio.ServerInterceptor]:
     # Tracing outermost, so the observer's log lines carry the call's trace id; the identity
-    # check innermost, so refused calls are counted and traced too.
+    # check next, so refused calls are counted and traced too.
     interceptors = [*server_interceptors(), observer]
     if not settings.insecure:
         interceptors.append(PeerAuthorizer(spec.name))
     interceptors.append(RejectMalformed())
     interceptors.append(ServiceErrors(spec.name))  # innermost: every handler's own failures
-    server = grpc.server(
-        ThreadPoolExecutor(max_workers=spec.max_workers),
-        interceptors=interceptors,
-        options=SERVER_OPTIONS,
+    return interceptors
+
+
+async def _serve(settings: Settings, spec: GrpcService, port: int, ready_file: Path | None, stop: StopSignals) -> int:
+    # One event loop serves every call; a stream waiting for its next token holds no thread.
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=spec.max_workers, thread_name_prefix=spec.name)
     )
+    observer = CallObserver()
+    server = grpc.aio.server(interceptors=_interceptors(settings, spec, observer), options=SERVER_OPTIONS)
     spec.register(server)
 
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *spec.service_names):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection((*spec.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 
     bind = f"{settings.host}:{port}"
@@ -87,8 +100,7 @@ def serve(settings: Settings, spec: GrpcService, port: int, ready_file: Path | N
         raise OSError(f"{spec.name}: cannot bind {bind}")
     metrics_httpd, _ = start_http_server(settings.metrics_port, addr=settings.host)
 
-    stop = StopSignals()
-    server.start()
+    await server.start()
     address = advertised_address(settings.advertise_host or settings.host, bound)
     metrics = advertised_address(settings.host, metrics_httpd.server_port)
     log.info("%s serving on %s (metrics http://%s/metrics)", spec.name, address, metrics)
@@ -99,15 +111,15 @@ def serve(settings: Settings, spec: GrpcService, port: int, ready_file: Path | N
     if settings.discovery == "consul":
         meta = {"pid": str(os.getpid()), "metrics": metrics}  # `sluice status` scrapes it
         registration = ConsulRegistration(settings, spec.name, address, spec.live, spec.tags, meta)
-        registration.register()
+        await asyncio.to_thread(registration.register)
 
     serving = True
-    while not stop.wait(0.5):
+    while not await stop.wait_async(0.5):
         if spec.live() != serving:
             serving = not serving
             status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
             for name in ("", *spec.service_names):
-                health_servicer.set(name, status)
+                await health_servicer.set(name, status)
             log.log(
                 logging.INFO if serving else logging.ERROR,
                 "%s is %s",
@@ -115,19 +127,19 @@ def serve(settings: Settings, spec: GrpcService, port: int, ready_file: Path | N
                 "making progress again: SERVING" if serving else "not making progress: NOT_SERVING",
             )
     log.info("%s draining: NOT_SERVING, up to %.1fs for in-flight calls", spec.name, settings.drain_grace_s)
-    health_servicer.enter_graceful_shutdown()
+    await health_servicer.enter_graceful_shutdown()
     if registration is not None:
-        registration.draining()
-    _drain(server, observer, settings.drain_grace_s)
+        await asyncio.to_thread(registration.draining)
+    await _drain(server, observer, settings.drain_grace_s)
     if registration is not None:
-        registration.deregister()
+        await asyncio.to_thread(registration.deregister)
     metrics_httpd.shutdown()
     shutdown_tracing()
     log.info("%s stopped", spec.name)
     return 0
 
 
-def _drain(server: grpc.Server, observer: CallObserver, grace_s: float) -> None:
+async def _drain(server: grpc.aio.Server, observer: CallObserver, grace_s: float) -> None:
     """Finish in-flight calls while still accepting, then stop.
 
     grpc's own stop(grace) refuses new calls at once, and a call that crosses its GOAWAY can
@@ -136,7 +148,7 @@ def _drain(server: grpc.Server, observer: CallObserver, grace_s: float) -> None:
     watches still open then are cancelled by stop(0).
     """
     notice_s = min(DRAIN_NOTICE_S, grace_s)
-    time.sleep(notice_s)  # a fixed notice period: callers react to NOT_SERVING within it
-    if not observer.wait_idle(grace_s - notice_s):
+    await asyncio.sleep(notice_s)  # a fixed notice period: callers react to NOT_SERVING within it
+    if not await observer.wait_idle(grace_s - notice_s):
         log.warning("%d calls still running after the %.1fs grace period: cancelled", observer.active, grace_s)
-    server.stop(0).wait()
+    await server.stop(0)

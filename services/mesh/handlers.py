@@ -1,12 +1,23 @@
-"""Rewrapping a gRPC method handler's behavior, whatever its streaming kind (for interceptors)."""
+"""Rewrapping an asyncio gRPC method handler's behavior, whatever its streaming kind (for interceptors).
+
+Every mesh server is a `grpc.aio` server. Its handlers are async generators (a stream of replies
+yielded) or coroutines (one reply returned, or a stream written with `context.write`, as
+grpc.health.v1's Watch does); a wrapper must be of the same kind as what it wraps, which is how
+grpc tells a generator's replies from a coroutine's (and a plain function would run on a thread).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
+import grpc.aio
 
-Behavior = Callable
+Behavior = Callable[..., Any]
+Wrap = Callable[[Behavior], Behavior]
+Check = Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]
 
 
 def behavior_kind(handler: grpc.RpcMethodHandler) -> str:
@@ -17,23 +28,47 @@ def behavior_kind(handler: grpc.RpcMethodHandler) -> str:
 
 
 def wrap_behavior(
-    handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior], Behavior], **fields: object
+    handler: grpc.RpcMethodHandler, unary: Wrap, streaming: Wrap, **fields: object
 ) -> grpc.RpcMethodHandler:
-    """The same handler with its behavior wrapped (and any other fields replaced)."""
+    """The same handler with its behavior wrapped by `streaming` (an async generator function around
+    one) or `unary` (a coroutine function around one), and any other fields replaced."""
     kind = behavior_kind(handler)
-    return handler._replace(**{kind: wrap(getattr(handler, kind))}, **fields)
+    behavior = getattr(handler, kind)
+    wrap = streaming if inspect.isasyncgenfunction(behavior) else unary
+    return handler._replace(**{kind: wrap(behavior)}, **fields)
 
 
-class UnaryRequestInterceptor(grpc.ServerInterceptor):
+def guard_behavior(handler: grpc.RpcMethodHandler, check: Check, **fields: object) -> grpc.RpcMethodHandler:
+    """The same handler, run only once `check(request, context)` returned (it aborts the call to refuse it)."""
+
+    def unary(behavior: Behavior) -> Behavior:
+        async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await check(request, context)
+            return await behavior(request, context)
+
+        return checked
+
+    def streaming(behavior: Behavior) -> Behavior:
+        async def checked(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await check(request, context)
+            async for response in behavior(request, context):
+                yield response
+
+        return checked
+
+    return wrap_behavior(handler, unary, streaming, **fields)
+
+
+class UnaryRequestInterceptor(grpc.aio.ServerInterceptor):
     """An interceptor of the calls that send one request (unary and server-streaming), which are
     all of Sluice's own; client-streaming ones (server reflection) pass untouched."""
 
-    def intercept_service(
+    async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(details)
+        handler = await continuation(details)
         if handler is None or handler.request_streaming:
             return handler
         return self.intercept(handler, details)

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import grpc.aio
 
-from services.mesh.handlers import Behavior, UnaryRequestInterceptor, wrap_behavior
+from services.mesh.handlers import UnaryRequestInterceptor, guard_behavior
 
 
 @dataclass(frozen=True)
@@ -32,14 +33,10 @@ class RejectMalformed(UnaryRequestInterceptor):
         if handler.request_deserializer is None:
             return handler
 
-        def guard(behavior: Behavior) -> Behavior:
-            def checked(request: Any, context: grpc.ServicerContext) -> Any:
-                if isinstance(request, _Malformed):
-                    context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT, f"malformed request to {details.method}: {request.reason}"
-                    )
-                return behavior(request, context)
+        async def check(request: Any, context: grpc.aio.ServicerContext) -> None:
+            if isinstance(request, _Malformed):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"malformed request to {details.method}: {request.reason}"
+                )
 
-            return checked
-
-        return wrap_behavior(handler, guard, request_deserializer=_lenient(handler.request_deserializer))
+        return guard_behavior(handler, check, request_deserializer=_lenient(handler.request_deserializer))

@@ -5,13 +5,14 @@ allowed to call this service. Everything else is answered PERMISSION_DENIED.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
+import grpc.aio
 
 from services.mesh.certs import spiffe_id
-from services.mesh.handlers import wrap_behavior
+from services.mesh.handlers import guard_behavior
 
 # The edge calls every backend; Envoy's internal gRPC listener forwards the edge's calls as `envoy`.
 DEFAULT_CALLERS = frozenset({"edge", "envoy"})
@@ -21,13 +22,13 @@ HEALTH_CHECKERS = frozenset({"consul"})
 _HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 
-def peer_identity(context: grpc.ServicerContext) -> str | None:
+def peer_identity(context: grpc.aio.ServicerContext) -> str | None:
     """The spiffe id of the caller's certificate, or None (plaintext, or a certificate without one)."""
     ids = context.auth_context().get("peer_spiffe_id") or ()
     return ids[0].decode() if ids else None
 
 
-class PeerAuthorizer(grpc.ServerInterceptor):
+class PeerAuthorizer(grpc.aio.ServerInterceptor):
     def __init__(self, service: str, callers: Iterable[str] = DEFAULT_CALLERS) -> None:
         self._service = service
         self._callers = frozenset(spiffe_id(c) for c in callers)
@@ -37,24 +38,21 @@ class PeerAuthorizer(grpc.ServerInterceptor):
         callers = self._health_callers if method.startswith(_HEALTH_PREFIX) else self._callers
         return identity in callers
 
-    def intercept_service(
+    async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(details)
+        handler = await continuation(details)
         if handler is None:
             return None
-        return wrap_behavior(handler, lambda behavior: self._guard(behavior, details.method))
 
-    def _guard(self, behavior: Callable, method: str) -> Callable:
-        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+        async def check(request: Any, context: grpc.aio.ServicerContext) -> None:
             identity = peer_identity(context)
-            if not self.allowed(method, identity):
-                context.abort(
+            if not self.allowed(details.method, identity):
+                await context.abort(
                     grpc.StatusCode.PERMISSION_DENIED,
                     f"{identity or 'a caller without a mesh identity'} may not call {self._service}",
                 )
-            return behavior(request, context)
 
-        return guarded
+        return guard_behavior(handler, check)

@@ -10,6 +10,7 @@ pipe that `wait` selects on.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import select
@@ -40,4 +41,18 @@ class StopSignals:
         """True once a stop signal arrived, waiting up to `timeout_s` for one."""
         if self.received is None:
             select.select([self._read], [], [], max(0.0, timeout_s))
+        return self.received is not None
+
+    async def wait_async(self, timeout_s: float) -> bool:
+        """`wait` for a caller on an event loop, which keeps running meanwhile."""
+        if self.received is None:
+            loop = asyncio.get_running_loop()
+            woken = asyncio.Event()
+            loop.add_reader(self._read, woken.set)
+            try:
+                await asyncio.wait_for(woken.wait(), max(0.0, timeout_s))
+            except TimeoutError:
+                pass
+            finally:
+                loop.remove_reader(self._read)
         return self.received is not None

@@ -15,7 +15,7 @@ import time
 import grpc
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, filters, server_interceptor
+from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -65,8 +65,8 @@ def shutdown_tracing() -> None:
 _TRACED_CALLS = filters.service_prefix("sluice.")
 
 
-def server_interceptors() -> list[grpc.ServerInterceptor]:
-    return [server_interceptor(filter_=_TRACED_CALLS)] if tracing_enabled() else []
+def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
+    return [aio_server_interceptor(filter_=_TRACED_CALLS)] if tracing_enabled() else []
 
 
 def client_interceptors() -> list[grpc.aio.ClientInterceptor]:

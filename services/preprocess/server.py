@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
-import grpc
+import grpc.aio
 from opentelemetry import trace
 from prometheus_client import Counter
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -47,9 +48,18 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServicer):
             context_length=self._context_length,
         )
 
-    def RenderChat(
-        self, request: preprocess_pb2.RenderChatRequest, context: grpc.ServicerContext
+    # Rendering and tokenizing are CPU work: on a thread, so the event loop keeps serving other calls.
+    async def RenderChat(
+        self, request: preprocess_pb2.RenderChatRequest, context: grpc.aio.ServicerContext
     ) -> preprocess_pb2.PreprocessReply:
+        return await asyncio.to_thread(self._render_chat, request)
+
+    async def Tokenize(
+        self, request: preprocess_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> preprocess_pb2.PreprocessReply:
+        return await asyncio.to_thread(self._tokenize, request)
+
+    def _render_chat(self, request: preprocess_pb2.RenderChatRequest) -> preprocess_pb2.PreprocessReply:
         REQUESTS.labels("chat").inc()
         check_model(request.model, self._model_id)
         messages = [
@@ -70,9 +80,7 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServicer):
         reply.reasoning_skipped = bool(request.reasoning_close) and ending.endswith(request.reasoning_close)
         return reply
 
-    def Tokenize(
-        self, request: preprocess_pb2.TokenizeRequest, context: grpc.ServicerContext
-    ) -> preprocess_pb2.PreprocessReply:
+    def _tokenize(self, request: preprocess_pb2.TokenizeRequest) -> preprocess_pb2.PreprocessReply:
         REQUESTS.labels("completion").inc()
         check_model(request.model, self._model_id)
         if request.token_ids:

@@ -3,6 +3,7 @@ preemption, limits, cancellation."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -265,3 +266,51 @@ def test_a_hung_engine_reports_stalled_and_recovers(make_engine: Callable[..., E
     gate.set()
     assert len(_ids(handle)) == 3
     assert not engine.stalled(0.2)
+
+
+async def _read(handle: SequenceHandle) -> list[int]:
+    return [t async for step in handle.steps() for t in step.token_ids]
+
+
+def test_event_loop_readers_get_the_same_tokens_as_thread_readers(engine: Engine) -> None:
+    prompts = _prompts(engine, 8)
+    alone = [_ids(engine.submit(GenerationRequest(f"t{i}", p, 24, GREEDY))) for i, p in enumerate(prompts)]
+
+    async def read_all() -> list[list[int]]:
+        handles = [engine.submit(GenerationRequest(f"l{i}", p, 24, GREEDY)) for i, p in enumerate(prompts)]
+        return await asyncio.gather(*(_read(h) for h in handles))
+
+    assert asyncio.run(read_all()) == alone
+
+
+def test_an_event_loop_reader_waits_without_blocking_the_loop(make_engine: Callable[..., Engine]) -> None:
+    engine = make_engine(max_running=1)
+    reference = _ids(engine.submit(GenerationRequest("ref", [8, 9], 5, GREEDY)))
+    busy = engine.submit(GenerationRequest("busy", [5, 6, 7], 200, ENDLESS))
+    next(iter(busy))  # running, and the only slot: the next request queues behind it
+    queued = engine.submit(GenerationRequest("queued", [8, 9], 5, GREEDY))
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        reader = asyncio.create_task(_read(queued))
+        await asyncio.sleep(0.2)  # the loop runs on while its reader waits for a first token
+        waited = [] if not reader.done() else reader.result()
+        busy.cancel()
+        return waited, await asyncio.wait_for(reader, 30)
+
+    waited, tokens = asyncio.run(scenario())
+    assert waited == [] and tokens == reference
+
+
+def test_a_reader_whose_loop_closed_does_not_disturb_the_batch(engine: Engine) -> None:
+    prompts = _prompts(engine, 2)
+    reference = _ids(engine.submit(GenerationRequest("r", prompts[1], 32, GREEDY)))
+    abandoned = engine.submit(GenerationRequest("gone", prompts[0], 32, GREEDY))
+    kept = engine.submit(GenerationRequest("kept", prompts[1], 32, GREEDY))
+
+    async def first_step() -> None:
+        async for _ in abandoned.steps():
+            return  # the reader leaves, its loop closes, and the engine still delivers to it
+
+    asyncio.run(first_step())
+    assert _ids(kept) == reference
+    assert wait_for(lambda: engine.running == 0), "the abandoned sequence never finished"

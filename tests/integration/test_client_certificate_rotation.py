@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import grpc
+import grpc.aio
 from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -19,7 +18,7 @@ from services.edge_http.upstreams import Upstreams
 from services.mesh.certs import issue_service_cert, load_ca, service_paths
 from services.mesh.config import Settings
 from services.mesh.discovery import StaticDiscovery
-from services.mesh.handlers import UnaryRequestInterceptor, wrap_behavior
+from services.mesh.handlers import UnaryRequestInterceptor, guard_behavior
 from services.mesh.tls import server_credentials
 
 
@@ -30,15 +29,11 @@ class ClientSerials(UnaryRequestInterceptor):
         self.serials: list[int] = []
 
     def intercept(self, handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        def record(behavior: Callable) -> Callable:
-            def recorded(request: Any, context: grpc.ServicerContext) -> Any:
-                pem = context.auth_context()["x509_pem_cert"][0]
-                self.serials.append(x509.load_pem_x509_certificate(pem).serial_number)
-                return behavior(request, context)
+        async def record(request: Any, context: grpc.aio.ServicerContext) -> None:
+            pem = context.auth_context()["x509_pem_cert"][0]
+            self.serials.append(x509.load_pem_x509_certificate(pem).serial_number)
 
-            return recorded
-
-        return wrap_behavior(handler, record)
+        return guard_behavior(handler, record)
 
 
 def test_a_renewed_client_certificate_is_used_without_a_restart(certs_dir: Path, tmp_path: Path) -> None:
@@ -46,16 +41,21 @@ def test_a_renewed_client_certificate_is_used_without_a_restart(certs_dir: Path,
     shutil.copytree(certs_dir, certs)
     settings = Settings(certs_dir=certs)
     seen = ClientSerials()
-    server = grpc.server(ThreadPoolExecutor(max_workers=8), interceptors=[seen])
-    servicer = health.HealthServicer()
-    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_secure_port("127.0.0.1:0", server_credentials(settings, "cache"))
-    server.start()
-    address = f"127.0.0.1:{port}"
     first = x509.load_pem_x509_certificate(service_paths(certs, "edge").cert.read_bytes()).serial_number
 
     async def scenario() -> tuple[list[bool], list[bool]]:
+        server = grpc.aio.server(interceptors=[seen])
+        servicer = health.aio.HealthServicer()
+        await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        port = server.add_secure_port("127.0.0.1:0", server_credentials(settings, "cache"))
+        await server.start()
+        try:
+            return await health_across_renewal(f"127.0.0.1:{port}")
+        finally:
+            await server.stop(0)
+
+    async def health_across_renewal(address: str) -> tuple[list[bool], list[bool]]:
         discovery = StaticDiscovery({svc: [address] for svc in ("preprocess", "inference", "cache")})
         upstreams = Upstreams(settings, discovery)
         try:
@@ -73,10 +73,7 @@ def test_a_renewed_client_certificate_is_used_without_a_restart(certs_dir: Path,
         finally:
             await upstreams.close()
 
-    try:
-        before, after = asyncio.run(scenario())
-    finally:
-        server.stop(0).wait()
+    before, after = asyncio.run(scenario())
     renewed = x509.load_pem_x509_certificate(service_paths(certs, "edge").cert.read_bytes()).serial_number
     assert renewed != first
     assert before == after == [True, True, True]

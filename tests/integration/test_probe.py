@@ -5,33 +5,42 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import grpc
+import grpc.aio
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from loop_thread import LoopThread
 
 from services.cli import main
 from services.mesh.config import Settings
 from services.mesh.peer_auth import PeerAuthorizer
 from services.mesh.tls import server_credentials
 
+Status = health_pb2.HealthCheckResponse.ServingStatus
+
 
 @pytest.fixture
-def inference_health(certs_dir: Path) -> Iterator[tuple[str, health.HealthServicer]]:
-    """A server that checks callers as inference does, with only grpc.health.v1 on it."""
+def inference_health(certs_dir: Path) -> Iterator[tuple[str, Callable[[Status], None]]]:
+    """A server that checks callers as inference does, with only grpc.health.v1 on it; and how to
+    set the health it answers."""
     settings = Settings(certs_dir=certs_dir)
-    server = grpc.server(ThreadPoolExecutor(max_workers=4), interceptors=[PeerAuthorizer("inference")])
-    servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_secure_port("127.0.0.1:0", server_credentials(settings, "inference"))
-    server.start()
-    try:
-        yield f"127.0.0.1:{port}", servicer
-    finally:
-        server.stop(0).wait()
+
+    async def start() -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+        server = grpc.aio.server(interceptors=[PeerAuthorizer("inference")])
+        servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        port = server.add_secure_port("127.0.0.1:0", server_credentials(settings, "inference"))
+        await server.start()
+        return server, servicer, port
+
+    with LoopThread() as thread:
+        server, servicer, port = thread.run(start())
+        try:
+            yield f"127.0.0.1:{port}", lambda status: thread.run(servicer.set("", status))
+        finally:
+            thread.run(server.stop(0))
 
 
 def _probe(certs_dir: Path, address: str, service: str = "inference", timeout: str = "2") -> tuple[int, float]:
@@ -41,10 +50,10 @@ def _probe(certs_dir: Path, address: str, service: str = "inference", timeout: s
 
 
 def test_serving_exits_0_and_not_serving_exits_1(certs_dir: Path, inference_health) -> None:
-    address, servicer = inference_health
-    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    address, set_status = inference_health
+    set_status(health_pb2.HealthCheckResponse.SERVING)
     assert _probe(certs_dir, address)[0] == 0
-    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
     assert _probe(certs_dir, address)[0] == 1
 
 
@@ -57,8 +66,8 @@ def test_unreachable_exits_2_within_the_deadline(certs_dir: Path) -> None:
 
 
 def test_another_services_certificate_is_refused(certs_dir: Path, inference_health) -> None:
-    address, servicer = inference_health
-    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    address, set_status = inference_health
+    set_status(health_pb2.HealthCheckResponse.SERVING)
     # `sluice health preprocess` presents preprocess's certificate: inference lets only itself,
     # its callers and Consul ask.
     assert _probe(certs_dir, address, service="preprocess")[0] == 2

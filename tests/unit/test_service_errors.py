@@ -1,9 +1,11 @@
 """Who is to blame for a failed call: the request (the service answered) or the instance (the
-transport failed). Handlers run under the ServiceErrors interceptor with a stand-in context."""
+transport failed). Handlers run under the ServiceErrors interceptor on an event loop, as on every
+mesh server, with a stand-in context."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
 import grpc
@@ -23,7 +25,7 @@ class Aborted(Exception):
 
 
 class Context:
-    """What a handler's grpc.ServicerContext records of an abort."""
+    """What a handler's grpc.aio.ServicerContext records of an abort."""
 
     def __init__(self) -> None:
         self.status: grpc.StatusCode | None = None
@@ -36,57 +38,75 @@ class Context:
     def set_trailing_metadata(self, metadata: tuple) -> None:
         self.trailing = metadata
 
-    def abort(self, status: grpc.StatusCode, details: str) -> None:
+    async def abort(self, status: grpc.StatusCode, details: str) -> None:
         self.status, self.details = status, details
         raise Aborted
 
 
-def _handler(behavior, streaming: bool = False) -> grpc.RpcMethodHandler:
+def _call(behavior, context: Context, streaming: bool = False) -> list:
+    """Run `behavior` under ServiceErrors as a grpc.aio server would: its replies, as a list."""
     make = grpc.unary_stream_rpc_method_handler if streaming else grpc.unary_unary_rpc_method_handler
-    handler = make(behavior)
     details = SimpleNamespace(method="/sluice.v1.Preprocess/RenderChat", invocation_metadata=())
-    wrapped = ServiceErrors("preprocess").intercept_service(lambda _: handler, details)
-    return wrapped.unary_stream if streaming else wrapped.unary_unary
+
+    async def continuation(_: object) -> grpc.RpcMethodHandler:
+        return make(behavior)
+
+    async def run() -> list:
+        wrapped = await ServiceErrors("preprocess").intercept_service(continuation, details)
+        if streaming:
+            return [reply async for reply in wrapped.unary_stream(None, context)]
+        return [await wrapped.unary_unary(None, context)]
+
+    return asyncio.run(run())
 
 
 def test_a_mesh_error_becomes_its_status_with_code_and_param() -> None:
-    def invalid(request: object, context: Context) -> None:
+    async def invalid(request: object, context: Context) -> None:
         raise InvalidArgument("tools[0]: too deep", "tools[0]")
 
     context = Context()
     with pytest.raises(Aborted):
-        _handler(invalid)(None, context)
+        _call(invalid, context)
     assert context.status == grpc.StatusCode.INVALID_ARGUMENT and context.details == "tools[0]: too deep"
     assert dict(context.trailing) == {CODE_METADATA_KEY: "invalid_value", PARAM_METADATA_KEY: "tools[0]"}
 
 
 @pytest.mark.parametrize("streaming", [False, True])
 def test_a_crash_is_internal_with_a_stable_message_and_no_exception_text(streaming: bool) -> None:
-    def crash(request: object, context: Context) -> Iterator[int]:
+    async def crash(request: object, context: Context) -> AsyncIterator[int]:
         yield 1
         raise RecursionError("maximum recursion depth exceeded while calling a Python object")
 
-    def crash_unary(request: object, context: Context) -> int:
+    async def crash_unary(request: object, context: Context) -> int:
         raise RecursionError("maximum recursion depth exceeded while calling a Python object")
 
     context = Context()
     with pytest.raises(Aborted):
-        if streaming:
-            list(_handler(crash, streaming=True)(None, context))
-        else:
-            _handler(crash_unary)(None, context)
+        _call(crash if streaming else crash_unary, context, streaming)
     assert context.status == grpc.StatusCode.INTERNAL
     assert context.details == "internal error in preprocess while handling this request"
     assert dict(context.trailing)[CODE_METADATA_KEY] == "internal_error"
 
 
+def test_replies_pass_through_unchanged() -> None:
+    async def answer(request: object, context: Context) -> str:
+        return "reply"
+
+    async def stream(request: object, context: Context) -> AsyncIterator[int]:
+        for n in range(3):
+            yield n
+
+    assert _call(answer, Context()) == ["reply"]
+    assert _call(stream, Context(), streaming=True) == [0, 1, 2]
+
+
 def test_a_handler_that_aborted_itself_keeps_its_status() -> None:
-    def refuse(request: object, context: Context) -> None:
-        context.abort(grpc.StatusCode.PERMISSION_DENIED, "not you")
+    async def refuse(request: object, context: Context) -> None:
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not you")
 
     context = Context()
     with pytest.raises(Aborted):
-        _handler(refuse)(None, context)
+        _call(refuse, context)
     assert (context.status, context.trailing) == (grpc.StatusCode.PERMISSION_DENIED, ())
 
 
