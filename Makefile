@@ -50,7 +50,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/pip install --quiet -e ".[test,bench]"
 	$(BIN)/python benchmarks/single_stream.py
 	$(BIN)/python benchmarks/concurrency.py --preset default
-	$(BIN)/python benchmarks/concurrency.py --preset bench --concurrency 1,16
+	$(BIN)/python benchmarks/concurrency.py --preset bench --repeats 2
 	$(BIN)/python benchmarks/tracing_overhead.py
 	$(BIN)/python benchmarks/structured_output.py
 	$(BIN)/python benchmarks/prefix_cache.py --preset default

@@ -6,15 +6,16 @@ chats back to back; greedy; EOS ignored; every prompt unique and the completion 
 `no-cache`): the Sluice mesh and `transformers serve --continuous-batching`, both started here
 on free ports and alternated at every concurrency (A B A B A B), medians reported.
 
-In-process, on the same 16 requests (alternated the same way): Sluice's engine (batch
-invariance off and on), one static padded batch through `model.generate`, transformers' own
-continuous-batching manager (`generate_batch`), and sequential `model.generate`.
+In-process, given N requests at once for every client count N (alternated the same way):
+Sluice's engine (batch invariance off and on), one static padded batch through
+`model.generate`, transformers' own continuous-batching manager (`generate_batch`); and
+sequential `model.generate` on 4 requests.
 
 Memory: the inference service's peak RSS while 32 streams run with `max_tokens` unset, against
 the model's weights plus the KV blocks in use.
 
 Charts: a PNG of tokens/s and TTFT against concurrency (the mesh, the peer, the engine
-in-process at 16) beside the tables, in --charts (default benchmarks/results/).
+in-process) beside the tables, in --charts (default benchmarks/results/).
 
     python benchmarks/concurrency.py [--preset default|bench] [--concurrency 1,4,16,32] [--repeats 3]
 """
@@ -36,6 +37,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import openai
@@ -192,28 +194,50 @@ def sluice_engine(engine: Engine, n: int, tokens: int) -> float:
     return total / (time.perf_counter() - started)
 
 
-def in_process(model_dir: Path, n: int, tokens: int, repeats: int) -> dict[str, float]:
-    """tokens/s of each in-process contender on n requests, alternated `repeats` times, medians."""
+# tokens/s of each in-process contender, by the number of requests given to it at once
+InProcess = dict[int, dict[str, float]]
+SEQUENTIAL = "sequential generate (4 requests)"
+
+
+def in_process(model_dir: Path, levels: list[int], tokens: int, repeats: int) -> InProcess:
+    """tokens/s of each in-process contender on n requests for every n in `levels`, alternated
+    `repeats` times, medians; and sequential generate once, on 4 requests."""
     loaded = load_model(model_dir, "cpu")
     model, tokenizer = loaded.model, loaded.tokenizer
     fast = Engine(load_model(model_dir, "cpu"))
     invariant = Engine(load_model(model_dir, "cpu"), EngineLimits(batch_invariant=True))
-    cb_model = load_model(model_dir, "cpu").model  # its own copy: generate_batch changes attention settings
-    contenders: dict[str, Callable[[], float]] = {
-        "Sluice engine": lambda: sluice_engine(fast, n, tokens),
-        "Sluice engine, batch_invariant": lambda: sluice_engine(invariant, n, tokens),
-        "static padded batch (generate)": lambda: static_batch(model, tokenizer, n, tokens),
-        "transformers CB (generate_batch)": lambda: transformers_cb(cb_model, tokenizer, n, tokens),
-    }
-    for run in contenders.values():
-        run()  # warm-up: first calls pay one-off costs
-    results: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(repeats):
-        for name, run in contenders.items():
-            results[name].append(run())
-    medians = {name: _median(values) for name, values in results.items()}
-    medians["sequential generate"] = sequential(model, tokenizer, min(n, 4), tokens)
+    medians: InProcess = {}
+    for n in levels:
+        # A fresh copy per level: generate_batch changes the model's attention settings, and its
+        # persistent manager, once it has served single requests, ran 16 at once at a fifth of
+        # the speed a fresh one does.
+        cb_model = load_model(model_dir, "cpu").model
+        contenders: dict[str, Callable[[], float]] = {
+            "Sluice engine": partial(sluice_engine, fast, n, tokens),
+            "Sluice engine, batch_invariant": partial(sluice_engine, invariant, n, tokens),
+            "static padded batch (generate)": partial(static_batch, model, tokenizer, n, tokens),
+            "transformers CB (generate_batch)": partial(transformers_cb, cb_model, tokenizer, n, tokens),
+        }
+        for run in contenders.values():
+            run()  # warm-up: first calls at a batch size pay one-off costs
+        results: dict[str, list[float]] = {name: [] for name in contenders}
+        for _ in range(repeats):
+            for name, run in contenders.items():
+                results[name].append(run())
+        medians[n] = {name: _median(values) for name, values in results.items()}
+        print(f"  {n} requests done", flush=True)
+    medians[0] = {SEQUENTIAL: sequential(model, tokenizer, 4, tokens)}
     return medians
+
+
+def _print_in_process(local: InProcess, levels: list[int]) -> None:
+    print(f"{'in-process, tokens/s':36}" + "".join(f"{f'{n} req':>9}" for n in levels))
+    for name in local[levels[0]]:
+        print(f"{name:36}" + "".join(f"{local[n][name]:9.0f}" for n in levels))
+    for name in ("static padded batch (generate)", "transformers CB (generate_batch)"):
+        label = f"engine / {name.split(' (')[0]}"
+        print(f"{label:36}" + "".join(f"{local[n]['Sluice engine'] / local[n][name]:8.2f}x" for n in levels))
+    print(f"{SEQUENTIAL}: {local[0][SEQUENTIAL]:.0f} tokens/s\n")
 
 
 # ---------------------------------------------------------------- servers
@@ -344,10 +368,10 @@ def main() -> None:
         work = Path(tmp)
         print(f"building the {args.preset} model…", flush=True)
         model_dir = build_default_model(work / f"sluice-{args.preset}", shape=PRESETS[args.preset])
-        local: dict[str, float] = {}
+        local: InProcess = {}
         if not args.skip_in_process:
-            print("in-process contenders, 16 requests…", flush=True)
-            local = in_process(model_dir, 16, args.tokens, args.repeats)
+            print("in-process contenders…", flush=True)
+            local = in_process(model_dir, levels, args.tokens, args.repeats)
 
         certs = work / "certs"
         init_certs(certs)
@@ -411,11 +435,7 @@ def main() -> None:
 
     print(f"\n{args.preset} model, {args.tokens} new tokens, greedy, medians of {args.repeats} alternated runs\n")
     if local:
-        engine = local["Sluice engine"]
-        print(f"{'in-process, 16 requests':36} {'tokens/s':>9} {'engine /':>9}")
-        for name, value in local.items():
-            print(f"{name:36} {value:9.0f} {engine / value:8.2f}x")
-        print()
+        _print_in_process(local, levels)
     print(f"{'server':20} {'clients':>7} {'tokens/s':>9} {'TTFT p50':>9} {'ITL p50':>8} {'errors':>6}")
     for (name, level), runs in results.items():
         print(
@@ -431,8 +451,9 @@ def main() -> None:
         if theirs:
             line += f" mesh/transformers-serve {_ratio(ours, theirs, 'tokens_per_s'):.2f}x,"
             line += f" TTFT p50 mesh/peer {_ratio(ours, theirs, 'ttft_p50'):.2f}x"
-        if local and level == 16:
-            line += f", mesh/engine in-process {_median([r.tokens_per_s for r in ours]) / local['Sluice engine']:.2f}x"
+        if local:
+            engine = local[level]["Sluice engine"]
+            line += f", mesh/engine in-process {_median([r.tokens_per_s for r in ours]) / engine:.2f}x"
         print(line)
     chart = concurrency_chart(
         args.charts / f"concurrency-{args.preset}.png",
@@ -448,9 +469,7 @@ def main() -> None:
     )
 
 
-def _series(
-    results: dict[tuple[str, int], list[LoadResult]], levels: list[int], local: dict[str, float]
-) -> list[Series]:
+def _series(results: dict[tuple[str, int], list[LoadResult]], levels: list[int], local: InProcess) -> list[Series]:
     servers = sorted({name for name, _ in results}, key=lambda name: name != "Sluice mesh")
     series = [
         Series(
@@ -462,7 +481,7 @@ def _series(
         for name in servers
     ]
     if local:
-        series.append(Series("Sluice engine in-process", [16], [local["Sluice engine"]], []))
+        series.append(Series("Sluice engine in-process", levels, [local[n]["Sluice engine"] for n in levels], []))
     return series
 
 
