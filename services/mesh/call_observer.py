@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -113,20 +114,19 @@ class CallObserver(UnaryRequestInterceptor):
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started, outcome = time.perf_counter(), "UNKNOWN"
             track(context)
-            responses = behavior(request, context)
             try:
-                while True:
-                    # The request id is set around each step, never across a yield.
-                    with request_scope(request_id):
-                        try:
-                            response = await anext(responses)
-                        except StopAsyncIteration:
-                            break
-                    yield response
+                async with aclosing(behavior(request, context)) as responses:
+                    while True:
+                        # The request id is set around each step, never across a yield.
+                        with request_scope(request_id):
+                            try:
+                                response = await anext(responses)
+                            except StopAsyncIteration:
+                                break
+                        yield response
                 outcome = "OK"
             except (asyncio.CancelledError, GeneratorExit):
                 outcome = "CANCELLED"  # the client went away and gRPC closed the stream
-                await responses.aclose()
                 raise
             finally:
                 _record(method, context, outcome, started)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -127,8 +128,9 @@ class ServiceErrors(UnaryRequestInterceptor):
     def _streaming(self, behavior: Behavior, method: str) -> Behavior:
         async def answered(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
-                async for response in behavior(request, context):
-                    yield response
+                async with aclosing(behavior(request, context)) as responses:
+                    async for response in responses:
+                        yield response
             except Exception as err:
                 await self._fail(context, err, method)
 

@@ -87,8 +87,8 @@ async def _serve(settings: Settings, spec: GrpcService, port: int, ready_file: P
 
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", *spec.service_names):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    names = ("", *spec.service_names)  # the server as a whole, and each service on it
+    await _set_health(health_servicer, names, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection((*spec.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 
     bind = f"{settings.host}:{port}"
@@ -118,8 +118,7 @@ async def _serve(settings: Settings, spec: GrpcService, port: int, ready_file: P
         if spec.live() != serving:
             serving = not serving
             status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-            for name in ("", *spec.service_names):
-                await health_servicer.set(name, status)
+            await _set_health(health_servicer, names, status)
             log.log(
                 logging.INFO if serving else logging.ERROR,
                 "%s is %s",
@@ -137,6 +136,13 @@ async def _serve(settings: Settings, spec: GrpcService, port: int, ready_file: P
     shutdown_tracing()
     log.info("%s stopped", spec.name)
     return 0
+
+
+async def _set_health(
+    servicer: health.aio.HealthServicer, names: Sequence[str], status: health_pb2.HealthCheckResponse.ServingStatus
+) -> None:
+    for name in names:
+        await servicer.set(name, status)
 
 
 async def _drain(server: grpc.aio.Server, observer: CallObserver, grace_s: float) -> None:

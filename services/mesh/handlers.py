@@ -4,12 +4,15 @@ Every mesh server is a `grpc.aio` server. Its handlers are async generators (a s
 yielded) or coroutines (one reply returned, or a stream written with `context.write`, as
 grpc.health.v1's Watch does); a wrapper must be of the same kind as what it wraps, which is how
 grpc tells a generator's replies from a coroutine's (and a plain function would run on a thread).
+A streaming wrapper closes what it wraps when it is closed itself (`aclosing`), so a client that
+goes away reaches the handler's own cleanup at once, through every layer.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -51,8 +54,9 @@ def guard_behavior(handler: grpc.RpcMethodHandler, check: Check, **fields: objec
     def streaming(behavior: Behavior) -> Behavior:
         async def checked(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             await check(request, context)
-            async for response in behavior(request, context):
-                yield response
+            async with aclosing(behavior(request, context)) as responses:
+                async for response in responses:
+                    yield response
 
         return checked
 
