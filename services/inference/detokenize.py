@@ -20,9 +20,19 @@ class Decoder(Protocol):
     def decode(self, token_ids: list[int], skip_special_tokens: bool = ...) -> str: ...
 
 
+def direct_decoder(tokenizer: Decoder) -> Decoder:
+    """The Rust tokenizer behind a transformers fast tokenizer, when transformers' decode would
+    return exactly its text (no clean-up of spaces): transformers' wrapper converts the id list
+    element by element first, three quarters of what a decode cost here."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return tokenizer
+    return backend
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Decoder, skip_special_tokens: bool = True) -> None:
-        self._tokenizer = tokenizer
+        self._tokenizer = direct_decoder(tokenizer)
         self._skip_special = skip_special_tokens
         self.token_ids: list[int] = []
         self._prefix_offset = 0  # window start

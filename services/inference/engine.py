@@ -655,6 +655,9 @@ class Engine:
         for index, (seq, _) in enumerate(sampled):
             if tokens[index] is not None:
                 self._advance(seq, tokens[index], now, logprobs.get(index))
+        produced = sum(token is not None for token in tokens)
+        metrics.TOKENS_GENERATED.inc(produced)  # once per step: each update takes a lock
+        metrics.TOKEN_RATE.add(produced)
         self._publish()
 
     def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[int | None]:
@@ -663,7 +666,8 @@ class Engine:
         free = [i for i, seq in enumerate(seqs) if seq.handle.grammar is None]
         tokens: list[int | None] = [None] * len(seqs)
         if free:
-            picked = sample([seqs[i].sampler for i in free], logits[free])
+            rows = logits if len(free) == len(seqs) else logits[free]  # indexing would copy them all
+            picked = sample([seqs[i].sampler for i in free], rows)
             for i, token in zip(free, picked, strict=True):
                 tokens[i] = token
         for i, seq in enumerate(seqs):
@@ -681,8 +685,6 @@ class Engine:
     def _advance(self, seq: _Sequence, token: int, now: float, logprob: TokenLogprob | None = None) -> None:
         seq.sampler.observe(token)
         seq.output_ids.append(token)
-        metrics.TOKENS_GENERATED.inc()
-        metrics.TOKEN_RATE.add()
         if seq.generated == 1:
             seq.handle.first_token_at = now
             metrics.TIME_TO_FIRST_TOKEN.observe(now - seq.handle.queued_at)

@@ -149,11 +149,11 @@ def decode_group(start: int, tables: list[SequenceBlocks], length: int, device: 
     size = tables[0].block_size
     width = math.ceil(length / size)
     table = torch.tensor([t.blocks[:width] + [0] * (width - len(t.blocks[:width])) for t in tables], device=device)
-    positions = torch.arange(length, device=device)
-    slots = table[:, positions // size] * size + positions % size
+    # Every slot of each block, in order, cut at `length`.
+    slots = (table.unsqueeze(2) * size + torch.arange(size, device=device)).view(len(tables), -1)[:, :length]
     lengths = torch.tensor([t.length + 1 for t in tables], device=device)
     mask = torch.zeros(len(tables), length, device=device)
-    mask.masked_fill_(positions >= lengths.unsqueeze(1), float("-inf"))
+    mask.masked_fill_(torch.arange(length, device=device) >= lengths.unsqueeze(1), float("-inf"))
     return DecodeGroup(start, len(tables), length, slots.reshape(-1), mask)
 
 

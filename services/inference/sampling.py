@@ -66,30 +66,31 @@ class Sampler:
 def sample(samplers: Sequence[Sampler], logits: torch.Tensor) -> list[int]:
     """The next token of each row of `logits` ([rows, vocab]), row i sampled by samplers[i]."""
     shaped = shaped_logits(samplers, logits)
-    tokens = torch.empty(len(samplers), dtype=torch.long, device=logits.device)
-    greedy = _rows(samplers, lambda c: c.greedy, logits.device)
-    drawn = _rows(samplers, lambda c: not c.greedy, logits.device)
-    if greedy.numel():
-        tokens[greedy] = shaped[greedy].argmax(dim=-1)
-    if drawn.numel():
-        uniforms = torch.tensor([samplers[i].rng.random() for i in drawn.tolist()], device=logits.device)
-        tokens[drawn] = _draw(torch.softmax(shaped[drawn], dim=-1), uniforms)
+    tokens = shaped.argmax(dim=-1)  # greedy rows' answer; drawn rows replace theirs below
+    drawn = [i for i, s in enumerate(samplers) if not s.config.greedy]
+    if drawn:
+        rows = torch.tensor(drawn, dtype=torch.long, device=logits.device)
+        uniforms = torch.tensor([samplers[i].rng.random() for i in drawn], device=logits.device)
+        tokens[rows] = _draw(torch.softmax(shaped[rows], dim=-1), uniforms)
     return tokens.tolist()
 
 
 def shaped_logits(samplers: Sequence[Sampler], logits: torch.Tensor) -> torch.Tensor:
     """The logits each row samples from: bias and penalties applied, then for sampled rows the
     temperature, with everything outside top-k, the top-p nucleus and min-p set to -inf (the
-    best token always survives). Greedy rows take the argmax of theirs."""
-    shaped = logits.float().clone()
+    best token always survives). Greedy rows take the argmax of theirs. A batch with nothing to
+    shape gets `logits` itself back: callers read the result, never write it."""
     configs = [s.config for s in samplers]
     device = logits.device
     biased = [i for i, s in enumerate(samplers) if s.bias_ids is not None]
+    penalized = [i for i, s in enumerate(samplers) if s.counts is not None]
+    if not biased and not penalized and all(c.greedy for c in configs):
+        return logits.float()  # a plain greedy batch: nothing to shape, nothing to copy
+    shaped = logits.float().clone()
     if biased:
         rows = torch.cat([torch.full_like(samplers[i].bias_ids, i) for i in biased])
         ids = torch.cat([samplers[i].bias_ids for i in biased])
         shaped.index_put_((rows, ids), torch.cat([samplers[i].bias_values for i in biased]), accumulate=True)
-    penalized = [i for i, s in enumerate(samplers) if s.counts is not None]
     if penalized:
         shaped[penalized] = apply_penalties(
             shaped[penalized],

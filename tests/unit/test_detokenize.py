@@ -47,3 +47,29 @@ def test_random_token_sequences_reproduce_the_full_decode(tokenizer) -> None:
 def test_special_tokens_produce_no_text(tokenizer) -> None:
     detok = IncrementalDetokenizer(tokenizer)
     assert detok.add(tokenizer.eos_token_id) == ""
+
+
+class _Wrapper:
+    """A tokenizer whose own decode says which path the detokenizer took."""
+
+    def __init__(self, backend: object, clean_up: bool) -> None:
+        self.backend_tokenizer = backend
+        self.clean_up_tokenization_spaces = clean_up
+        self.calls = 0
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        self.calls += 1
+        return "".join(chr(ord("a") + i % 26) for i in token_ids)
+
+
+def test_the_rust_tokenizer_decodes_directly_when_transformers_adds_nothing(tokenizer) -> None:
+    wrapper = _Wrapper(tokenizer.backend_tokenizer, clean_up=False)
+    ids = tokenizer(TEXTS[1], add_special_tokens=False)["input_ids"]
+    assert "".join(_stream(wrapper, ids)) == tokenizer.decode(ids) == TEXTS[1]
+    assert wrapper.calls == 0
+
+
+def test_a_tokenizer_that_cleans_up_spaces_keeps_its_own_decode(tokenizer) -> None:
+    wrapper = _Wrapper(tokenizer.backend_tokenizer, clean_up=True)
+    assert "".join(_stream(wrapper, [0, 1, 2])) == "abc"
+    assert wrapper.calls > 0
