@@ -9,7 +9,8 @@ on free ports and alternated at every concurrency (A B A B A B), medians reporte
 In-process, given N requests at once for every client count N (alternated the same way):
 Sluice's engine (batch invariance off and on), one static padded batch through
 `model.generate`, transformers' own continuous-batching manager (`generate_batch`); and
-sequential `model.generate` on 4 requests.
+sequential `model.generate` on 4 requests. All on the torch threads the inference service
+chooses for the model (measured the same way).
 
 Memory: the inference service's peak RSS while 32 streams run with `max_tokens` unset, against
 the model's weights plus the KV blocks in use.
@@ -54,6 +55,7 @@ from services.inference.engine import Engine, EngineLimits, GenerationRequest
 from services.inference.loader import load_model
 from services.inference.paged_attention import kv_geometry
 from services.inference.sampling import SamplingConfig
+from services.inference.threads import choose_threads, timed_forward
 from services.mesh.certs import init_certs
 
 _unique = itertools.count()
@@ -201,9 +203,15 @@ SEQUENTIAL = "sequential generate (4 requests)"
 
 def in_process(model_dir: Path, levels: list[int], tokens: int, repeats: int) -> InProcess:
     """tokens/s of each in-process contender on n requests for every n in `levels`, alternated
-    `repeats` times, medians; and sequential generate once, on 4 requests."""
+    `repeats` times, medians; and sequential generate once, on 4 requests. Every contender runs
+    on the torch threads the inference service would choose for this model: the engine runs
+    its forward passes on its own thread, and there a second OpenMP team (the main thread's
+    being the first) was slower than one thread, while generate on the main thread gained."""
     loaded = load_model(model_dir, "cpu")
     model, tokenizer = loaded.model, loaded.tokenizer
+    threads = choose_threads(torch.get_num_threads(), timed_forward(model))
+    torch.set_num_threads(threads.threads)
+    print(f"  torch threads: {threads.threads} ({threads.reason})", flush=True)
     fast = Engine(load_model(model_dir, "cpu"))
     invariant = Engine(load_model(model_dir, "cpu"), EngineLimits(batch_invariant=True))
     medians: InProcess = {}
