@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import itertools
 import logging
 import math
@@ -39,6 +38,7 @@ import torch
 from services.inference import metrics
 from services.inference.detokenize import IncrementalDetokenizer
 from services.inference.loader import LoadedModel
+from services.inference.loop_waker import LoopWaker
 from services.inference.paged_attention import (
     BlockPool,
     DecodeGroup,
@@ -200,14 +200,9 @@ class SequenceHandle:
     async def steps(self) -> AsyncIterator[Step]:
         """The same steps for a reader on an event loop, which waits without holding a thread: the
         engine thread wakes the loop when it delivers. A handle has one reader."""
-        loop = asyncio.get_running_loop()
         ready = asyncio.Event()
-
-        def wake() -> None:
-            with contextlib.suppress(RuntimeError):  # the reader's loop has closed: nobody waits
-                loop.call_soon_threadsafe(ready.set)
-
-        self._wake = wake
+        waker = LoopWaker.of(asyncio.get_running_loop())
+        self._wake = lambda: waker.wake(ready)
         ended = False
         while not ended:
             ready.clear()  # before looking, so a step delivered after the look sets it again
@@ -652,9 +647,10 @@ class Engine:
             entries = _logprobs(logits[wanted], [tokens[i] for i in wanted], widths)
             logprobs = dict(zip(wanted, entries, strict=True))
         now = time.monotonic()
-        for index, (seq, _) in enumerate(sampled):
-            if tokens[index] is not None:
-                self._advance(seq, tokens[index], now, logprobs.get(index))
+        with LoopWaker.deliveries():
+            for index, (seq, _) in enumerate(sampled):
+                if tokens[index] is not None:
+                    self._advance(seq, tokens[index], now, logprobs.get(index))
         produced = sum(token is not None for token in tokens)
         metrics.TOKENS_GENERATED.inc(produced)  # once per step: each update takes a lock
         metrics.TOKEN_RATE.add(produced)
