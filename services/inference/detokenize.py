@@ -22,12 +22,18 @@ class Decoder(Protocol):
 
 def direct_decoder(tokenizer: Decoder) -> Decoder:
     """The Rust tokenizer behind a transformers fast tokenizer, when transformers' decode would
-    return exactly its text (no clean-up of spaces): transformers' wrapper converts the id list
-    element by element first, three quarters of what a decode cost here."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", False):
+    return exactly its text: the class decodes as transformers' own fast tokenizer does (some
+    model classes change `decode`) and cleans up no spaces. transformers' wrapper converts the
+    id list element by element first, three quarters of what a decode cost here."""
+    from transformers import PreTrainedTokenizerFast
+
+    kind = type(tokenizer)
+    plain = isinstance(tokenizer, PreTrainedTokenizerFast) and all(
+        getattr(kind, name) is getattr(PreTrainedTokenizerFast, name) for name in ("decode", "_decode")
+    )
+    if not plain or tokenizer.clean_up_tokenization_spaces:
         return tokenizer
-    return backend
+    return tokenizer.backend_tokenizer
 
 
 class IncrementalDetokenizer:

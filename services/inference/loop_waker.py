@@ -37,11 +37,12 @@ class LoopWaker:
     def deliveries(cls) -> Iterator[None]:
         """Wake-ups asked for on this thread within are sent at the end, once per loop."""
         held: set[LoopWaker] = set()
+        outer = getattr(cls._held, "wakers", None)
         cls._held.wakers = held
         try:
             yield
         finally:
-            cls._held.wakers = None
+            cls._held.wakers = outer
             for waker in held:
                 waker._schedule()
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -49,27 +50,42 @@ def test_special_tokens_produce_no_text(tokenizer) -> None:
     assert detok.add(tokenizer.eos_token_id) == ""
 
 
-class _Wrapper:
-    """A tokenizer whose own decode says which path the detokenizer took."""
+class _Counting:
+    """Counts the tokenizer's own decodes, to tell which path the detokenizer took."""
 
-    def __init__(self, backend: object, clean_up: bool) -> None:
-        self.backend_tokenizer = backend
-        self.clean_up_tokenization_spaces = clean_up
+    def __init__(self, tokenizer) -> None:
         self.calls = 0
+        self._decode = tokenizer.decode
+        tokenizer.decode = self
 
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+    def __call__(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
         self.calls += 1
-        return "".join(chr(ord("a") + i % 26) for i in token_ids)
+        return self._decode(token_ids, skip_special_tokens=skip_special_tokens)
 
 
 def test_the_rust_tokenizer_decodes_directly_when_transformers_adds_nothing(tokenizer) -> None:
-    wrapper = _Wrapper(tokenizer.backend_tokenizer, clean_up=False)
     ids = tokenizer(TEXTS[1], add_special_tokens=False)["input_ids"]
-    assert "".join(_stream(wrapper, ids)) == tokenizer.decode(ids) == TEXTS[1]
-    assert wrapper.calls == 0
+    own = copy.copy(tokenizer)
+    counting = _Counting(own)
+    assert "".join(_stream(own, ids)) == tokenizer.decode(ids) == TEXTS[1]
+    assert counting.calls == 0
 
 
 def test_a_tokenizer_that_cleans_up_spaces_keeps_its_own_decode(tokenizer) -> None:
-    wrapper = _Wrapper(tokenizer.backend_tokenizer, clean_up=True)
-    assert "".join(_stream(wrapper, [0, 1, 2])) == "abc"
-    assert wrapper.calls > 0
+    own = copy.copy(tokenizer)
+    own.clean_up_tokenization_spaces = True
+    counting = _Counting(own)
+    ids = tokenizer(TEXTS[0], add_special_tokens=False)["input_ids"]
+    assert "".join(_stream(own, ids)) == own.decode(ids)
+    assert counting.calls > 0
+
+
+def test_a_class_with_its_own_decode_keeps_it(tokenizer) -> None:
+    class Shouting(type(tokenizer)):  # as model classes that change decoding do
+        def decode(self, token_ids: list[int], skip_special_tokens: bool = False, **kwargs: object) -> str:
+            return super().decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs).upper()
+
+    own = copy.copy(tokenizer)
+    own.__class__ = Shouting
+    ids = tokenizer(TEXTS[0], add_special_tokens=False)["input_ids"]
+    assert "".join(_stream(own, ids)) == TEXTS[0].upper()
