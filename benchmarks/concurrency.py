@@ -55,7 +55,7 @@ from services.inference.engine import Engine, EngineLimits, GenerationRequest
 from services.inference.loader import load_model
 from services.inference.paged_attention import kv_geometry
 from services.inference.sampling import SamplingConfig
-from services.inference.threads import choose_threads, timed_forward
+from services.inference.threads import apply_threads
 from services.mesh.certs import init_certs
 
 _unique = itertools.count()
@@ -209,8 +209,7 @@ def in_process(model_dir: Path, levels: list[int], tokens: int, repeats: int) ->
     being the first) was slower than one thread, while generate on the main thread gained."""
     loaded = load_model(model_dir, "cpu")
     model, tokenizer = loaded.model, loaded.tokenizer
-    threads = choose_threads(torch.get_num_threads(), timed_forward(model))
-    torch.set_num_threads(threads.threads)
+    threads = apply_threads(model, 0)  # as the service does with torch_threads left at auto
     print(f"  torch threads: {threads.threads} ({threads.reason})", flush=True)
     fast = Engine(load_model(model_dir, "cpu"))
     invariant = Engine(load_model(model_dir, "cpu"), EngineLimits(batch_invariant=True))

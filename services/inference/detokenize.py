@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from transformers import PreTrainedTokenizerFast
+
 REPLACEMENT = "\ufffd"
 # Tokens of context kept before the unread ones; enough for any merge a decoder makes.
 _WINDOW = 6
@@ -21,12 +23,11 @@ class Decoder(Protocol):
 
 
 def direct_decoder(tokenizer: Decoder) -> Decoder:
-    """The Rust tokenizer behind a transformers fast tokenizer, when transformers' decode would
-    return exactly its text: the class decodes as transformers' own fast tokenizer does (some
-    model classes change `decode`) and cleans up no spaces. transformers' wrapper converts the
-    id list element by element first, three quarters of what a decode cost here."""
-    from transformers import PreTrainedTokenizerFast
-
+    """What to decode with (chosen once per model): the Rust tokenizer behind a transformers fast
+    tokenizer when transformers' decode would return exactly its text, that is when the class
+    decodes as transformers' own fast tokenizer does (some model classes change `decode`) and
+    cleans up no spaces; else the tokenizer itself. transformers' wrapper converts the id list
+    element by element first, three quarters of what a decode cost here."""
     kind = type(tokenizer)
     plain = isinstance(tokenizer, PreTrainedTokenizerFast) and all(
         getattr(kind, name) is getattr(PreTrainedTokenizerFast, name) for name in ("decode", "_decode")
@@ -38,7 +39,7 @@ def direct_decoder(tokenizer: Decoder) -> Decoder:
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Decoder, skip_special_tokens: bool = True) -> None:
-        self._tokenizer = direct_decoder(tokenizer)
+        self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
         self.token_ids: list[int] = []
         self._prefix_offset = 0  # window start

@@ -36,7 +36,7 @@ from functools import cached_property
 import torch
 
 from services.inference import metrics
-from services.inference.detokenize import IncrementalDetokenizer
+from services.inference.detokenize import IncrementalDetokenizer, direct_decoder
 from services.inference.loader import LoadedModel
 from services.inference.loop_waker import LoopWaker
 from services.inference.paged_attention import (
@@ -279,6 +279,7 @@ class Engine:
         self.loaded = loaded
         self.limits = limits
         self._vocab_size = loaded.model.get_input_embeddings().weight.shape[0]
+        self._decoder = direct_decoder(loaded.tokenizer)  # chosen once: every sequence decodes with it
         geometry = kv_geometry(loaded.model)
         self._block_bytes = geometry.bytes_per_token(loaded.model.dtype) * limits.kv_block_size
         blocks = limits.kv_cache_bytes // self._block_bytes
@@ -402,7 +403,7 @@ class Engine:
                     handle=handle,
                     kv=SequenceBlocks(self.limits.kv_block_size),
                     sampler=Sampler(request.sampling, self._vocab_size, self.loaded.device),
-                    detok=IncrementalDetokenizer(self.loaded.tokenizer),
+                    detok=IncrementalDetokenizer(self._decoder),
                     stopper=StopMatcher(list(request.stop)),
                     order=next(self._admissions),
                     target=len(request.prompt_ids),

@@ -75,9 +75,9 @@ def timed_forward(model: PreTrainedModel, rows: int = ROWS) -> Callable[[int], f
     return forward_s
 
 
-def apply_threads(model: PreTrainedModel, requested: int) -> int:
+def apply_threads(model: PreTrainedModel, requested: int) -> ThreadChoice:
     """Set torch's threads per operation: `requested`, or when it is 0 on a CPU, the measured
-    choice. Returns the count in force."""
+    choice. Returns the choice in force, with its reason."""
     if requested:
         choice = ThreadChoice(requested, "torch_threads")
     elif model.device.type != "cpu":
@@ -86,4 +86,4 @@ def apply_threads(model: PreTrainedModel, requested: int) -> int:
         choice = choose_threads(torch.get_num_threads(), timed_forward(model))
     torch.set_num_threads(choice.threads)
     log.info("torch threads: %d (%s)", choice.threads, choice.reason, extra={"torch_threads": choice.threads})
-    return choice.threads
+    return choice

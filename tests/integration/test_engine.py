@@ -98,7 +98,7 @@ def test_torch_threads_setting_sets_the_intra_op_threads(engine: Engine) -> None
     before = torch.get_num_threads()
     wanted = 1 if before != 1 else 2
     try:
-        assert apply_threads(engine.loaded.model, wanted) == wanted
+        assert apply_threads(engine.loaded.model, wanted).threads == wanted
         assert torch.get_num_threads() == wanted
     finally:
         torch.set_num_threads(before)
@@ -107,7 +107,7 @@ def test_torch_threads_setting_sets_the_intra_op_threads(engine: Engine) -> None
 def test_auto_threads_measure_the_model_and_pick_one_or_all(engine: Engine) -> None:
     before = torch.get_num_threads()
     try:
-        chosen = apply_threads(engine.loaded.model, 0)
+        chosen = apply_threads(engine.loaded.model, 0).threads
         assert chosen in {1, before}
         assert torch.get_num_threads() == chosen
     finally:
