@@ -1,8 +1,12 @@
 # `make run` and `make test` are all a newcomer needs; both create .venv on first use.
 PYTHON ?= python3
 VENV ?= .venv
-# CPU build by default; GPU hosts override, e.g. `make run TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"`.
-TORCH_SPEC ?= torch==2.13.0
+# PyTorch: the CPU build from PyTorch's CPU index on a machine without an NVIDIA driver (no
+# nvidia-smi), PyPI's default build (CUDA) on one with it. Any other build through TORCH_SPEC, e.g.
+# `make run TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+TORCH_VERSION := 2.13.0
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+TORCH_SPEC ?= torch==$(TORCH_VERSION)$(if $(shell command -v nvidia-smi),, --index-url $(TORCH_CPU_INDEX))
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
@@ -13,8 +17,9 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 # Stamps re-run the install only when the project's dependencies change.
+# torch alone from its index (--no-deps); its own dependencies then come from PyPI with Sluice's.
 $(VENV)/.installed-run: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet --no-deps $(TORCH_SPEC)
 	$(BIN)/pip install --quiet -e .
 	touch $@
 

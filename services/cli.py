@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from services.inference.default_model import PRESETS
 from services.mesh.config import (
     DEFAULT_MODEL,
@@ -19,6 +21,7 @@ from services.mesh.config import (
     add_config_flag,
     add_setting_flags,
     comma_list,
+    settings_error,
     settings_for,
     settings_from_args,
     up_settings,
@@ -102,7 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_config_flag(envoy)
     add_setting_flags(envoy, *settings_for(ENVOY))
-    envoy.add_argument("--edge-addr", default="", help="host:port of the edge (default: --host and --edge-port)")
+    envoy.add_argument(
+        "--edge-addr", default="", help="host:port of the edge (default: --public-host or --host, and --edge-port)"
+    )
     envoy.add_argument("--internal-grpc", action="store_true", help="also front the gRPC services (mTLS both ways)")
     envoy.add_argument("--out", type=Path, help="write the bootstrap here (default: standard output)")
     envoy.add_argument("--no-validate", dest="validate", action="store_false", help="skip `envoy --mode validate`")
@@ -249,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or (DEFAULT_MODEL if args.preset == "default" else DEFAULT_MODEL.with_name("sluice-bench"))
         print(build_default_model(out, seed=args.seed, shape=PRESETS[args.preset], force=args.force))
         return 0
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as err:
+        parser.exit(2, f"sluice {args.command}: {settings_error(err)}\n")
     configure_logging(
         settings.log_level, args.command if args.command != "serve" else args.service, settings.log_format
     )

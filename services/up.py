@@ -23,12 +23,13 @@ from pathlib import Path
 from prometheus_client import start_http_server
 
 from services.edge_http import keys
+from services.entry_urls import entry_urls, interface_addresses
 from services.inference.embedding_default import EmbeddingModel
 from services.inference.manifest import MANIFEST
 from services.ingress.envoy_runner import start_envoy
 from services.mesh.certs import ca_paths, certs_present, init_certs
 from services.mesh.channels import sync_channel
-from services.mesh.config import DEFAULT_MODEL, Settings, env_name
+from services.mesh.config import DEFAULT_MODEL, Settings, env_name, is_loopback
 from services.mesh.health import wait_serving
 from services.mesh.ready import ReadyInfo, advertised_address
 from services.mesh.signals import StopSignals
@@ -53,6 +54,10 @@ def _child_env(env: Mapping[str, str], service: str) -> dict[str, str]:
 
 def _port(address: str) -> str:
     return address.rpartition(":")[2]
+
+
+def _port_number(address: str) -> int:
+    return int(_port(address))
 
 
 def pinned_ports(service: str) -> Callable[[ReadyInfo], dict[str, str]]:
@@ -119,15 +124,29 @@ class MeshPlan:
 
 
 @dataclass(frozen=True)
+class Listener:
+    """A public listener: how it is spoken to, the address it is bound to, and its port."""
+
+    scheme: str
+    bind_host: str
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        """The base URL on this machine (a wildcard bind is reached at 127.0.0.1)."""
+        return f"{self.scheme}://{advertised_address(self.bind_host, self.port)}/v1"
+
+
+@dataclass(frozen=True)
 class Entry:
     """Where clients send requests: the edge, and Envoy in front of it when there is one."""
 
-    base_url: str
-    envoy_url: str | None = None
+    edge: Listener
+    envoy: Listener | None = None
 
     @property
-    def public_url(self) -> str:
-        return self.envoy_url or self.base_url
+    def public(self) -> Listener:
+        return self.envoy or self.edge
 
 
 def up(
@@ -135,7 +154,11 @@ def up(
 ) -> int:
     started = time.monotonic()
     stop = StopSignals()
-    ensure_prerequisites(settings)
+    try:
+        ensure_prerequisites(settings)
+    except FileNotFoundError as err:
+        log.error("%s", err)
+        return 1
     new_key = ensure_api_key(settings)
     metrics_httpd, _ = start_http_server(0, addr=settings.host)
     metrics = advertised_address(settings.host, metrics_httpd.server_port)
@@ -150,7 +173,7 @@ def up(
             return 0 if stop.received else 1
         state = MeshState(state_file, entry, metrics)
         state.write(supervisor)
-        _announce(settings, entry.public_url, new_key, plan.embedding, time.monotonic() - started)
+        _announce(settings, entry.public, new_key, plan.embedding, time.monotonic() - started)
         code = 0
         try:
             while not stop.wait(SUPERVISE_INTERVAL_S):
@@ -183,9 +206,9 @@ class MeshState:
             for child in supervisor.children
             if child.ready is not None
         }
-        state = {"base_url": self.entry.base_url, "supervisor": {"pid": os.getpid(), "metrics": self.metrics}}
-        if self.entry.envoy_url:
-            state["envoy_url"] = self.entry.envoy_url
+        state = {"base_url": self.entry.edge.base_url, "supervisor": {"pid": os.getpid(), "metrics": self.metrics}}
+        if self.entry.envoy:
+            state["envoy_url"] = self.entry.envoy.base_url
         temporary = self.path.with_name(f".{self.path.name}.tmp")
         temporary.write_text(json.dumps(state | {"services": services}, indent=2))
         os.replace(temporary, self.path)
@@ -196,23 +219,27 @@ class MeshState:
 
 
 def _announce(
-    settings: Settings, base_url: str, new_key: str | None, embedding: EmbeddingModel | None, took_s: float
+    settings: Settings, public: Listener, new_key: str | None, embedding: EmbeddingModel | None, took_s: float
 ) -> None:
     if new_key:
         print(f"Created API key 'default' (shown only now; more with `sluice keys create`):\n  {new_key}")
-    curl = f"curl {base_url}"
-    if base_url.startswith("https"):
-        curl = f"curl --cacert {ca_paths(settings.certs_dir).cert} {base_url}"
+    urls = entry_urls(public.bind_host, public.port, public.scheme, interface_addresses())
+    lines = [f"Sluice is up in {took_s:.1f}s: model {settings.model_name} at {public.base_url}"]
+    if len(urls) > 1 or not is_loopback(public.bind_host):
+        door = "API key required" if settings.auth else "NO API KEY REQUIRED: anyone who reaches the port is served"
+        lines.append(f"  Listening on {public.bind_host or '0.0.0.0'}:{public.port} ({door}). Base URLs:")
+        width = max(len(url.who) for url in urls)
+        lines += [f"    {url.who:<{width}}  {url.url}" + (f"  ({url.note})" if url.note else "") for url in urls]
+    curl = f"curl {public.base_url}"
+    if public.scheme == "https":
+        curl = f"curl --cacert {ca_paths(settings.certs_dir).cert} {public.base_url}"
     auth = f' -H "Authorization: Bearer {new_key or "$SLUICE_API_KEY"}"' if settings.auth else ""
     body = {"model": settings.model_name, "max_tokens": 32, "messages": [{"role": "user", "content": "Hello"}]}
-    print(
-        f"Sluice is up in {took_s:.1f}s: model {settings.model_name} at {base_url}\n"
-        f"  {curl}/chat/completions{auth} -H \"Content-Type: application/json\" -d '{json.dumps(body)}'\n"
-        "  Ctrl-C stops every service.",
-        flush=True,
-    )
+    lines.append(f"  {curl}/chat/completions{auth} -H \"Content-Type: application/json\" -d '{json.dumps(body)}'")
     if embedding is not None:
-        print(f"  Embeddings: model {embedding.name} at {base_url}/embeddings", flush=True)
+        lines.append(f"  Embeddings: model {embedding.name} at {public.base_url}/embeddings")
+    lines.append("  Ctrl-C stops every service.")
+    print("\n".join(lines), flush=True)
 
 
 def replica_names(service: str, count: int) -> list[str]:
@@ -292,11 +319,15 @@ def _start_mesh(
         env_name(f"{service}_addr"): ",".join(info.address for of, info in ready if of == service)
         for service in BACKENDS
     }
+    if plan.with_envoy:
+        # Envoy is the public door: the edge behind it stays where the backends are.
+        edge_env[env_name("public_host")] = settings.host
     edge = supervisor.start(_service_spec("edge", "edge", edge_env))
     edge_address = supervisor.wait_ready(edge, timeout).address
     _wait_http_ready(f"http://{edge_address}/health", timeout, stop)
-    entry = Entry(f"http://{edge_address}/v1")
+    edge_bind = settings.host if plan.with_envoy else settings.listen_host
+    entry = Entry(Listener("http", edge_bind, _port_number(edge_address)))
     if plan.with_envoy:
         envoy = start_envoy(settings, supervisor, run_dir, edge_address, timeout)
-        entry = Entry(entry.base_url, f"https://{envoy.address}/v1")
+        entry = Entry(entry.edge, Listener("https", settings.listen_host, _port_number(envoy.address)))
     return entry

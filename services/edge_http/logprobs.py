@@ -29,6 +29,12 @@ def chat_logprobs(entries: Sequence[inference_pb2.TokenLogprob]) -> ChatLogprobs
     )
 
 
+def _legacy_top(entry: inference_pb2.TokenLogprob) -> dict[str, float]:
+    """The legacy API's alternatives at one position: the `logprobs` most likely tokens and always
+    the chosen one (so `logprobs: 0` still lists the chosen token, as OpenAI and vLLM do)."""
+    return {t.token: t.logprob for t in entry.top} | {entry.token: entry.logprob}
+
+
 def completion_logprobs(
     entries: Sequence[inference_pb2.TokenLogprob], text_offset: int = 0, first_unscored: bool = False
 ) -> CompletionLogprobs | None:
@@ -41,14 +47,11 @@ def completion_logprobs(
         offsets.append(text_offset)
         text_offset += len(entry.token)
     scored: list[float | None] = [e.logprob for e in entries]
-    tops: list[dict[str, float] | None] = [{t.token: t.logprob for t in e.top} for e in entries]
+    tops: list[dict[str, float] | None] = [_legacy_top(e) for e in entries]
     if first_unscored:
         scored[0] = tops[0] = None
     return CompletionLogprobs(
-        tokens=[e.token for e in entries],
-        token_logprobs=scored,
-        top_logprobs=tops if any(e.top for e in entries) else None,
-        text_offset=offsets,
+        tokens=[e.token for e in entries], token_logprobs=scored, top_logprobs=tops, text_offset=offsets
     )
 
 
@@ -56,12 +59,9 @@ def joined(first: CompletionLogprobs | None, then: CompletionLogprobs | None) ->
     """Two runs of legacy log probabilities as one (an echoed prompt's, then the completion's)."""
     if first is None or then is None:
         return first or then
-    tops = None
-    if first.top_logprobs is not None or then.top_logprobs is not None:
-        tops = (first.top_logprobs or [{} for _ in first.tokens]) + (then.top_logprobs or [{} for _ in then.tokens])
     return CompletionLogprobs(
         tokens=first.tokens + then.tokens,
         token_logprobs=first.token_logprobs + then.token_logprobs,
-        top_logprobs=tops,
+        top_logprobs=first.top_logprobs + then.top_logprobs,
         text_offset=first.text_offset + then.text_offset,
     )

@@ -12,11 +12,13 @@ import uvicorn
 
 from services.edge_http.app import create_app
 from services.edge_http.intake import HEADER_READ_LIMIT_BYTES
-from services.mesh.config import Settings
+from services.mesh.config import Settings, is_loopback
 from services.mesh.ready import ReadyInfo, advertised_address, write_ready
 from services.mesh.tls import warn_if_insecure
 
 log = logging.getLogger(__name__)
+
+OPEN_DOOR_WARNING = "NO API KEY REQUIRED on {host} (--public-without-auth): anyone who reaches the port is served"
 
 
 class _ReportingServer(uvicorn.Server):
@@ -45,8 +47,10 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 def run(settings: Settings, ready_file: Path | None) -> int:
     warn_if_insecure(settings)
-    sock = listening_socket(settings.host, settings.edge_port)
-    address = advertised_address(settings.host, sock.getsockname()[1])
+    if not settings.auth and not is_loopback(settings.listen_host):
+        log.warning("%s", OPEN_DOOR_WARNING.format(host=settings.listen_host))
+    sock = listening_socket(settings.listen_host, settings.edge_port)
+    address = advertised_address(settings.listen_host, sock.getsockname()[1])
 
     def started() -> None:
         log.info("edge serving the OpenAI API at http://%s/v1", address)

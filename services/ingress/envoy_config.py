@@ -91,9 +91,9 @@ def plan(settings: Settings, edge_addr: str = "", internal_grpc: bool = False) -
             svc: [Address.parse(a) for a in comma_list(getattr(settings, f"{svc}_addr"))] for svc in UPSTREAM_SERVICES
         }
     return EnvoyPlan(
-        listen=Address(settings.host, settings.envoy_port),
+        listen=Address(settings.listen_host, settings.envoy_port),
         admin=Address("127.0.0.1", settings.envoy_admin_port),
-        edge=Address.parse(edge_addr or advertised_address(settings.host, settings.edge_port)),
+        edge=Address.parse(edge_addr or advertised_address(settings.listen_host, settings.edge_port)),
         tls_cert=Path(settings.envoy_tls_cert).resolve() if settings.envoy_tls_cert else mesh.cert,
         tls_key=Path(settings.envoy_tls_key).resolve() if settings.envoy_tls_key else mesh.key,
         ca_cert=ca_paths(certs_dir).cert,

@@ -7,13 +7,14 @@ configures the whole mesh, and `sluice up` hands the same values to its children
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 CONFIG_ENV = "SLUICE_CONFIG"
@@ -42,6 +43,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid")
 
     host: str = Field("127.0.0.1", description="address every service binds to", json_schema_extra=used_by(MESH, ENVOY))
+    public_host: str = Field(
+        "",
+        description="address the public entry points bind to: the edge's OpenAI API, and Envoy's listener in "
+        "front of it (default: host; 0.0.0.0: every interface, for Dify in Docker or on other machines)",
+        json_schema_extra=used_by(EDGE, ENVOY),
+    )
     advertise_host: str = Field(
         "",
         description="host other machines reach this service at (default: host; 127.0.0.1 for 0.0.0.0)",
@@ -267,6 +274,12 @@ class Settings(BaseSettings):
         description="require an API key (Authorization: Bearer) at the edge; --no-auth serves anyone",
         json_schema_extra=used_by(EDGE),
     )
+    public_without_auth: bool = Field(
+        False,
+        description="let --no-auth serve on a public_host beyond loopback: anyone who reaches the port is "
+        "served (warns)",
+        json_schema_extra=used_by(EDGE),
+    )
     keys_file: Path = Field(
         Path("sluice-keys.json"),
         description="API keys (salted hashes) from `sluice keys create`",
@@ -325,6 +338,17 @@ class Settings(BaseSettings):
         json_schema_extra=used_by(MESH),
     )
 
+    @model_validator(mode="after")
+    def _no_open_door(self) -> Settings:
+        """An edge reachable from the network never serves without keys unless told so in words."""
+        if not self.auth and not self.public_without_auth and not is_loopback(self.listen_host):
+            raise ValueError(
+                f"--no-auth with the edge listening on {self.listen_host} would serve anyone who reaches the port: "
+                "keep auth on (create keys with `sluice keys create`), listen on 127.0.0.1, or waive it "
+                "explicitly with --public-without-auth"
+            )
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -343,6 +367,11 @@ class Settings(BaseSettings):
         return sources
 
     @property
+    def listen_host(self) -> str:
+        """Where the public entry points (edge, Envoy's listener) bind."""
+        return self.public_host or self.host
+
+    @property
     def model_name(self) -> str:
         return self.served_model_name or self.model.resolve().name
 
@@ -354,6 +383,27 @@ class Settings(BaseSettings):
                 continue  # unset: the child's default, as here
             env[env_name(name)] = str(value).lower() if isinstance(value, bool) else str(value)
         return env
+
+
+def settings_error(err: ValidationError) -> str:
+    """A settings error as a person reads it: the setting, as its flag, and what is wrong."""
+    parts = []
+    for error in err.errors():
+        message = error["msg"].removeprefix("Value error, ")
+        names = [str(part) for part in error["loc"]]
+        parts.append(f"--{'-'.join(names).replace('_', '-')}: {message}" if names else message)
+    return "; ".join(parts)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address is reachable from this machine only (a name other than localhost is
+    taken as reachable from elsewhere)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def settings_for(*readers: str) -> list[str]:

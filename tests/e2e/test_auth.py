@@ -6,6 +6,7 @@ limits shared by two edges through Redis."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,11 +14,13 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 from meshproc import REPO_ROOT, Mesh, start_edge, start_mesh
 from redisproc import redis_server
 
 from services.edge_http import keys
+from services.entry_urls import entry_urls, interface_addresses
 
 MODEL = "sluice-tiny"
 UPSTREAMS = ("preprocess", "inference", "cache")
@@ -37,7 +40,8 @@ def secured(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path, model_dir
         "other-model": keys.create(work / "keys.json", "other-model", models=["some-other-model"])[0],
     }
     limits = ["--max-tokens-limit", "64", "--max-messages", "8", "--max-request-bytes", "4096"]
-    mesh = start_mesh(work, certs_dir, model_dir, "--auth", *limits)
+    # Exposed as a team exposes it to Dify in Docker or on other machines: every interface.
+    mesh = start_mesh(work, certs_dir, model_dir, "--auth", "--public-host", "0.0.0.0", *limits)
     try:
         yield mesh, issued
     finally:
@@ -64,6 +68,31 @@ def test_missing_or_invalid_key_is_401_with_an_openai_error(secured: tuple[Mesh,
     # The SDK surfaces it as its authentication error.
     with pytest.raises(openai.AuthenticationError):
         _client(mesh, "sk-sluice-000000000000-wrong").models.list()
+
+
+def test_on_every_interface_the_banner_gives_each_url_and_every_one_requires_a_key(secured: tuple[Mesh, dict]) -> None:
+    mesh, issued = secured
+    port = int(mesh.base_url.rsplit(":", 1)[1].removesuffix("/v1"))
+    edge = psutil.Process(mesh.child("edge")["pid"])
+    listening = [c.laddr for c in edge.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+    assert (("0.0.0.0", port)) in [(a.ip, a.port) for a in listening]
+    # The backends stay on loopback: only the edge is public.
+    assert all(mesh.address(name).startswith("127.0.0.1:") for name in UPSTREAMS)
+
+    banner = (mesh.log_dir.parent / "up.log").read_text()
+    assert f"Listening on 0.0.0.0:{port} (API key required). Base URLs:" in banner
+    expected = entry_urls("0.0.0.0", port, "http", interface_addresses())
+    for url in expected:
+        assert re.search(rf"^ +{re.escape(url.who)} +{re.escape(url.url)}", banner, re.MULTILINE), banner
+    reachable = [url.url for url in expected if "host.docker.internal" not in url.url]
+    assert len(reachable) >= 1
+    for base_url in reachable:
+        refused = httpx.post(f"{base_url}/chat/completions", json=_chat(), timeout=10)
+        assert refused.status_code == 401, base_url
+        served = httpx.post(
+            f"{base_url}/chat/completions", json=_chat(), headers={"Authorization": f"Bearer {issued['open']}"}
+        )
+        assert served.status_code == 200, base_url
 
 
 def test_keys_file_holds_no_plain_key(secured: tuple[Mesh, dict]) -> None:

@@ -232,6 +232,26 @@ def test_completion_logprobs_in_the_legacy_shape(client: openai.OpenAI) -> None:
     assert all(lp <= 0 for lp in logprobs.token_logprobs)
 
 
+def test_completion_logprobs_zero_lists_the_chosen_token_at_each_position(client: openai.OpenAI) -> None:
+    """`logprobs: 0` asks for no alternatives, yet OpenAI's legacy API (and vLLM) still give
+    `top_logprobs` a dict per token holding the chosen one; also streamed, and echoed."""
+    ask = {"model": "sluice-tiny", "prompt": "def zero", "max_tokens": 4, "temperature": 0, "logprobs": 0}
+    reply = client.completions.create(**ask, extra_body={"ignore_eos": True})
+    logprobs = reply.choices[0].logprobs
+    assert len(logprobs.tokens) == 4
+    assert logprobs.top_logprobs == [{t: lp} for t, lp in zip(logprobs.tokens, logprobs.token_logprobs, strict=True)]
+
+    chunks = client.completions.create(**ask, stream=True, extra_body={"ignore_eos": True})
+    streamed = [top for chunk in chunks for c in chunk.choices if c.logprobs for top in c.logprobs.top_logprobs]
+    assert streamed == logprobs.top_logprobs
+
+    echoed = client.completions.create(**ask, echo=True, extra_body={"ignore_eos": True}).choices[0].logprobs
+    assert echoed.top_logprobs[0] is None  # the prompt's first token: nothing predicted it
+    pairs = zip(echoed.tokens[1:], echoed.token_logprobs[1:], strict=True)
+    assert echoed.top_logprobs[1:] == [{t: lp} for t, lp in pairs]
+    assert echoed.top_logprobs[-4:] == logprobs.top_logprobs
+
+
 def test_logprob_options_are_validated(client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "x"}]
     with pytest.raises(openai.BadRequestError, match="top_logprobs"):

@@ -56,6 +56,15 @@ def test_internal_grpc_without_addresses_is_a_clear_error(certs_dir: Path) -> No
         plan(Settings(certs_dir=certs_dir), internal_grpc=True)
 
 
+def test_public_host_moves_the_public_listener_only(certs_dir: Path) -> None:
+    """--public-host opens Envoy's client listener to the network; the internal gRPC listener and
+    the edge it dials stay where the mesh is."""
+    planned = plan(_settings(certs_dir, public_host="0.0.0.0"), internal_grpc=True)
+    assert (planned.listen.host, planned.edge.host) == ("0.0.0.0", "127.0.0.1")
+    assert planned.internal_listen is not None and planned.internal_listen.host == "127.0.0.1"
+    assert plan(_settings(certs_dir)).listen.host == "127.0.0.1"
+
+
 def test_streams_outlive_the_generation_deadline_and_other_routes_do_not(certs_dir: Path) -> None:
     settings = _settings(certs_dir, generate_timeout_s=900, upstream_timeout_s=10)
     listener = bootstrap(plan(settings))["static_resources"]["listeners"][0]
