@@ -49,7 +49,7 @@ lint: $(VENV)/.installed-test
 
 # Regenerate the committed gRPC stubs after editing protos/.
 protos: $(VENV)/.installed-test
-	$(BIN)/python -m services.mesh.protogen
+	$(BIN)/python -m services.mesh.rpc.protogen
 
 bench: $(VENV)/.installed-test
 	$(BIN)/pip install --quiet -e ".[test,bench]"

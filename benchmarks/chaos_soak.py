@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from meshproc import Mesh, start_mesh, streamed_outcome
 
 from services.inference.default_model import build_default_model
-from services.mesh.certs import init_certs
+from services.mesh.rpc.certs import init_certs
 
 # The services a chat request cannot do without (the cache down means misses).
 REQUIRED = ("preprocess", "inference")

@@ -56,7 +56,7 @@ from services.inference.loader import load_model
 from services.inference.paged_attention import kv_geometry
 from services.inference.sampling import SamplingConfig
 from services.inference.threads import apply_threads
-from services.mesh.certs import init_certs
+from services.mesh.rpc.certs import init_certs
 
 _unique = itertools.count()
 

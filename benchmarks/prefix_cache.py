@@ -43,7 +43,7 @@ from services.inference.default_model import PRESETS, build_default_model
 from services.inference.engine import Engine, EngineLimits, GenerationRequest
 from services.inference.loader import load_model
 from services.inference.sampling import SamplingConfig
-from services.mesh.certs import init_certs
+from services.mesh.rpc.certs import init_certs
 
 NO_CACHE = {"Cache-Control": "no-cache"}
 SYSTEMS, QUESTIONS, SYSTEM_TOKENS = 6, 4, 1200

@@ -24,7 +24,7 @@ from services.inference.default_model import build_default_model
 from services.inference.engine import Engine, GenerationRequest
 from services.inference.loader import load_model
 from services.inference.sampling import SamplingConfig
-from services.mesh.certs import init_certs
+from services.mesh.rpc.certs import init_certs
 
 MESSAGES = [{"role": "user", "content": "Write a long story about a river and a sluice gate."}]
 

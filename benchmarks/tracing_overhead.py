@@ -21,7 +21,7 @@ from meshproc import start_mesh
 from otlp_receiver import OtlpReceiver
 
 from services.inference.default_model import build_default_model
-from services.mesh.certs import init_certs
+from services.mesh.rpc.certs import init_certs
 
 
 def measure(work: Path, certs: Path, model_dir: Path, env: dict[str, str], args: argparse.Namespace) -> float:

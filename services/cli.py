@@ -223,7 +223,7 @@ def _model_spec(text: str) -> tuple[Path, str]:
 
 
 def _replicas(text: str) -> dict[str, int]:
-    from services.mesh.discovery import UPSTREAM_SERVICES
+    from services.mesh.discovery.base import UPSTREAM_SERVICES
 
     counts = {}
     for item in text.split(","):
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.log_level, args.command if args.command != "serve" else args.service, settings.log_format
     )
     if args.command == "certs":
-        from services.mesh.certs import DEFAULT_HOSTNAMES, init_certs
+        from services.mesh.rpc.certs import DEFAULT_HOSTNAMES, init_certs
 
         hostnames = tuple(args.hostnames) if args.hostnames else DEFAULT_HOSTNAMES
         for path in init_certs(settings.certs_dir, hostnames, force=args.force):
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         return _status(settings, args, parser)
     if args.command == "health":
-        from services.mesh.probe import probe
+        from services.mesh.rpc.probe import probe
 
         port = getattr(settings, f"{args.service}_port")
         if not args.address and not port:
@@ -372,7 +372,7 @@ def _status(settings: Settings, args: argparse.Namespace, parser: argparse.Argum
 
 
 def _keys(settings: Settings, args: argparse.Namespace) -> int:
-    from services.edge_http import keys
+    from services.edge_http.core import keys
 
     path = settings.keys_file
     if args.keys_command == "create":

@@ -173,7 +173,7 @@ def from_state_file(path: Path) -> tuple[str, list[Located]]:
 
 def from_consul(settings: Settings, base_url: str) -> list[Located]:
     """Every registered instance of every gRPC service (passing or not), and the edge at base_url."""
-    from services.mesh.consul import SERVICE_PREFIX, client
+    from services.mesh.discovery.consul import SERVICE_PREFIX, client
 
     consul = client(settings)
     located = []
@@ -202,8 +202,8 @@ def from_consul(settings: Settings, base_url: str) -> list[Located]:
 def network_probes(settings: Settings, timeout_s: float = 2.0) -> Probes:
     import grpc
 
-    from services.mesh.channels import sync_channel
-    from services.mesh.health import check
+    from services.mesh.rpc.channels import sync_channel
+    from services.mesh.rpc.health import check
     from services.mesh.stubs.inference_pb2 import ListModelsRequest
     from services.mesh.stubs.inference_pb2_grpc import InferenceStub
 

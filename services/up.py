@@ -22,18 +22,18 @@ from pathlib import Path
 
 from prometheus_client import start_http_server
 
-from services.edge_http import keys
+from services.edge_http.core import keys
 from services.entry_urls import entry_urls, interface_addresses
 from services.inference.embedding_default import EmbeddingModel
 from services.inference.manifest import MANIFEST
 from services.ingress.envoy_runner import start_envoy
-from services.mesh.certs import ca_paths, certs_present, init_certs
-from services.mesh.channels import sync_channel
 from services.mesh.config import DEFAULT_MODEL, Settings, env_name, is_loopback
-from services.mesh.health import wait_serving
-from services.mesh.ready import ReadyInfo, advertised_address
-from services.mesh.signals import StopSignals
-from services.mesh.supervisor import ChildFailed, ChildSpec, CrashLoop, Supervisor
+from services.mesh.lifecycle.ready import ReadyInfo, advertised_address
+from services.mesh.lifecycle.signals import StopSignals
+from services.mesh.lifecycle.supervisor import ChildFailed, ChildSpec, CrashLoop, Supervisor
+from services.mesh.rpc.certs import ca_paths, certs_present, init_certs
+from services.mesh.rpc.channels import sync_channel
+from services.mesh.rpc.health import wait_serving
 from services.mesh.telemetry import SERVICE_NAME_VARIABLE
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def up(
             entry = _start_mesh(settings, supervisor, Path(run_dir), startup_timeout, plan, stop)
         except (ChildFailed, FileNotFoundError) as err:
             log.error("%s", err)
-            supervisor.stop_all(settings.drain_grace_s + 5)
+            supervisor.stop_all(settings.stop_wait_s)
             metrics_httpd.shutdown()
             return 0 if stop.received else 1
         state = MeshState(state_file, entry, metrics)
@@ -184,7 +184,7 @@ def up(
             code = 1
         if stop.received:
             log.info("%s: stopping every service (up to %.0fs to drain)", stop.received.name, settings.drain_grace_s)
-        supervisor.stop_all(settings.drain_grace_s + 5)
+        supervisor.stop_all(settings.stop_wait_s)
         metrics_httpd.shutdown()
         state.remove()  # nothing runs any more: `sluice status` must not show it
         return code

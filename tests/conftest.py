@@ -7,7 +7,7 @@ import pytest
 from meshproc import Mesh, start_mesh, wait_for
 
 from services.inference.default_model import build_default_model
-from services.mesh.certs import init_certs
+from services.mesh.rpc.certs import init_certs
 
 
 @pytest.fixture(scope="session")

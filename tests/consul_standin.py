@@ -22,8 +22,8 @@ from urllib.parse import parse_qs, urlparse
 import grpc
 
 from services.mesh.config import Settings
-from services.mesh.health import check
-from services.mesh.tls import channel_credentials
+from services.mesh.rpc.health import check
+from services.mesh.rpc.tls import channel_credentials
 
 
 def _duration(text: str) -> float:

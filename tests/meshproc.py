@@ -253,7 +253,7 @@ class Edge:
 
 def start_edge(mesh: Mesh, workdir: Path, *flags: str, **addresses: str) -> Edge:
     """One more edge process in front of the mesh's services (or of `<service>=host:port` overrides)."""
-    from services.mesh.ready import read_ready
+    from services.mesh.lifecycle.ready import read_ready
 
     ready = workdir / f"edge-{time.monotonic_ns()}.ready"
     upstreams = {svc: addresses.get(svc, mesh.address(svc)) for svc in ("preprocess", "inference", "cache")}

@@ -14,8 +14,8 @@ from grpc_health.v1 import health, health_pb2_grpc
 from meshproc import Edge, Mesh, start_edge
 
 from services.mesh.config import Settings
+from services.mesh.rpc.tls import server_credentials
 from services.mesh.stubs import common_pb2, inference_pb2, inference_pb2_grpc
-from services.mesh.tls import server_credentials
 
 Script = Callable[[inference_pb2.GenerateRequest, grpc.ServicerContext], list[str]]
 

@@ -11,8 +11,8 @@ from prometheus_client import Counter, Gauge
 
 from services.cache.store import CompletionStore, Store
 from services.mesh.config import Settings
-from services.mesh.errors import InvalidArgument, NotFound
-from services.mesh.grpc_service import GrpcService, serve
+from services.mesh.contracts.errors import InvalidArgument, NotFound
+from services.mesh.rpc.server import GrpcService, serve
 from services.mesh.stubs import cache_pb2, cache_pb2_grpc
 
 LOOKUPS = Counter("sluice_cache_lookups_total", "Cache lookups by result", ["result"])

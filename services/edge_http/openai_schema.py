@@ -7,13 +7,12 @@ field they do use, with the field named in the error.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from services.edge_http.tools import ToolMode
-from services.mesh.template_variables import variables_problem
+from services.mesh.contracts.limits import MAX_TOP_LOGPROBS
+from services.mesh.contracts.template_variables import variables_problem
 
 FinishReason = Literal["stop", "length", "tool_calls"]
 
@@ -191,7 +190,9 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX, description="newer name for max_tokens")
     logprobs: bool | None = Field(False, description="report each token's log probability")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs: this many alternatives")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="with logprobs: this many alternatives"
+    )
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     functions: list[FunctionSpec] | None = Field(None, description="legacy form of tools")
@@ -368,31 +369,6 @@ class RerankRequest(_Lenient):
 
 
 # ---------------------------------------------------------------- responses
-
-
-@dataclass(frozen=True)
-class ReasoningTags:
-    """The tags around the reasoning block a model's output opens with (`<think>`, `</think>`)."""
-
-    open: str
-    close: str
-
-
-# Where reasoning text goes in a response: DeepSeek's field (Dify, most clients) and vLLM's newer one.
-REASONING_FIELDS = ("reasoning_content", "reasoning")
-
-
-@dataclass(frozen=True)
-class ResponseMeta:
-    """What every object of one response repeats."""
-
-    id: str
-    created: int
-    model: str
-    reasoning: ReasoningTags | None = None  # the model's reasoning tags, when its output may reason
-    tools: ToolMode | None = None  # how tool calls are read, when tools are offered
-    reasoning_opened: bool = False  # the prompt opened the reasoning block: the output starts inside it
-    reasoning_fields: tuple[str, ...] = REASONING_FIELDS  # the names reasoning text is sent under
 
 
 class PromptTokensDetails(BaseModel):

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import uvicorn
 
-from services.edge_http.app import create_app
-from services.edge_http.intake import HEADER_READ_LIMIT_BYTES
+from services.edge_http.http_api.app import create_app
+from services.edge_http.http_api.intake import HEADER_READ_LIMIT_BYTES
 from services.mesh.config import Settings, is_loopback
-from services.mesh.ready import ReadyInfo, advertised_address, write_ready
-from services.mesh.tls import warn_if_insecure
+from services.mesh.lifecycle.ready import ReadyInfo, advertised_address, write_ready
+from services.mesh.rpc.tls import warn_if_insecure
 
 log = logging.getLogger(__name__)
 

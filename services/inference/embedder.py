@@ -21,7 +21,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from services.inference import metrics
 from services.inference.loader import pick_device
-from services.mesh.errors import InvalidArgument
+from services.mesh.contracts.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 

@@ -54,8 +54,9 @@ from services.inference.prefix_cache import BlockCache
 from services.inference.sampling import Sampler, SamplingConfig, sample
 from services.inference.stopping import StopMatcher
 from services.inference.structured import JsonGrammars, JsonMatcher
-from services.mesh.errors import ContextLengthExceeded, DeadlineExceeded, InvalidArgument, ResourceExhausted
-from services.mesh.prefix_hash import BlockHash, block_hashes, root_hash
+from services.mesh.contracts.errors import ContextLengthExceeded, DeadlineExceeded, InvalidArgument, ResourceExhausted
+from services.mesh.contracts.limits import MAX_TOP_LOGPROBS
+from services.mesh.contracts.prefix_hash import BlockHash, block_hashes, root_hash
 
 log = logging.getLogger(__name__)
 
@@ -312,10 +313,10 @@ class Engine:
             raise InvalidArgument(f"token id {bad} is outside the vocabulary (0..{self._vocab_size - 1})", "token_ids")
         if request.max_tokens < 1:
             raise InvalidArgument("max_tokens must be at least 1", "max_tokens")
-        if request.top_logprobs is not None and not 0 <= request.top_logprobs <= 20:
-            raise InvalidArgument("top_logprobs must be between 0 and 20", "top_logprobs")
-        if request.prompt_logprobs is not None and not 0 <= request.prompt_logprobs <= 20:
-            raise InvalidArgument("prompt_logprobs must be between 0 and 20", "logprobs")
+        if request.top_logprobs is not None and not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidArgument(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", "top_logprobs")
+        if request.prompt_logprobs is not None and not 0 <= request.prompt_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidArgument(f"prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", "logprobs")
         biased = next((t for t, _ in request.sampling.logit_bias if not 0 <= t < self._vocab_size), None)
         if biased is not None:
             raise InvalidArgument(f"logit_bias: token id {biased} is outside the vocabulary", "logit_bias")

@@ -13,7 +13,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from services.inference.model_dir import check_model_dir, context_length
+from services.mesh.contracts.model_dir import check_model_dir, context_length
 
 log = logging.getLogger(__name__)
 

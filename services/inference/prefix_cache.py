@@ -15,7 +15,7 @@ import collections
 from collections.abc import Callable, Sequence
 
 from services.inference.paged_attention import BlockPool
-from services.mesh.prefix_hash import BlockHash
+from services.mesh.contracts.prefix_hash import BlockHash
 
 
 class BlockCache:

@@ -17,14 +17,14 @@ from services.inference.embedder import Embedder
 from services.inference.engine import Engine, EngineLimits, GenerationRequest, Step, TokenLogprob
 from services.inference.loader import load_model
 from services.inference.manifest import ManifestError, verify_manifest
-from services.inference.model_dir import model_kind, reasoning_tags, tool_parser
 from services.inference.sampling import SamplingConfig
 from services.inference.threads import apply_threads
 from services.inference.tracing import record_phases
-from services.mesh import finish_reasons
 from services.mesh.config import Settings
-from services.mesh.errors import InvalidArgument, WrongModelKind, check_model
-from services.mesh.grpc_service import GrpcService, serve
+from services.mesh.contracts import finish_reasons
+from services.mesh.contracts.errors import InvalidArgument, WrongModelKind, check_model
+from services.mesh.contracts.model_dir import model_kind, reasoning_tags, tool_parser
+from services.mesh.rpc.server import GrpcService, serve
 from services.mesh.stubs import common_pb2, inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger(__name__)

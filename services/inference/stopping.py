@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.mesh.partial_match import partial_match
+from services.mesh.contracts.partial_match import partial_match
 
 
 @dataclass

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from services.mesh.errors import InvalidArgument
-from services.mesh.json_limits import loads_bounded
+from services.mesh.contracts.errors import InvalidArgument
+from services.mesh.contracts.json_limits import loads_bounded
 
 # A schema whose shortest finish the closing policy cannot find within this many tokens is refused.
 _MAX_CLOSURE = 1024

@@ -20,10 +20,11 @@ from typing import Any
 
 import yaml
 
-from services.mesh.certs import ca_paths, service_paths, spiffe_id
 from services.mesh.config import Settings, comma_list
-from services.mesh.discovery import UPSTREAM_SERVICES
-from services.mesh.ready import advertised_address
+from services.mesh.contracts.retry import RETRY_AFTER_S
+from services.mesh.discovery.base import UPSTREAM_SERVICES
+from services.mesh.lifecycle.ready import advertised_address
+from services.mesh.rpc.certs import ca_paths, service_paths, spiffe_id
 
 IDENTITY = "envoy"
 PUBLIC_LISTENER = "openai_https"
@@ -150,7 +151,10 @@ def _local_replies() -> dict[str, Any]:
         }
         if status in (429, 503):
             out["headers_to_add"] = [
-                {"header": {"key": "Retry-After", "value": "1"}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+                {
+                    "header": {"key": "Retry-After", "value": str(RETRY_AFTER_S)},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
             ]
         return out
 

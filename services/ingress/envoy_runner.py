@@ -12,8 +12,8 @@ from pathlib import Path
 
 from services.ingress.envoy_config import PUBLIC_LISTENER, plan, render
 from services.mesh.config import Settings
-from services.mesh.ready import ReadyInfo, advertised_address
-from services.mesh.supervisor import Child, ChildFailed, ChildSpec, Supervisor
+from services.mesh.lifecycle.ready import ReadyInfo, advertised_address
+from services.mesh.lifecycle.supervisor import Child, ChildFailed, ChildSpec, Supervisor
 
 # Envoy's own log lines as JSON objects, like every other Sluice service (%j escapes the message).
 LOG_FORMAT = '{"time":"%Y-%m-%dT%T.%fZ","level":"%l","service":"envoy","logger":"%n","message":"%j"}'

@@ -21,6 +21,8 @@ CONFIG_ENV = "SLUICE_CONFIG"
 _REPLICAS = ", comma-separated for replicas (static discovery)"
 ENV_PREFIX = "SLUICE_"
 DEFAULT_MODEL = Path("models/sluice-tiny")
+# What a process needs beyond its drain grace to close its servers and exit.
+STOP_MARGIN_S = 5.0
 
 
 def env_name(setting: str) -> str:
@@ -331,6 +333,18 @@ class Settings(BaseSettings):
     drain_grace_s: float = Field(
         10.0, ge=0, description="seconds in-flight work may finish after SIGTERM", json_schema_extra=used_by(MESH)
     )
+    health_watch_interval_s: float = Field(
+        1.0,
+        gt=0,
+        description="edge: how soon an instance whose health watch ended is watched again",
+        json_schema_extra=used_by(EDGE),
+    )
+    health_check_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="edge: deadline of each instance's health check behind GET /health",
+        json_schema_extra=used_by(EDGE),
+    )
     log_level: str = Field("info", description="debug, info, warning or error", json_schema_extra=used_by(MESH))
     log_format: Literal["auto", "json", "text"] = Field(
         "auto",
@@ -370,6 +384,11 @@ class Settings(BaseSettings):
     def listen_host(self) -> str:
         """Where the public entry points (edge, Envoy's listener) bind."""
         return self.public_host or self.host
+
+    @property
+    def stop_wait_s(self) -> float:
+        """How long a stopping process may take: its drain grace, and a margin to exit after it."""
+        return self.drain_grace_s + STOP_MARGIN_S
 
     @property
     def model_name(self) -> str:

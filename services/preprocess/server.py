@@ -11,12 +11,12 @@ from opentelemetry import trace
 from prometheus_client import Counter
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from services.inference.model_dir import check_model_dir, context_length
 from services.mesh.config import Settings
-from services.mesh.errors import InvalidArgument, check_model
-from services.mesh.grpc_service import GrpcService, serve
+from services.mesh.contracts.errors import InvalidArgument, check_model
+from services.mesh.contracts.model_dir import check_model_dir, context_length
+from services.mesh.contracts.template_variables import canonical
+from services.mesh.rpc.server import GrpcService, serve
 from services.mesh.stubs import common_pb2, preprocess_pb2, preprocess_pb2_grpc
-from services.mesh.template_variables import canonical
 from services.preprocess.cache_keys import cache_key
 from services.preprocess.templates import Message, Part, render_chat, template_variables
 from services.preprocess.validate import resolve_sampling

@@ -9,9 +9,9 @@ from typing import Any
 import jinja2
 from transformers import PreTrainedTokenizerBase
 
-from services.mesh.errors import InvalidArgument
-from services.mesh.json_limits import loads_bounded
-from services.mesh.template_variables import variables_problem
+from services.mesh.contracts.errors import InvalidArgument
+from services.mesh.contracts.json_limits import loads_bounded
+from services.mesh.contracts.template_variables import variables_problem
 
 KNOWN_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 

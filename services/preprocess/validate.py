@@ -4,7 +4,7 @@ length: an unset max_tokens."""
 
 from __future__ import annotations
 
-from services.mesh.errors import ContextLengthExceeded, InvalidArgument
+from services.mesh.contracts.errors import ContextLengthExceeded, InvalidArgument
 from services.mesh.stubs import common_pb2
 
 

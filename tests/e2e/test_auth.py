@@ -19,7 +19,7 @@ import pytest
 from meshproc import REPO_ROOT, Mesh, start_edge, start_mesh
 from redisproc import redis_server
 
-from services.edge_http import keys
+from services.edge_http.core import keys
 from services.entry_urls import entry_urls, interface_addresses
 
 MODEL = "sluice-tiny"

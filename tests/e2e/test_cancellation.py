@@ -8,7 +8,7 @@ import grpc
 import httpx
 from meshproc import Mesh, wait_for
 
-from services.mesh.certs import ca_paths, service_paths
+from services.mesh.rpc.certs import ca_paths, service_paths
 from services.mesh.stubs import common_pb2, inference_pb2, inference_pb2_grpc
 
 MAX_TOKENS = 1500

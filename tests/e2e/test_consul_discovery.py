@@ -16,8 +16,9 @@ from consul_standin import ConsulStandIn
 from meshproc import REPO_ROOT, start_mesh, wait_for
 
 from services.mesh.config import Settings
-from services.mesh.consul import ConsulDiscovery, ConsulRegistration
-from services.mesh.discovery import Instance
+from services.mesh.discovery.base import Instance
+from services.mesh.discovery.consul import ConsulDiscovery
+from services.mesh.lifecycle.registration import ConsulRegistration
 
 
 @pytest.fixture

@@ -22,11 +22,11 @@ import pytest
 from meshproc import REPO_ROOT, Mesh, start_mesh, wait_for
 
 from services.ingress.envoy_runner import envoy_argv
-from services.mesh.certs import ca_paths
 from services.mesh.config import Settings
-from services.mesh.ready import read_ready
+from services.mesh.lifecycle.ready import read_ready
+from services.mesh.rpc.certs import ca_paths
+from services.mesh.rpc.tls import channel_credentials
 from services.mesh.stubs import inference_pb2, inference_pb2_grpc
-from services.mesh.tls import channel_credentials
 
 
 def _free_port() -> int:

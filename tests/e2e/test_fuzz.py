@@ -11,7 +11,7 @@ from pathlib import Path
 
 from meshproc import start_mesh
 
-from services.edge_http import keys
+from services.edge_http.core import keys
 
 # Examples per operation; the run also adds schemathesis's coverage cases (~500 in all).
 # `make fuzz` runs a larger one.

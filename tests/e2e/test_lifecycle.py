@@ -9,7 +9,7 @@ import httpx
 import pytest
 from meshproc import STOP_SIGNALS, assert_stops_cleanly_mid_stream, start_mesh
 
-from services.mesh.tls import INSECURE_WARNING
+from services.mesh.rpc.tls import INSECURE_WARNING
 
 DRAIN_GRACE_S = 30  # well above what the stream below needs on a loaded machine
 

@@ -10,7 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from meshproc import Mesh
 
-from services.mesh.certs import ca_paths, init_certs, service_paths
+from services.mesh.rpc.certs import ca_paths, init_certs, service_paths
 from services.mesh.stubs import cache_pb2, cache_pb2_grpc, common_pb2, preprocess_pb2, preprocess_pb2_grpc
 
 BACKENDS = ["preprocess", "inference", "cache"]

@@ -21,10 +21,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshproc import REPO_ROOT, Mesh, wait_for
 from scripted_inference import scripted_inference
 
-from services.mesh.certs import DEFAULT_HOSTNAMES, Validity, ca_paths, issue_service_cert, load_ca, service_paths
-from services.mesh.channels import sync_channel
 from services.mesh.config import Settings
-from services.mesh.ready import read_ready
+from services.mesh.lifecycle.ready import read_ready
+from services.mesh.rpc.certs import DEFAULT_HOSTNAMES, Validity, ca_paths, issue_service_cert, load_ca, service_paths
+from services.mesh.rpc.channels import sync_channel
 from services.mesh.stubs import common_pb2, inference_pb2, inference_pb2_grpc
 
 BACKENDS = ["preprocess", "inference", "cache"]

@@ -15,7 +15,7 @@ import pytest
 from meshproc import REPO_ROOT, wait_for
 
 from services.inference.manifest import MANIFEST
-from services.mesh.ready import read_ready
+from services.mesh.lifecycle.ready import read_ready
 
 
 def _inference(model: Path, certs_dir: Path, work: Path, *flags: str) -> subprocess.Popen:

@@ -13,7 +13,7 @@ import openai
 import pytest
 from meshproc import Mesh, wait_for
 
-from services.mesh.certs import ca_paths, service_paths
+from services.mesh.rpc.certs import ca_paths, service_paths
 from services.mesh.stubs import common_pb2, inference_pb2, inference_pb2_grpc
 
 MODEL = "sluice-tiny"

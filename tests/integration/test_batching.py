@@ -18,7 +18,7 @@ from services.inference.engine import Engine, EngineLimits, GenerationRequest, S
 from services.inference.loader import load_model
 from services.inference.paged_attention import kv_geometry
 from services.inference.sampling import SamplingConfig
-from services.mesh.errors import DeadlineExceeded, ResourceExhausted
+from services.mesh.contracts.errors import DeadlineExceeded, ResourceExhausted
 
 GREEDY = SamplingConfig(temperature=0)
 ENDLESS = SamplingConfig(temperature=0, ignore_eos=True)  # runs until cancelled or max_tokens

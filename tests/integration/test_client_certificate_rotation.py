@@ -14,12 +14,12 @@ import grpc.aio
 from cryptography import x509
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from services.edge_http.upstreams import Upstreams
-from services.mesh.certs import issue_service_cert, load_ca, service_paths
+from services.edge_http.core.upstreams import Upstreams
 from services.mesh.config import Settings
-from services.mesh.discovery import StaticDiscovery
-from services.mesh.handlers import UnaryRequestInterceptor, guard_behavior
-from services.mesh.tls import server_credentials
+from services.mesh.discovery.static import StaticDiscovery
+from services.mesh.rpc.certs import issue_service_cert, load_ca, service_paths
+from services.mesh.rpc.handlers import UnaryRequestInterceptor, guard_behavior
+from services.mesh.rpc.tls import server_credentials
 
 
 class ClientSerials(UnaryRequestInterceptor):

@@ -17,12 +17,12 @@ from dns_standin import Zone, dns_zone
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from meshproc import wait_for
 
-from services.mesh.certs import init_certs
-from services.mesh.channels import aio_channel
 from services.mesh.config import Settings
-from services.mesh.discovery import Instance
-from services.mesh.dns_discovery import DnsDiscovery
-from services.mesh.tls import server_credentials
+from services.mesh.discovery.base import Instance
+from services.mesh.discovery.dns import DnsDiscovery
+from services.mesh.rpc.certs import init_certs
+from services.mesh.rpc.channels import aio_channel
+from services.mesh.rpc.tls import server_credentials
 
 NAME = "sluice-inference.sluice.svc.cluster.local"
 
@@ -69,7 +69,7 @@ def test_an_unresolvable_name_is_a_clear_error_and_keeps_the_last_pool(zone, cap
     discovery.watch("inference", lambda instances: seen.append([i.address for i in instances]))
     try:
         assert wait_for(lambda: seen == [["10.1.0.5:50052"]], timeout=5)
-        with caplog.at_level(logging.ERROR, logger="services.mesh.dns_discovery"):
+        with caplog.at_level(logging.ERROR, logger="services.mesh.discovery.dns"):
             del records.names[NAME]
             assert wait_for(lambda: "NXDOMAIN" in caplog.text, timeout=5)
         assert f"{NAME} does not exist in DNS (NXDOMAIN)" in caplog.text

@@ -13,7 +13,7 @@ from services.inference.engine import Engine, GenerationRequest
 from services.inference.loader import load_model
 from services.inference.sampling import SamplingConfig
 from services.inference.threads import apply_threads
-from services.mesh.errors import ContextLengthExceeded, InvalidArgument
+from services.mesh.contracts.errors import ContextLengthExceeded, InvalidArgument
 
 GREEDY = SamplingConfig(temperature=0)
 

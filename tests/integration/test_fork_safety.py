@@ -10,7 +10,7 @@ import sys
 PARENT = """
 import subprocess, threading
 import services
-from services.mesh.supervisor import _die_with_parent
+from services.mesh.lifecycle.supervisor import _die_with_parent
 import grpc
 from concurrent.futures import ThreadPoolExecutor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from meshproc import REPO_ROOT
 
-from services.edge_http import keys
+from services.edge_http.core import keys
 
 WRITERS = 8
 

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 from redisproc import redis_server
 
-from services.edge_http.limits import Bucket, Buckets, Limiter, LocalBuckets, RedisBuckets
+from services.edge_http.core.limits import Bucket, Buckets, Limiter, LocalBuckets, RedisBuckets
 
 
 def test_bucket_refills_at_its_per_minute_rate() -> None:

@@ -15,8 +15,8 @@ from loop_thread import LoopThread
 
 from services.cli import main
 from services.mesh.config import Settings
-from services.mesh.peer_auth import PeerAuthorizer
-from services.mesh.tls import server_credentials
+from services.mesh.rpc.peer_auth import PeerAuthorizer
+from services.mesh.rpc.tls import server_credentials
 
 Status = health_pb2.HealthCheckResponse.ServingStatus
 

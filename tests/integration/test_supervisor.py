@@ -12,8 +12,8 @@ import pytest
 from meshproc import wait_for
 from prometheus_client import REGISTRY
 
-from services.mesh.ready import ReadyInfo
-from services.mesh.supervisor import (
+from services.mesh.lifecycle.ready import ReadyInfo
+from services.mesh.lifecycle.supervisor import (
     ChildSpec,
     CrashLoop,
     RestartHistory,

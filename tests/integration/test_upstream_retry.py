@@ -11,9 +11,9 @@ import grpc
 import grpc.aio
 import pytest
 
-from services.edge_http.upstreams import Upstreams
+from services.edge_http.core.upstreams import Upstreams
 from services.mesh.config import Settings
-from services.mesh.discovery import StaticDiscovery
+from services.mesh.discovery.static import StaticDiscovery
 from services.mesh.stubs import common_pb2, inference_pb2, inference_pb2_grpc
 
 

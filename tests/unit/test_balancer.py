@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.mesh.balancer import NoInstance, Pool
-from services.mesh.discovery import Instance
+from services.edge_http.core.balancer import NoInstance, Pool
+from services.mesh.discovery.base import Instance
 
 
 class Clock:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from services.mesh.certs import MESH_SERVICES, ca_paths, certs_present, init_certs, service_paths, spiffe_id
+from services.mesh.rpc.certs import MESH_SERVICES, ca_paths, certs_present, init_certs, service_paths, spiffe_id
 
 
 def test_init_writes_ca_and_one_cert_per_service_with_private_keys(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 from services.cli import _parser, main
 from services.inference.manifest import MANIFEST, verify_manifest
 from services.mesh.config import CONFIG_ENV, MESH, SERVICES, Settings, settings_for, settings_from_args, up_settings
-from services.mesh.ready import advertised_address
+from services.mesh.lifecycle.ready import advertised_address
 from services.up import inference_env
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 # `make protos` regenerates the stubs with grpcio-tools, a test dependency.
-TOOLS = {"services/mesh/protogen.py"}
+TOOLS = {"services/mesh/rpc/protogen.py"}
 
 
 def _name(requirement: str) -> str:

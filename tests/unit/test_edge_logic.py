@@ -8,14 +8,16 @@ import grpc
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from services.edge_http.embeddings import embed_inputs
-from services.edge_http.errors import OpenAIError, from_rpc_error
-from services.edge_http.guard import shared_settle
+from services.edge_http.core.accounting import shared_settlement
+from services.edge_http.core.failures import EdgeError, Failure, from_rpc_error
+from services.edge_http.core.plans import sampling_params
+from services.edge_http.core.runs import choice_of
+from services.edge_http.http_api.embeddings import embed_inputs
+from services.edge_http.http_api.errors import openai_error
+from services.edge_http.http_api.sse import sse_stream
 from services.edge_http.openai_schema import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
-from services.edge_http.pipeline import _choice, sampling_params
-from services.edge_http.streaming import sse_stream
 from services.inference.server import sampling_config
-from services.mesh.errors import CODE_METADATA_KEY
+from services.mesh.rpc.faults import CODE_METADATA_KEY
 from services.mesh.stubs import preprocess_pb2
 
 
@@ -25,7 +27,7 @@ class Chunk(BaseModel):
 
 async def _failing() -> AsyncIterator[BaseModel]:
     yield Chunk(choices=[1])
-    raise OpenAIError(503, "inference: gone", "service_unavailable")
+    raise EdgeError(Failure.UNAVAILABLE, "inference: gone")
 
 
 def test_failure_mid_stream_is_one_error_event_then_done() -> None:
@@ -136,7 +138,7 @@ def _rpc_error(status: grpc.StatusCode, details: str, answered: bool) -> grpc.ai
     ],
 )
 def test_grpc_status_maps_to_http_status(status: grpc.StatusCode, answered: bool, http: int) -> None:
-    mapped = from_rpc_error(_rpc_error(status, "why", answered), "inference")
+    mapped = openai_error(from_rpc_error(_rpc_error(status, "why", answered), "inference"))
     assert mapped.status == http
     if http in (429, 503):
         assert mapped.headers["Retry-After"]
@@ -148,24 +150,25 @@ def test_grpc_status_maps_to_http_status(status: grpc.StatusCode, answered: bool
 )
 @pytest.mark.parametrize("status", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL])
 def test_transport_text_never_reaches_the_client(status: grpc.StatusCode, details: str) -> None:
-    mapped = from_rpc_error(_rpc_error(status, details, answered=False), "inference")
+    mapped = openai_error(from_rpc_error(_rpc_error(status, details, answered=False), "inference"))
     assert mapped.message == "inference is unavailable; retry shortly"
     assert details not in mapped.body().model_dump_json()
 
 
 def test_a_service_answer_keeps_its_message_and_code() -> None:
-    mapped = from_rpc_error(_rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "messages[0].role: bad", True), "preprocess")
+    failed = _rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "messages[0].role: bad", True)
+    mapped = openai_error(from_rpc_error(failed, "preprocess"))
     assert (mapped.status, mapped.message, mapped.code) == (400, "messages[0].role: bad", "some_code")
 
 
 def test_choices_sample_with_successive_seeds_wrapping_within_int64_and_cache_apart() -> None:
     prepared = preprocess_pb2.PreprocessReply(token_ids=[1, 2], cache_key="k")
     prepared.sampling.seed = 2**63 - 1
-    assert _choice(prepared, 0) is prepared
-    second = _choice(prepared, 1)
+    assert choice_of(prepared, 0) is prepared
+    second = choice_of(prepared, 1)
     assert (second.sampling.seed, second.cache_key, list(second.token_ids)) == (-(2**63), "k#1", [1, 2])
     assert prepared.sampling.seed == 2**63 - 1 and prepared.cache_key == "k"  # the original is untouched
-    unseeded = _choice(preprocess_pb2.PreprocessReply(), 2)
+    unseeded = choice_of(preprocess_pb2.PreprocessReply(), 2)
     assert not unseeded.sampling.HasField("seed") and unseeded.cache_key == ""
 
 
@@ -186,7 +189,7 @@ def test_choices_settle_once_with_each_prompt_counted_once(
         calls.append(tokens)
 
     async def report() -> None:
-        parts = shared_settle(settle, prompts, prompt_tokens=sum(set(prompts)))
+        parts = shared_settlement(settle, prompts, prompt_tokens=sum(set(prompts)))
         for part, tokens in reversed(list(zip(parts, used, strict=True))):  # in any order
             assert not calls  # nothing is settled before every choice has reported
             await part(tokens)

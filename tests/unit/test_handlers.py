@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from services.mesh.handlers import guard_behavior
+from services.mesh.rpc.handlers import guard_behavior
 
 
 class Refused(Exception):

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from services.mesh.errors import InvalidArgument
-from services.mesh.json_limits import MAX_DEPTH, depth_problem, loads_bounded, text_problem
+from services.mesh.contracts.errors import InvalidArgument
+from services.mesh.contracts.json_limits import MAX_DEPTH, depth_problem, loads_bounded, text_problem
 
 
 @pytest.mark.parametrize(

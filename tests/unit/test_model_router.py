@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from services.edge_http.models import ModelRouter, Served, UnknownModel, UnknownVersion, parse_weights
+from services.edge_http.core.model_versions import ModelRouter, Served, UnknownModel, UnknownVersion, parse_weights
 
 
 def _served(version: str, healthy: bool = True, model: str = "m", kind: str = "chat") -> Served:

@@ -7,7 +7,7 @@ import pytest
 
 from services.inference.paged_attention import BlockPool
 from services.inference.prefix_cache import BlockCache
-from services.mesh.prefix_hash import block_hashes, root_hash
+from services.mesh.contracts.prefix_hash import block_hashes, root_hash
 
 ROOT = root_hash("model@1")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from services.mesh.balancer import Endpoint, Pool, ReportedLoad
-from services.mesh.discovery import Instance
-from services.mesh.prefix_routing import ROUTE_BLOCK, PrefixRouter
+from services.edge_http.core.balancer import Endpoint, Pool, ReportedLoad
+from services.edge_http.core.prefix_routing import ROUTE_BLOCK, PrefixRouter
+from services.mesh.discovery.base import Instance
 
 
 class Clock:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.mesh.errors import ContextLengthExceeded, InvalidArgument
+from services.mesh.contracts.errors import ContextLengthExceeded, InvalidArgument
 from services.mesh.stubs import common_pb2
 from services.preprocess.cache_keys import cache_key, is_deterministic
 from services.preprocess.templates import Message, Part, render_chat, template_variables, to_template_messages

@@ -4,7 +4,7 @@ import hashlib
 from pathlib import Path
 
 from services.inference.default_model import PRESETS, ModelShape, build_default_model, llama_config
-from services.mesh.protogen import STUBS_DIR, generate
+from services.mesh.rpc.protogen import STUBS_DIR, generate
 
 
 def test_committed_stubs_match_the_protos(tmp_path: Path) -> None:

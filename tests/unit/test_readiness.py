@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.edge_http.readiness import Availability, Probe, Status, readiness
+from services.edge_http.core.readiness import Availability, Probe, Status, readiness
 
 SERVICES = ("preprocess", "inference", "cache")
 

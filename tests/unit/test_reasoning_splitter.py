@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.edge_http.openai_schema import ReasoningTags
-from services.edge_http.reasoning import ReasoningSplitter
+from services.edge_http.core.model_versions import ReasoningTags
+from services.edge_http.core.reasoning import ReasoningSplitter
 
 TAGS = ReasoningTags("<think>", "</think>")
 OUTPUT = "<think>Let me see: 2+2.\nIt is 4.</think>\n\nThe answer is 4."

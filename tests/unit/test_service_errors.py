@@ -11,13 +11,9 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
-from services.mesh.errors import (
-    CODE_METADATA_KEY,
-    PARAM_METADATA_KEY,
-    InvalidArgument,
-    ServiceErrors,
-    is_instance_fault,
-)
+from services.mesh.contracts.errors import InvalidArgument
+from services.mesh.rpc.faults import CODE_METADATA_KEY, PARAM_METADATA_KEY, is_instance_fault
+from services.mesh.rpc.service_errors import ServiceErrors
 
 
 class Aborted(Exception):

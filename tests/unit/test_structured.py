@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from services.inference.structured import JsonGrammars, JsonMatcher, _closing_preference
-from services.mesh.errors import InvalidArgument
+from services.mesh.contracts.errors import InvalidArgument
 
 SCHEMAS = {
     "object": {"type": "object"},

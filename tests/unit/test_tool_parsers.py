@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from services.edge_http.tools import Parsed, forced_prefix, make_parser
+from services.edge_http.core.tools import Parsed, forced_prefix, make_parser
 
 HERMES_OUTPUT = (
     'Let me check.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
