@@ -58,3 +58,17 @@ def test_every_module_the_services_import_is_a_declared_dependency() -> None:
 def test_an_undeclared_import_is_reported() -> None:
     """The check above can fail: rich, imported without being declared, is named."""
     assert _undeclared(_declared() - {"rich"}, {"rich", "grpc"}) == ["rich (from rich)"]
+
+
+def test_every_folder_of_code_is_a_package_the_wheel_ships() -> None:
+    """A folder without __init__.py imports in a checkout but is left out of the installed package
+    (pip install ., the container image)."""
+    from setuptools import find_packages
+
+    shipped = {name.replace(".", "/") for name in find_packages(str(REPO), include=["services*"])}
+    with_code = {
+        str(path.parent.relative_to(REPO))
+        for path in (REPO / "services").rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
+    assert with_code - shipped == set()
