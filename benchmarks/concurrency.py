@@ -51,10 +51,11 @@ from charts import Series, concurrency_chart
 from meshproc import Mesh, start_mesh
 
 from services.inference.default_model import PRESETS, build_default_model
-from services.inference.engine import Engine, EngineLimits, GenerationRequest
+from services.inference.engine import Engine
+from services.inference.engine_api import GenerationRequest, SamplingConfig
 from services.inference.loader import load_model
 from services.inference.paged_attention import kv_geometry
-from services.inference.sampling import SamplingConfig
+from services.inference.scheduler import EngineLimits
 from services.inference.threads import apply_threads
 from services.mesh.rpc.certs import init_certs
 

@@ -40,9 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from meshproc import Mesh, start_mesh
 
 from services.inference.default_model import PRESETS, build_default_model
-from services.inference.engine import Engine, EngineLimits, GenerationRequest
+from services.inference.engine import Engine
+from services.inference.engine_api import GenerationRequest, SamplingConfig
 from services.inference.loader import load_model
-from services.inference.sampling import SamplingConfig
+from services.inference.scheduler import EngineLimits
 from services.mesh.rpc.certs import init_certs
 
 NO_CACHE = {"Cache-Control": "no-cache"}

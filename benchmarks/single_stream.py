@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from meshproc import start_mesh
 
 from services.inference.default_model import build_default_model
-from services.inference.engine import Engine, GenerationRequest
+from services.inference.engine import Engine
+from services.inference.engine_api import GenerationRequest, SamplingConfig
 from services.inference.loader import load_model
-from services.inference.sampling import SamplingConfig
 from services.mesh.rpc.certs import init_certs
 
 MESSAGES = [{"role": "user", "content": "Write a long story about a river and a sluice gate."}]

@@ -18,9 +18,9 @@ import torch
 
 from services.inference import structured
 from services.inference.default_model import build_default_model
-from services.inference.engine import Engine, GenerationRequest
+from services.inference.engine import Engine
+from services.inference.engine_api import GenerationRequest, SamplingConfig
 from services.inference.loader import load_model
-from services.inference.sampling import SamplingConfig
 
 SCHEMA = json.dumps(
     {

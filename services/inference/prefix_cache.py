@@ -1,7 +1,7 @@
 """Prefix caching: computed KV blocks found again by their content.
 
 A full block's keys and values depend only on the tokens up to its end, so a block is indexed by
-the hash chain of those tokens (services/mesh/prefix_hash.py) and any sequence whose prompt
+the hash chain of those tokens (services/mesh/contracts/prefix_hash.py) and any sequence whose prompt
 starts with the same tokens reads it instead of computing it. Blocks are reference-counted and
 shared read-only: a sequence only ever writes past the blocks it matched. A block no sequence
 holds keeps its content and stays findable until its memory is wanted: fresh blocks come from
@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable, Sequence
 
-from services.inference.paged_attention import BlockPool
+from services.inference.kv_blocks import BlockPool
 from services.mesh.contracts.prefix_hash import BlockHash
 
 

@@ -1,5 +1,6 @@
-"""gRPC wiring of the inference service: Generate streams engine steps (chat models), Embed embeds
-(embedding models), ListModels describes the one model this instance serves."""
+"""gRPC wiring of the inference service: Generate streams an engine's steps (chat models), Embed
+embeds (embedding models), ListModels describes the one model this instance serves. The servicer
+speaks to the engine through its interface (engine_api.py), whichever engine serves the model."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import grpc
 import grpc.aio
 
 from services.inference.embedder import Embedder
-from services.inference.engine import Engine, EngineLimits, GenerationRequest, Step, TokenLogprob
+from services.inference.engine import Engine
+from services.inference.engine_api import GenerationEngine, GenerationRequest, SamplingConfig, Step, TokenLogprob
 from services.inference.loader import load_model
 from services.inference.manifest import ManifestError, verify_manifest
-from services.inference.sampling import SamplingConfig
+from services.inference.scheduler import EngineLimits
 from services.inference.threads import apply_threads
 from services.inference.tracing import record_phases
 from services.mesh.config import Settings
@@ -72,12 +74,10 @@ def _chunk(step: Step, token_text: Callable[[int], str]) -> inference_pb2.Genera
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     """One model per instance: Generate for a chat model (engine), Embed for an embedding model."""
 
-    def __init__(self, info: inference_pb2.ModelInfo, engine: Engine | None, embedder: Embedder | None) -> None:
+    def __init__(
+        self, info: inference_pb2.ModelInfo, engine: GenerationEngine | None, embedder: Embedder | None
+    ) -> None:
         self._info, self._engine, self._embedder = info, engine, embedder
-
-    def _token_text(self, token_id: int) -> str:
-        assert self._engine is not None
-        return self._engine.loaded.tokenizer.decode([token_id])
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -110,7 +110,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         try:
             async for step in handle.steps():
                 tokens, finish = tokens + len(step.token_ids), step.finish_reason
-                yield _chunk(step, self._token_text)
+                yield _chunk(step, self._engine.token_text)
         finally:
             handle.cancel()
             record_phases(handle, tokens, finish)

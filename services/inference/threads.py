@@ -25,10 +25,9 @@ log = logging.getLogger(__name__)
 
 # All threads must make a forward pass at least this much faster than one thread.
 MARGIN = 1.15
-# A forward pass slower than this on all threads means large kernels: no measurement needed. The
-# bench preset (~98M parameters, 130-160 ms here) is above it: its 1-against-2-thread margin came
-# out 1.22x on one start and 1.13x on another, and on one thread it then served 16 streams 10%
-# slower.
+# A forward pass slower than this on all threads means large kernels: no measurement needed (a
+# margin measured on such a model swings around MARGIN from one start to the next, while one
+# thread serves it clearly slower under load; figures in docs/benchmarks.md).
 LARGE_S = 0.1
 ROUNDS = 3  # alternations of the two contenders; medians compared
 ROWS = 16  # tokens in the measured forward pass: a decode step at moderate concurrency

@@ -7,13 +7,13 @@ import time
 
 from opentelemetry import trace
 
-from services.inference.engine import SequenceHandle
+from services.inference.engine_api import Generation
 from services.mesh.telemetry import epoch_ns
 
 _tracer = trace.get_tracer(__name__)
 
 
-def record_phases(handle: SequenceHandle, tokens: int, finish_reason: str | None) -> None:
+def record_phases(handle: Generation, tokens: int, finish_reason: str | None) -> None:
     """Queue wait, prefill and decode as children of the current (Generate) span."""
     if not trace.get_current_span().is_recording():
         return

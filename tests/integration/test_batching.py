@@ -14,10 +14,12 @@ from meshproc import wait_for
 from prometheus_client import REGISTRY
 
 from services.inference import metrics
-from services.inference.engine import Engine, EngineLimits, GenerationRequest, SequenceHandle
+from services.inference.engine import Engine
+from services.inference.engine_api import GenerationRequest, SamplingConfig
 from services.inference.loader import load_model
 from services.inference.paged_attention import kv_geometry
-from services.inference.sampling import SamplingConfig
+from services.inference.scheduler import EngineLimits
+from services.inference.sequences import SequenceHandle
 from services.mesh.contracts.errors import DeadlineExceeded, ResourceExhausted
 
 GREEDY = SamplingConfig(temperature=0)

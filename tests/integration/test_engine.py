@@ -9,9 +9,9 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
-from services.inference.engine import Engine, GenerationRequest
+from services.inference.engine import Engine
+from services.inference.engine_api import GenerationRequest, SamplingConfig
 from services.inference.loader import load_model
-from services.inference.sampling import SamplingConfig
 from services.inference.threads import apply_threads
 from services.mesh.contracts.errors import ContextLengthExceeded, InvalidArgument
 

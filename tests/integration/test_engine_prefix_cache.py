@@ -10,10 +10,11 @@ import pytest
 from meshproc import wait_for
 from prometheus_client import REGISTRY
 
-from services.inference.engine import Engine, EngineLimits, GenerationRequest, Step
+from services.inference.engine import Engine
+from services.inference.engine_api import GenerationRequest, SamplingConfig, Step
 from services.inference.loader import load_model
 from services.inference.paged_attention import kv_geometry
-from services.inference.sampling import SamplingConfig
+from services.inference.scheduler import EngineLimits
 
 GREEDY = SamplingConfig(temperature=0)
 BLOCK = 16

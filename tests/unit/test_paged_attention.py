@@ -6,15 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from services.inference.paged_attention import (
-    BlockPool,
-    KVGeometry,
-    KVPool,
-    PagedAttention,
-    SequenceBlocks,
-    StepLayout,
-    decode_group,
-)
+from services.inference.kv_blocks import BlockPool, SequenceBlocks
+from services.inference.paged_attention import KVGeometry, KVPool, PagedAttention, StepLayout, decode_group
 
 CPU = torch.device("cpu")
 

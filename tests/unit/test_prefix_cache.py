@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.inference.paged_attention import BlockPool
+from services.inference.kv_blocks import BlockPool
 from services.inference.prefix_cache import BlockCache
 from services.mesh.contracts.prefix_hash import block_hashes, root_hash
 

@@ -5,7 +5,8 @@ import random
 
 import torch
 
-from services.inference.sampling import Sampler, SamplingConfig, apply_penalties, sample, shaped_logits
+from services.inference.engine_api import SamplingConfig
+from services.inference.sampling import Sampler, apply_penalties, sample, shaped_logits
 
 CPU = torch.device("cpu")
 LOGITS = torch.tensor([1.0, 3.0, 2.0, 0.5, -1.0])
