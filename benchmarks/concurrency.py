@@ -356,6 +356,19 @@ def _pause(process: subprocess.Popen, paused: bool) -> None:
     os.killpg(process.pid, signal.SIGSTOP if paused else signal.SIGCONT)
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _baseline_mesh(rev: str, work: Path, certs: Path, model_dir: Path, mesh_args: list[str]) -> Mesh:
+    """The mesh of revision `rev`, from a worktree of it in `work` (removed with the work folder)."""
+    tree = work / "baseline"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), rev], check=True)
+    run = work / "baseline-run"
+    run.mkdir()
+    print(f"  baseline mesh from {rev}…", flush=True)
+    return start_mesh(run, certs, model_dir, *mesh_args, repo=tree)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default", help="model to measure")
@@ -366,6 +379,12 @@ def main() -> None:
     parser.add_argument("--skip-peer", action="store_true", help="do not start transformers serve")
     parser.add_argument("--skip-in-process", action="store_true", help="servers only")
     parser.add_argument("--mesh-arg", action="append", default=[], help="extra `sluice up` argument (repeatable)")
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run the mesh of this git revision (from a worktree of it), alternated with the working "
+        "tree's: a change measured against the code before it",
+    )
     parser.add_argument(
         "--charts", type=Path, default=Path(__file__).parent / "results", help="where the PNG chart goes"
     )
@@ -386,7 +405,7 @@ def main() -> None:
         print("starting the Sluice mesh and transformers serve…", flush=True)
         mesh = start_mesh(work, certs, model_dir, *args.mesh_arg)
         print(f"  inference: {_torch_threads_line(mesh)}", flush=True)
-        peer = None
+        peer = baseline = None
         try:
             servers = [
                 (
@@ -402,6 +421,12 @@ def main() -> None:
                     mesh.process,
                 )
             ]
+            if args.baseline:
+                baseline = _baseline_mesh(args.baseline, work, certs, model_dir, args.mesh_arg)
+                extra = servers[0][0].extra
+                servers.append(
+                    (Server(f"mesh @{args.baseline}", baseline.base_url, model_dir.name, extra), baseline.process)
+                )
             if not args.skip_peer:
                 try:
                     peer = Peer(model_dir, work)
@@ -440,6 +465,9 @@ def main() -> None:
             mesh.stop()
             if peer is not None:
                 peer.stop()
+            if baseline is not None:
+                baseline.stop()
+                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(work / "baseline")])
 
     print(f"\n{args.preset} model, {args.tokens} new tokens, greedy, medians of {args.repeats} alternated runs\n")
     if local:
@@ -455,6 +483,10 @@ def main() -> None:
     for level in levels:
         ours = results[("Sluice mesh", level)]
         line = f"c={level}:"
+        before = results.get((f"mesh @{args.baseline}", level))
+        if before:
+            line += f" mesh/baseline {_ratio(ours, before, 'tokens_per_s'):.2f}x,"
+            line += f" TTFT p50 mesh/baseline {_ratio(ours, before, 'ttft_p50'):.2f}x,"
         theirs = results.get(("transformers serve", level))
         if theirs:
             line += f" mesh/transformers-serve {_ratio(ours, theirs, 'tokens_per_s'):.2f}x,"

@@ -38,7 +38,19 @@ def _parser() -> argparse.ArgumentParser:
         description="Serve a Hugging Face LLM to OpenAI-API clients through an mTLS gRPC mesh.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_up(commands)
+    _add_serve(commands)
+    _add_envoy(commands)
+    _add_health(commands)
+    _add_status(commands)
+    _add_certs(commands)
+    _add_keys(commands)
+    _add_model(commands)
+    return parser
 
+
+def _add_up(commands: argparse._SubParsersAction) -> None:
+    """`sluice up`: the whole mesh on this machine."""
     up = commands.add_parser(
         "up",
         help="run the whole mesh on this machine",
@@ -85,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for health (default 300)")
 
+
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    """`sluice serve SERVICE`: one service, as `sluice up` starts it."""
     serve = commands.add_parser("serve", help="run one service (what `sluice up` starts)")
     services = serve.add_subparsers(dest="service", required=True, metavar="SERVICE")
     for name in SERVICES:
@@ -93,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
         add_setting_flags(service, *settings_for(MESH, name))
         service.add_argument("--ready-file", type=Path, help="write the bound addresses here (JSON) once serving")
 
+
+def _add_envoy(commands: argparse._SubParsersAction) -> None:
+    """`sluice envoy-config`: the Envoy bootstrap for the ingress."""
     envoy = commands.add_parser(
         "envoy-config",
         help="generate an Envoy bootstrap for the ingress",
@@ -112,6 +130,9 @@ def _parser() -> argparse.ArgumentParser:
     envoy.add_argument("--out", type=Path, help="write the bootstrap here (default: standard output)")
     envoy.add_argument("--no-validate", dest="validate", action="store_false", help="skip `envoy --mode validate`")
 
+
+def _add_health(commands: argparse._SubParsersAction) -> None:
+    """`sluice health SERVICE`: the probe for Kubernetes."""
     health = commands.add_parser(
         "health",
         help="exit 0 if a gRPC service is SERVING (a probe for Kubernetes)",
@@ -126,6 +147,9 @@ def _parser() -> argparse.ArgumentParser:
     add_config_flag(health)
     add_setting_flags(health, "certs_dir", "insecure", "preprocess_port", "inference_port", "cache_port")
 
+
+def _add_status(commands: argparse._SubParsersAction) -> None:
+    """`sluice status`: what a running mesh is doing."""
     status = commands.add_parser(
         "status",
         help="show what a running mesh is doing",
@@ -146,6 +170,9 @@ def _parser() -> argparse.ArgumentParser:
     add_config_flag(status)
     add_setting_flags(status, "certs_dir", "insecure", "discovery", "consul_addr", "consul_scheme", "consul_token")
 
+
+def _add_certs(commands: argparse._SubParsersAction) -> None:
+    """`sluice certs init`: the dev CA and service certificates."""
     certs = commands.add_parser("certs", help="manage the mesh's TLS material")
     certs_cmd = certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
     init = certs_cmd.add_parser(
@@ -165,6 +192,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     init.add_argument("--force", action="store_true", help="replace existing CA and certificates")
 
+
+def _add_keys(commands: argparse._SubParsersAction) -> None:
+    """`sluice keys create|list|revoke`: the edge's API keys."""
     keys = commands.add_parser("keys", help="manage the edge's API keys")
     keys_cmd = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     create = keys_cmd.add_parser(
@@ -186,6 +216,9 @@ def _parser() -> argparse.ArgumentParser:
         add_config_flag(command)
         add_setting_flags(command, "keys_file")
 
+
+def _add_model(commands: argparse._SubParsersAction) -> None:
+    """`sluice model init|manifest`: model directories."""
     model = commands.add_parser("model", help="manage model directories")
     model_cmd = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     minit = model_cmd.add_parser(
@@ -206,7 +239,6 @@ def _parser() -> argparse.ArgumentParser:
         "The inference service verifies it before loading and refuses a changed, missing or added file.",
     )
     manifest.add_argument("path", type=Path, help="the model directory")
-    return parser
 
 
 def _count(text: str) -> int:

@@ -105,7 +105,9 @@ def start_mesh(
     *extra: str,
     timeout: float = 180.0,
     env: dict[str, str] | None = None,
+    repo: Path = REPO_ROOT,
 ) -> Mesh:
+    """`sluice up` of the code in `repo` (a worktree of another revision, for a side-by-side benchmark)."""
     state_file = workdir / "state.json"
     log_dir = workdir / "logs"
     up = [sys.executable, "-m", "services.cli", "up", "--port", "0"]
@@ -118,7 +120,7 @@ def start_mesh(
     argv = [*up, *inputs, *outputs, "--drain-grace-s", "5", *no_auth, *no_embedding, *extra]
     process = subprocess.Popen(
         argv,
-        cwd=REPO_ROOT,
+        cwd=repo,
         env={**os.environ, **(env or {})},
         start_new_session=True,
         stdout=(workdir / "up.log").open("wb"),

@@ -107,6 +107,35 @@ def test_a_cited_test_that_is_gone_is_reported(tmp_path: Path) -> None:
     assert dead_test_references(page, REPO) == ["`::no_such_test`", "`tests/gone.py`"]
 
 
+CODE_PATH = re.compile(r"(?<![\w/.])((?:services|tests|benchmarks|deploy/kubernetes|compose|protos)/[\w./-]*[\w/])")
+# What the project writes when it runs (git ignores them): named in the docs, absent in a clone.
+WRITTEN_WHEN_RUN = ("benchmarks/results/",)
+
+
+def dead_code_paths(root: Path) -> list[str]:
+    """Paths into the repository's code the pages name (`services/edge_http/core/runs.py`, in prose
+    or in code spans): each must exist."""
+    dead = []
+    for source in markdown_files(root):
+        for match in CODE_PATH.finditer(FENCE.sub("", source.read_text())):
+            path = match.group(1).rstrip(".")
+            if not (root / path).exists() and path not in WRITTEN_WHEN_RUN:
+                dead.append(f"{source.relative_to(root)}: {path}")
+    return dead
+
+
+def test_every_code_path_the_docs_name_exists() -> None:
+    assert dead_code_paths(REPO) == []
+
+
+def test_a_moved_module_named_in_the_docs_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "services").mkdir()
+    (tmp_path / "services" / "here.py").touch()
+    (tmp_path / "README.md").write_text("See `services/here.py` and services/gone.py.\n")
+    assert dead_code_paths(tmp_path) == ["README.md: services/gone.py"]
+
+
 def test_every_relative_link_and_anchor_resolves() -> None:
     assert dead_links(REPO) == []
 

@@ -1,6 +1,7 @@
-"""/v1/rerank: documents ordered by relevance to a query (the request → Embed inputs; the reply → ranked results).
+"""/v1/rerank: documents ordered by relevance to a query (the request → Embed inputs; the reply →
+ranked results).
 
-No cross-encoder can be had offline here, so the scores come from the embedding model: the
+Sluice serves no cross-encoder, so the scores come from the embedding model: the
 cosine of the query's and each document's unit vectors, mapped to [0, 1] as (1 + cos) / 2
 (same order, a range Dify's score threshold expects). Query and documents go out in one Embed
 call, so they share forward passes.
