@@ -53,11 +53,12 @@ from meshproc import Mesh, start_mesh
 from services.inference.default_model import PRESETS, build_default_model
 from services.inference.engine import Engine
 from services.inference.engine_api import GenerationRequest, SamplingConfig
-from services.inference.loader import load_model
+from services.inference.loader import load_model, pick_dtype
 from services.inference.paged_attention import kv_geometry
 from services.inference.scheduler import EngineLimits
 from services.inference.threads import apply_threads
 from services.mesh.rpc.certs import init_certs
+from services.up import INFERENCE_ENVIRONMENT
 
 _unique = itertools.count()
 
@@ -202,24 +203,24 @@ InProcess = dict[int, dict[str, float]]
 SEQUENTIAL = "sequential generate (4 requests)"
 
 
-def in_process(model_dir: Path, levels: list[int], tokens: int, repeats: int) -> InProcess:
+def in_process(model_dir: Path, levels: list[int], tokens: int, repeats: int, dtype: str) -> InProcess:
     """tokens/s of each in-process contender on n requests for every n in `levels`, alternated
     `repeats` times, medians; and sequential generate once, on 4 requests. Every contender runs
     on the torch threads the inference service would choose for this model: the engine runs
     its forward passes on its own thread, and there a second OpenMP team (the main thread's
     being the first) was slower than one thread, while generate on the main thread gained."""
-    loaded = load_model(model_dir, "cpu")
+    loaded = load_model(model_dir, "cpu", dtype=dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     threads = apply_threads(model, 0)  # as the service does with torch_threads left at auto
     print(f"  torch threads: {threads.threads} ({threads.reason})", flush=True)
-    fast = Engine(load_model(model_dir, "cpu"))
-    invariant = Engine(load_model(model_dir, "cpu"), EngineLimits(batch_invariant=True))
+    fast = Engine(load_model(model_dir, "cpu", dtype=dtype))
+    invariant = Engine(load_model(model_dir, "cpu", dtype=dtype), EngineLimits(batch_invariant=True))
     medians: InProcess = {}
     for n in levels:
         # A fresh copy per level: generate_batch changes the model's attention settings, and its
         # persistent manager, once it has served single requests, ran 16 at once at a fifth of
         # the speed a fresh one does.
-        cb_model = load_model(model_dir, "cpu").model
+        cb_model = load_model(model_dir, "cpu", dtype=dtype).model
         contenders: dict[str, Callable[[], float]] = {
             "Sluice engine": partial(sluice_engine, fast, n, tokens),
             "Sluice engine, batch_invariant": partial(sluice_engine, invariant, n, tokens),
@@ -258,25 +259,50 @@ def _free_port() -> int:
 
 
 class Peer:
-    """`transformers serve --continuous-batching` on a free port."""
+    """A peer server on a free port: `transformers serve --continuous-batching`, or vLLM's OpenAI
+    server (its CPU build, from its own virtualenv). Both load the model in `dtype` and run with
+    the same process environment as Sluice's inference service."""
 
-    def __init__(self, model_dir: Path, work: Path) -> None:
-        self.port = _free_port()
-        cli = str(Path(sys.executable).with_name("transformers"))
-        batching = ["--continuous-batching", "--cb-num-blocks", "32", "--cb-max-batch-tokens", "1024"]
-        argv = [cli, "serve", *batching, "--host", "127.0.0.1", "--port", str(self.port), str(model_dir)]
-        self.log_path = work / "transformers-serve.log"
+    def __init__(
+        self, name: str, model: str, argv: list[str], work: Path, port: int, env: dict[str, str], timeout_s: float = 300
+    ) -> None:
+        self.name, self.model, self.port = name, model, port
+        # vLLM, like Sluice, takes ignore_eos: every request then generates its max_tokens.
+        self.extra: dict = {"extra_body": {"ignore_eos": True}} if name == "vLLM" else {}
+        self.log_path = work / f"{name.replace(' ', '-')}.log"
         self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 120
+        env = {**os.environ, **INFERENCE_ENVIRONMENT, **env}
+        self.process = subprocess.Popen(
+            argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
+        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            try:  # both bind their port once the model is loaded
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 return
             except OSError:
                 time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"transformers serve did not start:\n{self.log_path.read_text(errors='replace')[-2000:]}")
+        raise RuntimeError(f"{name} did not start:\n{self.log_path.read_text(errors='replace')[-2000:]}")
+
+    @classmethod
+    def transformers_serve(cls, model_dir: Path, work: Path, dtype: str) -> Peer:
+        port = _free_port()
+        cli = str(Path(sys.executable).with_name("transformers"))
+        batching = ["--continuous-batching", "--cb-num-blocks", "32", "--cb-max-batch-tokens", "1024"]
+        address = ["--host", "127.0.0.1", "--port", str(port)]
+        argv = [cli, "serve", *batching, "--dtype", dtype, *address, str(model_dir)]
+        return cls("transformers serve", str(model_dir), argv, work, port, {})
+
+    @classmethod
+    def vllm(cls, venv: Path, model_dir: Path, work: Path, dtype: str) -> Peer:
+        """vLLM's CPU build as its documentation runs it: eager, its threads unbound, a KV budget."""
+        port = _free_port()
+        served = ["serve", str(model_dir), "--served-model-name", model_dir.name]
+        address = ["--host", "127.0.0.1", "--port", str(port)]
+        engine = ["--dtype", dtype, "--enforce-eager", "--max-model-len", "2048", "--disable-log-stats"]
+        env = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+        return cls("vLLM", model_dir.name, [str(venv / "bin" / "vllm"), *served, *address, *engine], work, port, env)
 
     def stop(self) -> None:
         self.process.terminate()
@@ -336,7 +362,7 @@ def memory_at_32_unbounded(mesh: Mesh, tokens: int) -> tuple[int, int, int]:
     finally:
         done.set()
         watcher.join()
-    model = load_model(mesh.model_dir, "cpu").model
+    model = load_model(mesh.model_dir, "cpu", dtype="float32").model
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     block_bytes = kv_geometry(model).bytes_per_token(model.dtype) * EngineLimits().kv_block_size
     return peak_rss, weights, peak_blocks * block_bytes
@@ -369,7 +395,16 @@ def _baseline_mesh(rev: str, work: Path, certs: Path, model_dir: Path, mesh_args
     return start_mesh(run, certs, model_dir, *mesh_args, repo=tree)
 
 
+def _with_inference_environment() -> None:
+    """Run as the inference service runs (`sluice up` gives it INFERENCE_ENVIRONMENT, which glibc
+    reads at start): the in-process contenders and every server then have the same environment."""
+    missing = {k: v for k, v in INFERENCE_ENVIRONMENT.items() if k not in os.environ}
+    if missing:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **missing})
+
+
 def main() -> None:
+    _with_inference_environment()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default", help="model to measure")
     parser.add_argument("--concurrency", default="1,4,16,32", help="comma-separated client counts")
@@ -377,6 +412,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="requests per client per measurement (default 2)")
     parser.add_argument("--repeats", type=int, default=3, help="alternations of the contenders (default 3)")
     parser.add_argument("--skip-peer", action="store_true", help="do not start transformers serve")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="every contender's number format (auto: what the inference service would choose here)",
+    )
+    parser.add_argument(
+        "--vllm",
+        type=Path,
+        default=REPO / ".venv-vllm",
+        help="virtualenv of vLLM's CPU build, run as a peer when it is there (default .venv-vllm)",
+    )
     parser.add_argument("--skip-in-process", action="store_true", help="servers only")
     parser.add_argument("--mesh-arg", action="append", default=[], help="extra `sluice up` argument (repeatable)")
     parser.add_argument(
@@ -390,6 +437,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
+    dtype = str(pick_dtype(args.dtype, torch.device("cpu"))).removeprefix("torch.")
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -398,14 +446,16 @@ def main() -> None:
         local: InProcess = {}
         if not args.skip_in_process:
             print("in-process contenders…", flush=True)
-            local = in_process(model_dir, levels, args.tokens, args.repeats)
+            local = in_process(model_dir, levels, args.tokens, args.repeats, dtype)
 
         certs = work / "certs"
         init_certs(certs)
         print("starting the Sluice mesh and transformers serve…", flush=True)
-        mesh = start_mesh(work, certs, model_dir, *args.mesh_arg)
+        mesh_args = ["--dtype", dtype, *args.mesh_arg]
+        mesh = start_mesh(work, certs, model_dir, *mesh_args)
         print(f"  inference: {_torch_threads_line(mesh)}", flush=True)
-        peer = baseline = None
+        peers: list[Peer] = []
+        baseline = None
         try:
             servers = [
                 (
@@ -422,22 +472,26 @@ def main() -> None:
                 )
             ]
             if args.baseline:
+                # The revision's own settings: it may predate --dtype (then it runs float32).
                 baseline = _baseline_mesh(args.baseline, work, certs, model_dir, args.mesh_arg)
                 extra = servers[0][0].extra
                 servers.append(
                     (Server(f"mesh @{args.baseline}", baseline.base_url, model_dir.name, extra), baseline.process)
                 )
+            starters: list[Callable[[], Peer]] = []
             if not args.skip_peer:
+                starters.append(partial(Peer.transformers_serve, model_dir, work, dtype))
+            if (args.vllm / "bin" / "vllm").exists():
+                starters.append(partial(Peer.vllm, args.vllm, model_dir, work, dtype))
+            for start in starters:
                 try:
-                    peer = Peer(model_dir, work)
-                    servers.append(
-                        (
-                            Server("transformers serve", f"http://127.0.0.1:{peer.port}/v1", str(model_dir), {}),
-                            peer.process,
-                        )
-                    )
+                    peer = start()
                 except RuntimeError as err:
                     print(f"peer skipped: {err}", flush=True)
+                    continue
+                peers.append(peer)
+                server = Server(peer.name, f"http://127.0.0.1:{peer.port}/v1", peer.model, peer.extra)
+                servers.append((server, peer.process))
             for _, process in servers:
                 _pause(process, True)
             results: dict[tuple[str, int], list[LoadResult]] = {}
@@ -463,7 +517,7 @@ def main() -> None:
             for _, process in servers:
                 _pause(process, False)
             mesh.stop()
-            if peer is not None:
+            for peer in peers:
                 peer.stop()
             if baseline is not None:
                 baseline.stop()
@@ -487,10 +541,11 @@ def main() -> None:
         if before:
             line += f" mesh/baseline {_ratio(ours, before, 'tokens_per_s'):.2f}x,"
             line += f" TTFT p50 mesh/baseline {_ratio(ours, before, 'ttft_p50'):.2f}x,"
-        theirs = results.get(("transformers serve", level))
-        if theirs:
-            line += f" mesh/transformers-serve {_ratio(ours, theirs, 'tokens_per_s'):.2f}x,"
-            line += f" TTFT p50 mesh/peer {_ratio(ours, theirs, 'ttft_p50'):.2f}x"
+        for peer_name in ("transformers serve", "vLLM"):
+            theirs = results.get((peer_name, level))
+            if theirs:
+                line += f" mesh/{peer_name.replace(' ', '-')} {_ratio(ours, theirs, 'tokens_per_s'):.2f}x"
+                line += f" (TTFT {_ratio(ours, theirs, 'ttft_p50'):.2f}x),"
         if local:
             engine = local[level]["Sluice engine"]
             line += f", mesh/engine in-process {_median([r.tokens_per_s for r in ours]) / engine:.2f}x"
@@ -526,7 +581,9 @@ def _series(results: dict[tuple[str, int], list[LoadResult]], levels: list[int],
 
 
 def _ratio(ours: list[LoadResult], theirs: list[LoadResult], figure: str) -> float:
-    return _median([getattr(r, figure) for r in ours]) / _median([getattr(r, figure) for r in theirs])
+    """ours / theirs, of the medians (nan when theirs is 0: a contender whose every request failed)."""
+    denominator = _median([getattr(r, figure) for r in theirs])
+    return _median([getattr(r, figure) for r in ours]) / denominator if denominator else float("nan")
 
 
 if __name__ == "__main__":

@@ -226,10 +226,13 @@ def _add_model(commands: argparse._SubParsersAction) -> None:
         help="build the small default model",
         description="Build a deterministic Llama-architecture model offline: byte-level BPE tokenizer trained on "
         "Python's stdlib, ChatML template, random weights under a fixed seed. Presets: default (vocab 4096, "
-        "hidden 256, 4 layers, 5.3M parameters) and bench (hidden 768, 12 layers, ~98M parameters).",
+        "hidden 256, 4 layers, 5.3M parameters), bench (hidden 768, 12 layers, ~98M parameters) and qwen05 "
+        "(Qwen2.5-0.5B's shape: hidden 896, 24 layers, 14 heads over 2 KV heads, vocab 151,936; ~494M parameters).",
     )
     minit.add_argument("--preset", choices=sorted(PRESETS), default="default", help="model shape (default: default)")
-    minit.add_argument("--out", type=Path, help="target directory (default: models/sluice-tiny, models/sluice-bench)")
+    minit.add_argument(
+        "--out", type=Path, help="target directory (default: models/sluice-tiny, or models/sluice-<preset>)"
+    )
     minit.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
     minit.add_argument("--force", action="store_true", help="rebuild even if the directory exists")
     manifest = model_cmd.add_parser(
@@ -283,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "model":
         from services.inference.default_model import build_default_model
 
-        out = args.out or (DEFAULT_MODEL if args.preset == "default" else DEFAULT_MODEL.with_name("sluice-bench"))
+        named = DEFAULT_MODEL if args.preset == "default" else DEFAULT_MODEL.with_name(f"sluice-{args.preset}")
+        out = args.out or named
         print(build_default_model(out, seed=args.seed, shape=PRESETS[args.preset], force=args.force))
         return 0
     try:

@@ -39,6 +39,17 @@ from services.mesh.telemetry import SERVICE_NAME_VARIABLE
 log = logging.getLogger(__name__)
 
 BACKENDS = ("preprocess", "cache", "inference")
+# The inference process's environment (docs/design.md, CPU threads and memory):
+INFERENCE_ENVIRONMENT = {
+    # torch's OpenMP workers sleep when idle instead of spinning on the core the edge, preprocess
+    # and the clients need between every two operations.
+    "OMP_WAIT_POLICY": "PASSIVE",
+    # glibc keeps freed memory for the next step instead of handing large blocks back to the
+    # kernel at once: a step's large temporaries (KV gathers, activations) are then not
+    # page-faulted in afresh every step. Read once, when the process starts.
+    "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+}
 SUPERVISE_INTERVAL_S = 0.5
 
 
@@ -253,13 +264,12 @@ def inference_env(settings: Settings, env: Mapping[str, str], count: int) -> dic
 
     Replicas share its cores: with torch_threads left at auto, each gets its share, since
     several processes each running a thread per core oversubscribe the CPU and torch's spinning
-    workers then slow every replica many times over. And torch's OpenMP workers sleep when idle
-    instead of spinning (unless OMP_WAIT_POLICY is set already): a spinning worker burns the
-    core the edge and the clients need between every two operations (figures in
-    docs/design.md, CPU threads)."""
+    workers then slow every replica many times over. And the process runs with
+    INFERENCE_ENVIRONMENT, each variable unless the environment sets it already."""
     shared = dict(env)
-    if "OMP_WAIT_POLICY" not in os.environ:
-        shared["OMP_WAIT_POLICY"] = "PASSIVE"
+    for name, value in INFERENCE_ENVIRONMENT.items():
+        if name not in os.environ:
+            shared[name] = value
     if count < 2 or settings.torch_threads:
         return shared
     share = max(1, (os.cpu_count() or 1) // count)

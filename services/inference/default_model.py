@@ -62,6 +62,10 @@ class ModelShape:
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     context_length: int = 2048
+    num_key_value_heads: int | None = None  # grouped-query attention (default: one per attention head)
+    tie_word_embeddings: bool = False
+    # The tokenizer's own vocabulary, when the model's embedding is larger (padded, as Qwen's is).
+    tokenizer_vocab_size: int | None = None
 
 
 PRESETS = {
@@ -69,6 +73,18 @@ PRESETS = {
     "default": ModelShape(),
     # ~98M parameters: a decode step costs roughly what a real model's does, for benchmarks.
     "bench": ModelShape(hidden_size=768, intermediate_size=2304, num_hidden_layers=12, num_attention_heads=12),
+    # Qwen2.5-0.5B's shape (~494M parameters): 24 layers, 14 heads over 2 KV heads, a 151,936-row
+    # embedding shared with the LM head; random weights, as every preset.
+    "qwen05": ModelShape(
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        tokenizer_vocab_size=4096,
+    ),
 }
 
 # Bounded so training takes seconds; the sorted file list keeps the corpus identical per Python version.
@@ -121,9 +137,9 @@ def llama_config(shape: ModelShape, **token_ids: int):  # -> LlamaConfig
         intermediate_size=shape.intermediate_size,
         num_hidden_layers=shape.num_hidden_layers,
         num_attention_heads=shape.num_attention_heads,
-        num_key_value_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads or shape.num_attention_heads,
         max_position_embeddings=shape.context_length,
-        tie_word_embeddings=False,
+        tie_word_embeddings=shape.tie_word_embeddings,
         **token_ids,
     )
 
@@ -138,7 +154,7 @@ def build_default_model(out: Path, seed: int = 0, shape: ModelShape = ModelShape
     from transformers import LlamaForCausalLM
 
     steps = tqdm(total=3, desc=f"building default model {out.name}", unit="step")
-    tokenizer = _train_tokenizer(shape.vocab_size)
+    tokenizer = _train_tokenizer(shape.tokenizer_vocab_size or shape.vocab_size)
     steps.update()
     config = llama_config(
         shape,

@@ -50,7 +50,7 @@ class Engine:
             raise ValueError(f"kv_cache_bytes must hold at least one block of {block_bytes} bytes")
         cache = BlockCache(BlockPool(blocks), limits.prefix_caching, lambda _: metrics.PREFIX_EVICTIONS.inc())
         self._scheduler = Scheduler(limits, cache, root_hash(cache_salt or loaded.model_id))
-        self._runner = ModelRunner(loaded, blocks, limits.kv_block_size, limits.batch_invariant)
+        self._runner = ModelRunner(loaded, blocks, limits.kv_block_size, limits.batch_invariant, limits.prepack_weights)
         self._vocab_size = self._runner.vocab_size
         self._decoder = direct_decoder(loaded.tokenizer)  # chosen once: every sequence decodes with it
         self._outputs: dict[Sequence, SequenceOutput] = {}

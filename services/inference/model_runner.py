@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from services.inference import prepacked
 from services.inference.engine_api import TokenLogprob
 from services.inference.loader import LoadedModel
 from services.inference.paged_attention import KVPool, PrefillSlice, StepLayout, decode_group, install, kv_geometry
@@ -38,10 +39,17 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, blocks: int, block_size: int, batch_invariant: bool) -> None:
+    def __init__(
+        self, loaded: LoadedModel, blocks: int, block_size: int, batch_invariant: bool, prepack: bool = True
+    ) -> None:
+        """`prepack`: run the linear layers on prepacked weights where the CPU allows (not in
+        batch-invariant mode, which relies on torch's own linear kernels' row invariance)."""
         self.loaded = loaded
         self.vocab_size = loaded.model.get_input_embeddings().weight.shape[0]
         self._min_rows = INVARIANT_ROWS if batch_invariant else 1
+        if prepack and not batch_invariant and prepacked.supported(loaded.model):
+            count = prepacked.prepack_linears(loaded.model)
+            log.info("%d linear layers on prepacked oneDNN weights", count)
         self._attention = install(loaded.model)
         self._pool = KVPool(kv_geometry(loaded.model), blocks, block_size, loaded.model.dtype, loaded.device)
         self._attention.pool = self._pool

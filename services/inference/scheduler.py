@@ -47,6 +47,7 @@ class EngineLimits:
     kv_block_size: int = 16
     batch_invariant: bool = False
     prefix_caching: bool = True
+    prepack_weights: bool = True  # the model runner's: CPU linear layers on prepacked oneDNN weights
 
 
 @dataclass(frozen=True)

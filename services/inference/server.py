@@ -192,7 +192,7 @@ def run(settings: Settings, ready_file: Path | None) -> int:
         info.context_length = embedder.max_tokens
     else:
         limits = engine_limits(settings)
-        loaded = load_model(settings.model, settings.device, settings.model_name)
+        loaded = load_model(settings.model, settings.device, settings.model_name, settings.dtype)
         apply_threads(loaded.model, settings.torch_threads)
         info.context_length = loaded.context_length
         tags = reasoning_tags(settings.reasoning_tags, loaded.tokenizer.get_vocab())

@@ -117,6 +117,12 @@ class Settings(BaseSettings):
     device: str = Field(
         "auto", description="torch device for inference: auto, cpu, cuda, cuda:N", json_schema_extra=used_by(INFERENCE)
     )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="the weights' and KV cache's number format in inference (auto: bfloat16 on CUDA and on CPUs with "
+        "native bf16 instructions, float32 elsewhere)",
+        json_schema_extra=used_by(INFERENCE),
+    )
     torch_threads: int = Field(
         0,
         ge=0,
@@ -221,6 +227,12 @@ class Settings(BaseSettings):
     batch_invariant: bool = Field(
         False,
         description="bitwise-identical output whatever shares the batch (slower: see docs/benchmarks.md)",
+        json_schema_extra=used_by(INFERENCE),
+    )
+    prepack_weights: bool = Field(
+        True,
+        description="CPU: run linear layers on weights prepacked for oneDNN at start (faster; off in batch_invariant "
+        "mode)",
         json_schema_extra=used_by(INFERENCE),
     )
     prefix_caching: bool = Field(

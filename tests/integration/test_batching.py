@@ -29,13 +29,13 @@ ENDLESS = SamplingConfig(temperature=0, ignore_eos=True)  # runs until cancelled
 @pytest.fixture
 def make_engine(model_dir: Path) -> Callable[..., Engine]:
     # Each engine owns its model: the attention routing is per model object.
-    return lambda **limits: Engine(load_model(model_dir, "cpu"), EngineLimits(**limits))
+    return lambda **limits: Engine(load_model(model_dir, "cpu", dtype="float32"), EngineLimits(**limits))
 
 
 @pytest.fixture(scope="module")
 def engine(model_dir: Path) -> Engine:
     # Bitwise batch invariance on: a sequence's tokens may not depend on what shares its batch.
-    return Engine(load_model(model_dir, "cpu"), EngineLimits(batch_invariant=True))
+    return Engine(load_model(model_dir, "cpu", dtype="float32"), EngineLimits(batch_invariant=True))
 
 
 def _prompts(engine: Engine, n: int) -> list[list[int]]:

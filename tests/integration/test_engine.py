@@ -20,7 +20,7 @@ GREEDY = SamplingConfig(temperature=0)
 
 @pytest.fixture(scope="module")
 def engine(model_dir: Path) -> Engine:
-    return Engine(load_model(model_dir, "cpu"))
+    return Engine(load_model(model_dir, "cpu", dtype="float32"))
 
 
 def _prompt(engine: Engine) -> list[int]:
@@ -41,7 +41,7 @@ def test_engine_output_matches_transformers_generate(engine: Engine, model_dir: 
     prompt = _prompt(engine)
     ours = [t for s in engine.submit(GenerationRequest("b", prompt, 30, GREEDY)) for t in s.token_ids]
     # A model of its own: the engine routes its model's attention through paged attention.
-    plain = load_model(model_dir, "cpu").model
+    plain = load_model(model_dir, "cpu", dtype="float32").model
     with torch.inference_mode():
         reference = plain.generate(
             torch.tensor([prompt]), max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0
@@ -136,7 +136,7 @@ def test_prompt_logprobs_are_the_models_own_over_several_prefill_chunks(engine: 
     """Echo with logprobs: every prompt token's log probability, as a plain forward pass of the
     model gives it, although the prompt is prefilled in chunks beside another sequence."""
     prompt = (_prompt(engine) * 60)[:600]  # more than two prefill chunks of 256
-    reference = load_model(model_dir, "cpu")
+    reference = load_model(model_dir, "cpu", dtype="float32")
     with torch.inference_mode():
         logits = reference.model(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
     expected = [float(logits[i - 1, prompt[i]]) for i in range(1, len(prompt))]
@@ -149,3 +149,24 @@ def test_prompt_logprobs_are_the_models_own_over_several_prefill_chunks(engine: 
     assert entries[0].logprob == 0 and not entries[0].top  # nothing predicts the first token
     assert max(abs(e.logprob - x) for e, x in zip(entries[1:], expected, strict=True)) < 1e-4
     assert all(len(e.top) == 2 and e.top[0][1] >= e.logprob for e in entries[1:])
+
+
+def test_in_bfloat16_the_engine_scores_as_the_bfloat16_model_does(model_dir: Path) -> None:
+    """bf16 (dtype auto on CPUs with bf16 instructions): prefill scores the prompt exactly as the
+    model's own bf16 forward pass does, and greedy decoding agrees with the bf16 model's generate
+    for its first tokens; later tokens may part ways at near-ties, as bf16 rounds attention
+    differently (float32's equality is the test above)."""
+    engine = Engine(load_model(model_dir, "cpu", dtype="bfloat16"))
+    assert engine.loaded.model.dtype == torch.bfloat16
+    prompt = (_prompt(engine) * 30)[:300]
+    plain = load_model(model_dir, "cpu", dtype="bfloat16").model
+    with torch.inference_mode():
+        logits = plain(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
+        reference = plain.generate(
+            torch.tensor([prompt[:20]]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, 20:].tolist()
+    scored = next(iter(engine.submit(GenerationRequest("bf", prompt, 2, GREEDY, prompt_logprobs=0))))
+    drift = max(abs(e.logprob - float(logits[i - 1, prompt[i]])) for i, e in enumerate(scored.prompt_logprobs) if i)
+    assert drift < 0.02
+    ours = [t for s in engine.submit(GenerationRequest("bg", prompt[:20], 8, GREEDY)) for t in s.token_ids]
+    assert ours == reference

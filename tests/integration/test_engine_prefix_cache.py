@@ -22,7 +22,7 @@ BLOCK = 16
 
 @pytest.fixture
 def make_engine(model_dir: Path) -> Callable[..., Engine]:
-    return lambda **limits: Engine(load_model(model_dir, "cpu"), EngineLimits(**limits))
+    return lambda **limits: Engine(load_model(model_dir, "cpu", dtype="float32"), EngineLimits(**limits))
 
 
 def _tokens(engine: Engine, text: str) -> list[int]:

@@ -172,6 +172,18 @@ def test_every_backend_has_a_disruption_budget_and_a_headless_service(path: Path
         assert services[name]["spec"]["clusterIP"] == "None"  # resolves to every ready pod
 
 
+def test_inference_pods_keep_their_freed_memory_as_sluice_up_does() -> None:
+    """The malloc settings `sluice up` gives the inference process, in the cluster's pods too (the
+    wait policy is the host's to choose: a pod has its cores to itself)."""
+    from services.up import INFERENCE_ENVIRONMENT
+
+    deployment = _of(_render(KUBERNETES), "Deployment")["sluice-inference"]
+    (container,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "inference"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    malloc = {name: value for name, value in INFERENCE_ENVIRONMENT.items() if name.startswith("MALLOC_")}
+    assert malloc and {name: env.get(name) for name in malloc} == malloc
+
+
 def test_autoscaling_is_on_queue_depth_not_cpu() -> None:
     hpa = _of(_render(KUBERNETES / "examples" / "prometheus-adapter"), "HorizontalPodAutoscaler")["sluice-inference"]
     assert hpa["spec"]["scaleTargetRef"]["name"] == "sluice-inference"

@@ -11,6 +11,7 @@ import yaml
 from services.cli import _parser
 from services.mesh.config import ENV_PREFIX, Settings
 from services.mesh.telemetry import ENDPOINT_VARIABLES, SERVICE_NAME_VARIABLE
+from services.up import INFERENCE_ENVIRONMENT
 
 COMPOSE = Path(__file__).resolve().parents[2] / "compose" / "docker-compose.yml"
 
@@ -35,9 +36,13 @@ def test_every_sluice_service_runs_and_inference_has_two_replicas() -> None:
 
 def test_every_environment_variable_is_a_setting_or_read_by_telemetry() -> None:
     for name in _sluice():
-        for key in _services()[name]["environment"]:
+        service = _services()[name]
+        for key in service["environment"]:
             if key.startswith("OTEL_"):
                 assert key in (*ENDPOINT_VARIABLES, SERVICE_NAME_VARIABLE), f"{name}: {key}"
+                continue
+            if key in INFERENCE_ENVIRONMENT:  # the inference process's environment, as `sluice up` sets it
+                assert service["environment"][key] == INFERENCE_ENVIRONMENT[key] and _sluice()[name] == "inference"
                 continue
             assert key.startswith(ENV_PREFIX), f"{name}: {key}"
             assert key.removeprefix(ENV_PREFIX).lower() in Settings.model_fields, f"{name}: unknown setting {key}"

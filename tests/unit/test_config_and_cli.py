@@ -14,7 +14,7 @@ from services.cli import _parser, main
 from services.inference.manifest import MANIFEST, verify_manifest
 from services.mesh.config import CONFIG_ENV, MESH, SERVICES, Settings, settings_for, settings_from_args, up_settings
 from services.mesh.lifecycle.ready import advertised_address
-from services.up import inference_env
+from services.up import INFERENCE_ENVIRONMENT, inference_env
 
 
 @pytest.fixture(autouse=True)
@@ -130,9 +130,10 @@ def test_wildcard_binds_are_advertised_as_loopback() -> None:
 
 def test_inference_replicas_on_one_machine_share_its_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    for name in INFERENCE_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
     env = {"SLUICE_TORCH_THREADS": "0"}
-    assert inference_env(Settings(), env, 1) == env | {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert inference_env(Settings(), env, 1) == env | INFERENCE_ENVIRONMENT
     assert inference_env(Settings(), env, 3)["SLUICE_TORCH_THREADS"] == "2"
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert inference_env(Settings(), env, 4)["SLUICE_TORCH_THREADS"] == "1"
@@ -145,6 +146,15 @@ def test_idle_torch_workers_sleep_unless_the_user_chose_a_wait_policy(monkeypatc
     assert inference_env(Settings(), {}, 1)["OMP_WAIT_POLICY"] == "PASSIVE"
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert "OMP_WAIT_POLICY" not in inference_env(Settings(), {}, 1)  # the child inherits the user's ACTIVE
+
+
+def test_freed_memory_stays_with_the_inference_process_unless_the_user_tuned_malloc(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert int(inference_env(Settings(), {}, 1)["MALLOC_MMAP_THRESHOLD_"]) >= 1 << 30
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert "MALLOC_MMAP_THRESHOLD_" not in inference_env(Settings(), {}, 1)
 
 
 def test_model_manifest_command_writes_a_manifest_the_service_accepts(tmp_path: Path) -> None:
