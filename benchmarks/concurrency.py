@@ -37,11 +37,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import openai
+import psutil
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -56,7 +57,6 @@ from services.inference.engine_api import GenerationRequest, SamplingConfig
 from services.inference.loader import load_model, pick_dtype
 from services.inference.paged_attention import kv_geometry
 from services.inference.scheduler import EngineLimits
-from services.inference.threads import apply_threads
 from services.mesh.rpc.certs import init_certs
 from services.up import INFERENCE_ENVIRONMENT
 
@@ -74,6 +74,11 @@ class LoadResult:
     ttft_p50: float
     itl_p50: float
     errors: int
+    tokens: int = 0
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds each watched process used
+
+    def cpu_ms_per_token(self, process: str) -> float:
+        return self.cpu_s.get(process, float("nan")) * 1e3 / self.tokens if self.tokens else float("nan")
 
 
 def _median(values: list[float]) -> float:
@@ -122,7 +127,7 @@ async def _load(base_url: str, model: str, concurrency: int, tokens: int, rounds
         started = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-    return LoadResult(generated / elapsed, _median(ttfts), _median(itls), errors)
+    return LoadResult(generated / elapsed, _median(ttfts), _median(itls), errors, generated)
 
 
 @dataclass
@@ -131,9 +136,20 @@ class Server:
     base_url: str
     model: str
     extra: dict
+    watched: dict[str, int] = field(default_factory=dict)  # process name → pid whose CPU time is counted
 
     def load(self, concurrency: int, tokens: int, rounds: int) -> LoadResult:
-        return asyncio.run(_load(self.base_url, self.model, concurrency, tokens, rounds, self.extra))
+        processes = {name: psutil.Process(pid) for name, pid in self.watched.items()}
+        processes["load generator"] = psutil.Process()
+        before = {name: _cpu_s(p) for name, p in processes.items()}
+        result = asyncio.run(_load(self.base_url, self.model, concurrency, tokens, rounds, self.extra))
+        result.cpu_s = {name: _cpu_s(p) - before[name] for name, p in processes.items()}
+        return result
+
+
+def _cpu_s(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
 
 
 # ---------------------------------------------------------------- in-process contenders
@@ -206,15 +222,16 @@ SEQUENTIAL = "sequential generate (4 requests)"
 def in_process(model_dir: Path, levels: list[int], tokens: int, repeats: int, dtype: str) -> InProcess:
     """tokens/s of each in-process contender on n requests for every n in `levels`, alternated
     `repeats` times, medians; and sequential generate once, on 4 requests. Every contender runs
-    on the torch threads the inference service would choose for this model: the engine runs
-    its forward passes on its own thread, and there a second OpenMP team (the main thread's
-    being the first) was slower than one thread, while generate on the main thread gained."""
+    on the torch threads the inference service would choose for this model."""
+    # The engines choose their threads as the service does (measured on the model they run);
+    # every other contender then runs on the same number.
+    fast = Engine(load_model(model_dir, "cpu", dtype=dtype), EngineLimits(torch_threads=0))
+    invariant = Engine(load_model(model_dir, "cpu", dtype=dtype), EngineLimits(batch_invariant=True))
+    assert fast.threads is not None
+    torch.set_num_threads(fast.threads.threads)
+    print(f"  torch threads: {fast.threads.threads} ({fast.threads.reason})", flush=True)
     loaded = load_model(model_dir, "cpu", dtype=dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
-    threads = apply_threads(model, 0)  # as the service does with torch_threads left at auto
-    print(f"  torch threads: {threads.threads} ({threads.reason})", flush=True)
-    fast = Engine(load_model(model_dir, "cpu", dtype=dtype))
-    invariant = Engine(load_model(model_dir, "cpu", dtype=dtype), EngineLimits(batch_invariant=True))
     medians: InProcess = {}
     for n in levels:
         # A fresh copy per level: generate_batch changes the model's attention settings, and its
@@ -383,6 +400,8 @@ def _pause(process: subprocess.Popen, paused: bool) -> None:
 
 
 REPO = Path(__file__).resolve().parents[1]
+# The mesh's processes whose CPU time is counted per token (the load generator's too).
+MESH_PROCESSES = ("edge", "preprocess", "inference", "cache")
 
 
 def _baseline_mesh(rev: str, work: Path, certs: Path, model_dir: Path, mesh_args: list[str]) -> Mesh:
@@ -467,6 +486,7 @@ def main() -> None:
                             "extra_body": {"ignore_eos": True},
                             "extra_headers": {"Cache-Control": "no-cache"},
                         },
+                        {name: mesh.child(name)["pid"] for name in MESH_PROCESSES},
                     ),
                     mesh.process,
                 )
@@ -533,6 +553,13 @@ def main() -> None:
             f"{_median([r.ttft_p50 for r in runs]) * 1e3:7.0f}ms {_median([r.itl_p50 for r in runs]) * 1e3:6.1f}ms "
             f"{sum(r.errors for r in runs):6d}"
         )
+    print("\nCPU per generated token in the mesh's processes and the load generator (ms, medians):")
+    watched = [*MESH_PROCESSES, "load generator"]
+    print(f"{'clients':>7} " + " ".join(f"{name:>15}" for name in watched))
+    for level in levels:
+        runs = results[("Sluice mesh", level)]
+        cells = " ".join(f"{_median([r.cpu_ms_per_token(name) for r in runs]):15.2f}" for name in watched)
+        print(f"{level:7d} {cells}")
     print()
     for level in levels:
         ours = results[("Sluice mesh", level)]

@@ -40,7 +40,6 @@ from services.inference.paged_attention import kv_geometry
 from services.inference.prefix_cache import BlockCache
 from services.inference.scheduler import EngineLimits, Scheduler
 from services.inference.sequences import Sequence, SequenceHandle
-from services.inference.threads import apply_threads
 from services.mesh.contracts.prefix_hash import root_hash
 
 PHASES = ("schedule", "model runner", "indexing", "output")
@@ -54,7 +53,7 @@ class Harness:
         blocks = limits.kv_cache_bytes // (geometry.bytes_per_token(loaded.model.dtype) * limits.kv_block_size)
         self.loaded = loaded
         self.scheduler = Scheduler(limits, BlockCache(BlockPool(blocks), enabled=False), root_hash("profile"))
-        self.runner = ModelRunner(loaded, blocks, limits.kv_block_size, limits.batch_invariant, limits.prepack_weights)
+        self.runner = ModelRunner(loaded, blocks, limits)
         self.decoder = direct_decoder(loaded.tokenizer)
         self.outputs: dict[Sequence, SequenceOutput] = {}
 
@@ -166,9 +165,14 @@ def _by_part(prof: torch.profiler.profile) -> dict[str, float]:
     return totals
 
 
-def profile_rows(loaded: LoadedModel, rows: int, steps: int, prompt_tokens: int, prepack: bool) -> tuple[dict, dict]:
+def profile_rows(
+    loaded: LoadedModel, rows: int, steps: int, prompt_tokens: int, prepack: bool
+) -> tuple[dict, dict, str]:
     limits = EngineLimits(
-        max_running=max(rows, 1), max_batched_tokens=max(512, rows * prompt_tokens + rows), prepack_weights=prepack
+        max_running=max(rows, 1),
+        max_batched_tokens=max(512, rows * prompt_tokens + rows),
+        prepack_weights=prepack,
+        torch_threads=0,  # measured, as the inference service does
     )
     harness = Harness(loaded, limits)
     harness.submit(rows, prompt_tokens, max_tokens=4 * steps + 64)
@@ -188,7 +192,8 @@ def profile_rows(loaded: LoadedModel, rows: int, steps: int, prompt_tokens: int,
         undo()
     parts = {part: total / steps / 1e3 for part, total in _by_part(prof).items()}  # ms per step
     phases = {phase: statistics.median(values) * 1e3 for phase, values in timings.items()}
-    return phases, parts
+    choice = harness.runner.threads
+    return phases, parts, f"{choice.threads} ({choice.reason})" if choice else "as torch had them"
 
 
 def main() -> None:
@@ -205,7 +210,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_default_model(Path(tmp) / f"sluice-{args.preset}", shape=PRESETS[args.preset])
         loaded = load_model(model_dir, args.device, dtype=args.dtype)
-        choice = apply_threads(loaded.model, 0)
         # Each level on a model of its own: the runner prepacks the model it is given.
         results = {
             rows: profile_rows(
@@ -214,7 +218,7 @@ def main() -> None:
             for rows in levels
         }
     packed = "prepacked linear weights" if args.prepack else "plain linear layers"
-    print(f"\n{args.preset} preset, {loaded.model.dtype}, {packed}, torch threads {choice.threads} ({choice.reason})")
+    print(f"\n{args.preset} preset, {loaded.model.dtype}, {packed}, torch threads {results[levels[0]][2]}")
     print(f"decode step, {args.prompt_tokens}-token prompts, median of {args.steps} steps (ms):\n")
     header = "| phase | " + " | ".join(f"{rows} rows" for rows in levels) + " |"
     print(header)

@@ -27,6 +27,7 @@ from services.inference.prefix_cache import BlockCache
 from services.inference.scheduler import EngineLimits, Scheduler, StepPlan
 from services.inference.sequences import Sequence, SequenceHandle
 from services.inference.structured import JsonGrammars, JsonMatcher
+from services.inference.threads import ThreadChoice
 from services.mesh.contracts.errors import ContextLengthExceeded, InvalidArgument, ResourceExhausted
 from services.mesh.contracts.limits import MAX_TOP_LOGPROBS
 from services.mesh.contracts.prefix_hash import root_hash
@@ -50,7 +51,7 @@ class Engine:
             raise ValueError(f"kv_cache_bytes must hold at least one block of {block_bytes} bytes")
         cache = BlockCache(BlockPool(blocks), limits.prefix_caching, lambda _: metrics.PREFIX_EVICTIONS.inc())
         self._scheduler = Scheduler(limits, cache, root_hash(cache_salt or loaded.model_id))
-        self._runner = ModelRunner(loaded, blocks, limits.kv_block_size, limits.batch_invariant, limits.prepack_weights)
+        self._runner = ModelRunner(loaded, blocks, limits)
         self._vocab_size = self._runner.vocab_size
         self._decoder = direct_decoder(loaded.tokenizer)  # chosen once: every sequence decodes with it
         self._outputs: dict[Sequence, SequenceOutput] = {}
@@ -134,6 +135,11 @@ class Engine:
         return grammar
 
     # ------------------------------------------------------------------ what the engine holds now
+
+    @property
+    def threads(self) -> ThreadChoice | None:
+        """The torch threads the engine chose at start (None: it left torch's setting as it was)."""
+        return self._runner.threads
 
     @property
     def running(self) -> int:

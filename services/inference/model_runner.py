@@ -18,8 +18,9 @@ from services.inference.engine_api import TokenLogprob
 from services.inference.loader import LoadedModel
 from services.inference.paged_attention import KVPool, PrefillSlice, StepLayout, decode_group, install, kv_geometry
 from services.inference.sampling import Sampler, sample
-from services.inference.scheduler import StepPlan
+from services.inference.scheduler import EngineLimits, StepPlan
 from services.inference.sequences import Sequence
+from services.inference.threads import apply_threads
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +40,20 @@ class StepOutput:
 
 
 class ModelRunner:
-    def __init__(
-        self, loaded: LoadedModel, blocks: int, block_size: int, batch_invariant: bool, prepack: bool = True
-    ) -> None:
-        """`prepack`: run the linear layers on prepacked weights where the CPU allows (not in
-        batch-invariant mode, which relies on torch's own linear kernels' row invariance)."""
+    def __init__(self, loaded: LoadedModel, blocks: int, limits: EngineLimits) -> None:
+        """Prepares the model as the engine runs it: linear layers on prepacked weights where the
+        CPU allows (not in batch-invariant mode, which relies on torch's own linear kernels' row
+        invariance), then torch's threads (measured on the model so prepared), then attention
+        through the paged KV pool."""
         self.loaded = loaded
         self.vocab_size = loaded.model.get_input_embeddings().weight.shape[0]
-        self._min_rows = INVARIANT_ROWS if batch_invariant else 1
-        if prepack and not batch_invariant and prepacked.supported(loaded.model):
+        self._min_rows = INVARIANT_ROWS if limits.batch_invariant else 1
+        if limits.prepack_weights and not limits.batch_invariant and prepacked.supported(loaded.model):
             count = prepacked.prepack_linears(loaded.model)
             log.info("%d linear layers on prepacked oneDNN weights", count)
+        self.threads = None if limits.torch_threads is None else apply_threads(loaded.model, limits.torch_threads)
         self._attention = install(loaded.model)
-        self._pool = KVPool(kv_geometry(loaded.model), blocks, block_size, loaded.model.dtype, loaded.device)
+        self._pool = KVPool(kv_geometry(loaded.model), blocks, limits.kv_block_size, loaded.model.dtype, loaded.device)
         self._attention.pool = self._pool
         self._samplers: dict[Sequence, Sampler] = {}
 

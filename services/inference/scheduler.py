@@ -48,6 +48,7 @@ class EngineLimits:
     batch_invariant: bool = False
     prefix_caching: bool = True
     prepack_weights: bool = True  # the model runner's: CPU linear layers on prepacked oneDNN weights
+    torch_threads: int | None = None  # the model runner's: set (0: measured) or, None, left as torch has it
 
 
 @dataclass(frozen=True)

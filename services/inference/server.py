@@ -20,7 +20,6 @@ from services.inference.engine_api import GenerationEngine, GenerationRequest, S
 from services.inference.loader import load_model
 from services.inference.manifest import ManifestError, verify_manifest
 from services.inference.scheduler import EngineLimits
-from services.inference.threads import apply_threads
 from services.inference.tracing import record_phases
 from services.mesh.config import Settings
 from services.mesh.contracts import finish_reasons
@@ -193,7 +192,6 @@ def run(settings: Settings, ready_file: Path | None) -> int:
     else:
         limits = engine_limits(settings)
         loaded = load_model(settings.model, settings.device, settings.model_name, settings.dtype)
-        apply_threads(loaded.model, settings.torch_threads)
         info.context_length = loaded.context_length
         tags = reasoning_tags(settings.reasoning_tags, loaded.tokenizer.get_vocab())
         if tags:
