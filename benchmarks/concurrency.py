@@ -400,6 +400,7 @@ def _pause(process: subprocess.Popen, paused: bool) -> None:
 
 
 REPO = Path(__file__).resolve().parents[1]
+VLLM_ENGINE_MESH = "mesh, vLLM worker"
 # The mesh's processes whose CPU time is counted per token (the load generator's too).
 MESH_PROCESSES = ("edge", "preprocess", "inference", "cache")
 
@@ -446,6 +447,11 @@ def main() -> None:
     parser.add_argument("--skip-in-process", action="store_true", help="servers only")
     parser.add_argument("--mesh-arg", action="append", default=[], help="extra `sluice up` argument (repeatable)")
     parser.add_argument(
+        "--vllm-engine",
+        action="store_true",
+        help="also run the mesh with a vLLM worker as its engine (sluice up --engine vllm; needs --vllm's build)",
+    )
+    parser.add_argument(
         "--baseline",
         metavar="REV",
         help="also run the mesh of this git revision (from a worktree of it), alternated with the working "
@@ -474,7 +480,7 @@ def main() -> None:
         mesh = start_mesh(work, certs, model_dir, *mesh_args)
         print(f"  inference: {_torch_threads_line(mesh)}", flush=True)
         peers: list[Peer] = []
-        baseline = None
+        baseline = engine_mesh = None
         try:
             servers = [
                 (
@@ -491,6 +497,14 @@ def main() -> None:
                     mesh.process,
                 )
             ]
+            if args.vllm_engine:
+                run = work / "vllm-engine-run"
+                run.mkdir()
+                worker_flags = ["--engine", "vllm", "--vllm-command", str(args.vllm / "bin" / "vllm")]
+                engine_mesh = start_mesh(run, certs, model_dir, *mesh_args, *worker_flags, timeout=900)
+                extra = servers[0][0].extra
+                server = Server(VLLM_ENGINE_MESH, engine_mesh.base_url, model_dir.name, extra)
+                servers.append((server, engine_mesh.process))
             if args.baseline:
                 # The revision's own settings: it may predate --dtype (then it runs float32).
                 baseline = _baseline_mesh(args.baseline, work, certs, model_dir, args.mesh_arg)
@@ -539,6 +553,8 @@ def main() -> None:
             mesh.stop()
             for peer in peers:
                 peer.stop()
+            if engine_mesh is not None:
+                engine_mesh.stop()
             if baseline is not None:
                 baseline.stop()
                 subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(work / "baseline")])
@@ -564,6 +580,11 @@ def main() -> None:
     for level in levels:
         ours = results[("Sluice mesh", level)]
         line = f"c={level}:"
+        worker_mesh, own_server = results.get((VLLM_ENGINE_MESH, level)), results.get(("vLLM", level))
+        if worker_mesh and own_server:
+            line += f" mesh(vLLM worker)/vLLM {_ratio(worker_mesh, own_server, 'tokens_per_s'):.2f}x"
+            ttft = (_median([r.ttft_p50 for r in worker_mesh]) - _median([r.ttft_p50 for r in own_server])) * 1e3
+            line += f" (TTFT {ttft:+.0f} ms),"
         before = results.get((f"mesh @{args.baseline}", level))
         if before:
             line += f" mesh/baseline {_ratio(ours, before, 'tokens_per_s'):.2f}x,"

@@ -284,6 +284,7 @@ def _model_instances(env: Mapping[str, str], plan: MeshPlan) -> dict[str, dict[s
     instances = {}
     for i, (path, version) in enumerate(plan.extra_models, start=2):
         instances[f"inference-m{i}"] = base | {
+            env_name("engine"): "builtin",  # --engine vllm drives the main model's workers only
             env_name("model"): str(path),
             env_name("served_model_name"): path.resolve().name,
             env_name("served_model_version"): version,
@@ -302,6 +303,28 @@ def _model_instances(env: Mapping[str, str], plan: MeshPlan) -> dict[str, dict[s
     return instances
 
 
+def _vllm_workers(
+    settings: Settings,
+    supervisor: Supervisor,
+    env: Mapping[str, str],
+    plan: MeshPlan,
+    timeout: float,
+    stop: StopSignals,
+) -> dict[str, dict[str, str]]:
+    """With engine vllm and no worker address given: a vLLM worker per inference replica, started
+    first (it loads the model); each replica's environment names its worker."""
+    if settings.engine != "vllm" or settings.vllm_addr:
+        return {}
+    from services.inference.vllm_worker import start_worker
+
+    names = replica_names("inference", plan.replicas.get("inference", 1))
+    addresses = {
+        name: start_worker(settings, supervisor, name.replace("inference", "vllm"), dict(env), timeout, stop)
+        for name in names
+    }
+    return {name: {env_name("vllm_addr"): address} for name, address in addresses.items()}
+
+
 def _start_mesh(
     settings: Settings, supervisor: Supervisor, run_dir: Path, timeout: float, plan: MeshPlan, stop: StopSignals
 ) -> Entry:
@@ -310,8 +333,9 @@ def _start_mesh(
     # The backends start together (the model load dominates); the edge needs their addresses.
     envs = {service: env for service in BACKENDS}
     envs["inference"] = inference_env(settings, env, plan.replicas.get("inference", 1))
+    workers = _vllm_workers(settings, supervisor, envs["inference"], plan, timeout, stop)
     specs = [
-        (service, _service_spec(name, service, envs[service]))
+        (service, _service_spec(name, service, envs[service] | workers.get(name, {})))
         for service in BACKENDS
         for name in replica_names(service, plan.replicas.get(service, 1))
     ]

@@ -4,7 +4,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from meshproc import Mesh, start_mesh, wait_for
+from meshproc import REPO_ROOT, Mesh, start_mesh, wait_for
 
 from services.inference.default_model import build_default_model
 from services.mesh.rpc.certs import init_certs
@@ -70,3 +70,24 @@ def replicated(mesh_of_two: Mesh) -> Mesh:
 
     assert wait_for(all_serving, timeout=120), mesh_of_two.logs()
     return mesh_of_two
+
+
+# vLLM's CPU build, which `make test` installs in a virtualenv of its own.
+VLLM_PROGRAM = REPO_ROOT / ".venv-vllm" / "bin" / "vllm"
+
+
+@pytest.fixture(scope="session")
+def vllm_mesh(tmp_path_factory: pytest.TempPathFactory, certs_dir: Path, model_dir: Path) -> Iterator[Mesh]:
+    """The mesh with a real vLLM worker as the chat model's engine (`sluice up --engine vllm`
+    starts and supervises it), in float32 as the built-in engine's reference tests run."""
+    assert VLLM_PROGRAM.exists(), f"{VLLM_PROGRAM} is missing: `make test` builds vLLM's CPU build there"
+    work = tmp_path_factory.mktemp("vllm-mesh")
+    flags = ["--engine", "vllm", "--dtype", "float32", "--vllm-command", str(VLLM_PROGRAM)]
+    with start_mesh(work, certs_dir, model_dir, *flags, timeout=900) as running:
+        yield running
+
+
+@pytest.fixture(scope="module", params=["builtin", "vllm"])
+def served(request: pytest.FixtureRequest) -> Mesh:
+    """The mesh with each engine in turn: the same client-facing tests run against both."""
+    return request.getfixturevalue("mesh" if request.param == "builtin" else "vllm_mesh")

@@ -164,6 +164,12 @@ def build_default_model(out: Path, seed: int = 0, shape: ModelShape = ModelShape
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    if len(tokenizer) < shape.vocab_size:
+        # The embedding's padding rows (as Qwen's) are never predicted: their logits stay 0 while
+        # the tokenizer's own tokens' spread around it, so greedy output decodes to text.
+        with torch.no_grad():
+            model.get_input_embeddings().weight[len(tokenizer) :] = 0
+            model.get_output_embeddings().weight[len(tokenizer) :] = 0
     steps.update()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))

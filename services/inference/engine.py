@@ -38,6 +38,8 @@ DEFAULT_LIMITS = EngineLimits()
 
 
 class Engine:
+    name = "builtin"
+
     def __init__(self, loaded: LoadedModel, limits: EngineLimits = DEFAULT_LIMITS, cache_salt: str = "") -> None:
         """`cache_salt` names the weights (model and version): cached blocks are only found again
         by prompts for the same ones."""

@@ -111,6 +111,8 @@ class Generation(Protocol):
 
 
 class GenerationEngine(Protocol):
+    name: str  # which engine: builtin, vllm
+
     def submit(self, request: GenerationRequest, deadline: float | None = None) -> Generation:
         """Queue the request (it may block briefly: call it off the event loop); MeshErrors for a
         request it cannot serve. A queued request not admitted by `deadline` (time.monotonic())

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
 
 from services.mesh.contracts.model_dir import check_model_dir, context_length
@@ -54,9 +60,9 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+def _eos_ids(generation_config: object, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     ids: set[int] = set()
-    configured = getattr(model.generation_config, "eos_token_id", None)
+    configured = getattr(generation_config, "eos_token_id", None)
     if isinstance(configured, int):
         ids.add(configured)
     elif configured:
@@ -90,6 +96,18 @@ def load_model(path: Path, device: str = "auto", model_id: str = "", dtype: str 
         device=target,
         model_id=model_id or path.resolve().name,
         context_length=context_length(path),
-        eos_token_ids=_eos_ids(model, tokenizer),
+        eos_token_ids=_eos_ids(model.generation_config, tokenizer),
         created=int(time.time()),
     )
+
+
+def load_tokenizer(path: Path) -> tuple[PreTrainedTokenizerBase, frozenset[int]]:
+    """A model directory's tokenizer and end-of-sequence ids, without its weights (for an engine
+    that runs the weights elsewhere)."""
+    check_model_dir(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json: the tokenizer's EOS alone
+        generation_config = None
+    return tokenizer, _eos_ids(generation_config, tokenizer)

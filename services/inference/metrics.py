@@ -91,3 +91,8 @@ TOKENS_PER_SECOND = Gauge(
     "sluice_inference_tokens_per_second", "Tokens sampled per second over the last minute (for sluice status)"
 )
 TOKENS_PER_SECOND.set_function(TOKEN_RATE.per_second)
+
+# Whichever engine serves: the service's own count of the generations it was asked for.
+GENERATE_CALLS = Counter(
+    "sluice_inference_generate_calls_total", "Generate calls this instance accepted, by engine", ["engine"]
+)

@@ -14,17 +14,20 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
+from services.inference import metrics
 from services.inference.embedder import Embedder
 from services.inference.engine import Engine
 from services.inference.engine_api import GenerationEngine, GenerationRequest, SamplingConfig, Step, TokenLogprob
-from services.inference.loader import load_model
+from services.inference.loader import load_model, load_tokenizer
 from services.inference.manifest import ManifestError, verify_manifest
 from services.inference.scheduler import EngineLimits
 from services.inference.tracing import record_phases
+from services.inference.vllm_engine import VllmEngine, WorkerModel
 from services.mesh.config import Settings
 from services.mesh.contracts import finish_reasons
 from services.mesh.contracts.errors import InvalidArgument, WrongModelKind, check_model
-from services.mesh.contracts.model_dir import model_kind, reasoning_tags, tool_parser
+from services.mesh.contracts.model_dir import context_length as model_context_length
+from services.mesh.contracts.model_dir import model_kind, reasoning_tags, tool_parser, vocab_size
 from services.mesh.rpc.server import GrpcService, serve
 from services.mesh.stubs import common_pb2, inference_pb2, inference_pb2_grpc
 
@@ -34,6 +37,8 @@ log = logging.getLogger(__name__)
 # often otherwise (so a caller can tell a quiet instance from a lost stream).
 LOAD_INTERVAL_S = 0.2
 LOAD_HEARTBEAT_S = 5.0
+# A vLLM worker loads its model before it answers as healthy; the service waits this long for it.
+VLLM_START_TIMEOUT_S = 600.0
 
 
 def sampling_config(params: common_pb2.SamplingParams) -> SamplingConfig:
@@ -102,6 +107,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             ),
             deadline=None if remaining is None else time.monotonic() + remaining,
         )
+        metrics.GENERATE_CALLS.labels(self._engine.name).inc()
         # Fires on cancellation, deadline and completion alike, even while this generator waits to
         # be closed; cancelling a finished sequence is a no-op.
         context.add_done_callback(lambda _: handle.cancel())
@@ -190,15 +196,9 @@ def run(settings: Settings, ready_file: Path | None) -> int:
         embedder = Embedder(settings.model, settings.device)
         info.context_length = embedder.max_tokens
     else:
-        limits = engine_limits(settings)
-        loaded = load_model(settings.model, settings.device, settings.model_name, settings.dtype)
-        info.context_length = loaded.context_length
-        tags = reasoning_tags(settings.reasoning_tags, loaded.tokenizer.get_vocab())
-        if tags:
-            info.reasoning_open, info.reasoning_close = tags
-        info.tool_parser = tool_parser(settings.tool_parser, loaded.tokenizer.chat_template) or ""
-        # Blocks cached for one build of the weights are never found by prompts for another.
-        engine = Engine(loaded, limits, cache_salt=f"{info.id}@{info.version}")
+        engine = _generation_engine(settings, info)
+        if engine is None:
+            return 1
         live = lambda: not engine.stalled(settings.stall_timeout_s)  # noqa: E731
     servicer = InferenceServicer(info, engine, embedder)
     spec = GrpcService(
@@ -206,6 +206,40 @@ def run(settings: Settings, ready_file: Path | None) -> int:
         service_names=[inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name],
         register=lambda server: inference_pb2_grpc.add_InferenceServicer_to_server(servicer, server),
         live=live,
-        tags=(f"model={info.id}", *([f"version={info.version}"] if info.version else []), f"kind={kind}"),
+        tags=(
+            f"model={info.id}",
+            *([f"version={info.version}"] if info.version else []),
+            f"kind={kind}",
+            *([f"engine={settings.engine}"] if kind == "chat" else []),
+        ),
     )
     return serve(settings, spec, settings.inference_port, ready_file)
+
+
+def _generation_engine(settings: Settings, info: inference_pb2.ModelInfo) -> GenerationEngine | None:
+    """The engine of a chat model, and what it tells the edge about the model (context length,
+    reasoning tags, tool format); None when a vLLM worker never became healthy."""
+    if settings.engine == "vllm":
+        tokenizer, eos_ids = load_tokenizer(settings.model)
+        model = WorkerModel(
+            info.id, tokenizer, eos_ids, model_context_length(settings.model), vocab_size(settings.model)
+        )
+        worker = VllmEngine(settings.vllm_addr, model)
+        log.info("waiting for the vLLM worker at %s to be healthy", settings.vllm_addr)
+        if not worker.wait_healthy(VLLM_START_TIMEOUT_S):
+            log.error("the vLLM worker at %s did not become healthy in %.0fs", settings.vllm_addr, VLLM_START_TIMEOUT_S)
+            worker.close()
+            return None
+        engine: GenerationEngine = worker
+        context = model.context_length
+    else:
+        loaded = load_model(settings.model, settings.device, settings.model_name, settings.dtype)
+        tokenizer, context = loaded.tokenizer, loaded.context_length
+        # Blocks cached for one build of the weights are never found by prompts for another.
+        engine = Engine(loaded, engine_limits(settings), cache_salt=f"{info.id}@{info.version}")
+    info.context_length = context
+    tags = reasoning_tags(settings.reasoning_tags, tokenizer.get_vocab())
+    if tags:
+        info.reasoning_open, info.reasoning_close = tags
+    info.tool_parser = tool_parser(settings.tool_parser, tokenizer.chat_template) or ""
+    return engine

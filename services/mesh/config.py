@@ -114,6 +114,27 @@ class Settings(BaseSettings):
         description="serve a model directory without sluice-manifest.json, unverified (warns)",
         json_schema_extra=used_by(INFERENCE),
     )
+    engine: Literal["builtin", "vllm"] = Field(
+        "builtin",
+        description="what generates: the built-in engine, or a vLLM worker driven over its gRPC protocol at vllm_addr",
+        json_schema_extra=used_by(INFERENCE),
+    )
+    vllm_addr: str = Field(
+        "",
+        description="engine vllm: host:port of the vLLM worker's gRPC server (sluice up: empty starts one)",
+        json_schema_extra=used_by(INFERENCE),
+    )
+    vllm_command: str = Field(
+        "",
+        description="sluice up, engine vllm: the vllm program (default: .venv-vllm/bin/vllm if there, else vllm "
+        "on PATH)",
+        json_schema_extra=used_by(UP),
+    )
+    vllm_args: str = Field(
+        "",
+        description="sluice up, engine vllm: more arguments for `vllm serve`, e.g. --tensor-parallel-size 2",
+        json_schema_extra=used_by(UP),
+    )
     device: str = Field(
         "auto", description="torch device for inference: auto, cpu, cuda, cuda:N", json_schema_extra=used_by(INFERENCE)
     )

@@ -13,8 +13,9 @@ PING = {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content"
 
 
 @pytest.fixture(scope="module")
-def http(mesh: Mesh) -> httpx.Client:
-    with httpx.Client(base_url=mesh.base_url.removesuffix("/v1"), timeout=60) as client:
+def http(served: Mesh) -> httpx.Client:
+    """Against the built-in engine, then a vLLM worker: Dify's contract holds whichever generates."""
+    with httpx.Client(base_url=served.base_url.removesuffix("/v1"), timeout=60) as client:
         yield client
 
 

@@ -7,13 +7,15 @@ import pytest
 from meshproc import Mesh
 
 MODEL = "sluice-tiny"
+GENERATED = "sluice_inference_generate_calls_total"  # whichever engine serves
 NO_CACHE = {"Cache-Control": "no-cache"}
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour, please."}]
 
 
 @pytest.fixture(scope="module")
-def client(mesh: Mesh) -> openai.OpenAI:
-    return openai.OpenAI(base_url=mesh.base_url, api_key="unused", max_retries=0, timeout=120)
+def client(served: Mesh) -> openai.OpenAI:
+    """Against the built-in engine, then a vLLM worker: clients see the same API whichever generates."""
+    return openai.OpenAI(base_url=served.base_url, api_key="unused", max_retries=0, timeout=120)
 
 
 def _prompt_tokens(tokenizer, messages: list[dict]) -> int:
@@ -138,18 +140,18 @@ def test_unknown_model_is_a_404_the_sdk_understands(client: openai.OpenAI) -> No
     assert "gpt-4o" in caught.value.message
 
 
-def test_identical_greedy_request_is_served_from_cache(client: openai.OpenAI, mesh: Mesh) -> None:
+def test_identical_greedy_request_is_served_from_cache(client: openai.OpenAI, served: Mesh) -> None:
     messages = [{"role": "user", "content": "cache me if you can"}]
     first = client.chat.completions.with_raw_response.create(
         model=MODEL, messages=messages, max_tokens=10, temperature=0
     )
     assert first.headers["x-sluice-cache"] == "miss"
-    started = mesh.metric("inference", "sluice_inference_sequences_started_total")
+    started = served.metric("inference", GENERATED)
     second = client.chat.completions.with_raw_response.create(
         model=MODEL, messages=messages, max_tokens=10, temperature=0
     )
     assert second.headers["x-sluice-cache"] == "hit"
-    assert mesh.metric("inference", "sluice_inference_sequences_started_total") == started
+    assert served.metric("inference", GENERATED) == started
     assert second.parse().choices[0].message.content == first.parse().choices[0].message.content
     assert second.parse().usage == first.parse().usage
     # A hit replays in the same streamed shape as a live answer.
@@ -167,7 +169,7 @@ def test_identical_greedy_request_is_served_from_cache(client: openai.OpenAI, me
         == first.parse().choices[0].message.content
     )
     assert chunks[-1].usage.completion_tokens == 10
-    assert mesh.metric("inference", "sluice_inference_sequences_started_total") == started
+    assert served.metric("inference", GENERATED) == started
 
 
 def test_sampled_requests_are_never_cached(client: openai.OpenAI) -> None:

@@ -55,6 +55,13 @@ class ResourceExhausted(MeshError):
     code = "overloaded"
 
 
+class Unavailable(MeshError):
+    """What this instance needs (a worker it drives) is down: the caller tries another instance."""
+
+    status = grpc.StatusCode.UNAVAILABLE
+    code = "unavailable"
+
+
 class DeadlineExceeded(MeshError):
     status = grpc.StatusCode.DEADLINE_EXCEEDED
     code = "timeout"

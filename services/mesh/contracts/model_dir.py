@@ -32,6 +32,12 @@ def context_length(path: Path) -> int:
     raise ValueError(f"{path}/config.json names no context length (looked for {', '.join(_CONTEXT_KEYS)})")
 
 
+def vocab_size(path: Path) -> int:
+    """Rows of the model's embedding: every token id it takes (its tokenizer's and any padding)."""
+    config = AutoConfig.from_pretrained(path)
+    return int((getattr(config, "text_config", None) or config).vocab_size)
+
+
 def model_kind(path: Path) -> str:
     """ "chat" for a generative model, "embedding" for an encoder (sentence-transformers layout or a bare *Model)."""
     architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
