@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 ENGINE = "vllm"
 INT32 = 2**31 - 1
 POLL_S = 0.5  # how often the worker's health and load are asked
+# A failed health check is the worker's own verdict (or its death), not a mere absence of progress:
+# it takes this service out after a few polls rather than after the whole stall timeout, so the
+# edge stops routing to a dead worker within seconds.
+UNHEALTHY_AFTER_S = 4 * POLL_S
 # A load report in blocks of this many token slots (the worker reports tokens; routing compares shares).
 REPORT_BLOCK = 16
 
@@ -268,9 +272,10 @@ class VllmEngine:
         return self._load
 
     def stalled(self, after_s: float) -> bool:
-        """The worker has not answered its health check as healthy for `after_s` seconds."""
+        """The worker has not answered its health check as healthy for `after_s` seconds (or
+        UNHEALTHY_AFTER_S, when shorter)."""
         since = self._unhealthy_since
-        return since is not None and time.monotonic() - since > after_s
+        return since is not None and time.monotonic() - since > min(after_s, UNHEALTHY_AFTER_S)
 
     def token_text(self, token_id: int) -> str:
         return self.model.tokenizer.decode([token_id])

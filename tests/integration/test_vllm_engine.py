@@ -2,7 +2,7 @@
 service (smg-grpc-proto's VllmEngine) on loopback: what is sent for a request, how the streamed
 token ids become Sluice's steps (text, stop strings, log probabilities, usage), and that a
 request stopped or cancelled on this side is aborted in the worker. The real worker is driven
-end to end in tests/e2e/test_vllm_engine.py."""
+end to end in tests/e2e/test_vllm_worker.py."""
 
 from __future__ import annotations
 
