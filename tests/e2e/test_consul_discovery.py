@@ -93,7 +93,9 @@ def test_the_mesh_finds_itself_through_consul_and_leaves_it_when_stopped(
         # Every check passing means the stand-in's own mTLS gRPC checks reached every service.
         assert all(c.status == "passing" for c in standin.checks.values())
         inference = standin.healthy("sluice-inference", True)
-        assert {tuple(e["Service"]["Tags"]) for e in inference} == {(f"model={model_dir.name}", "kind=chat")}
+        assert {tuple(e["Service"]["Tags"]) for e in inference} == {
+            (f"model={model_dir.name}", "kind=chat", "engine=builtin")
+        }
         with httpx.Client(base_url=mesh.base_url, timeout=30) as http:
             assert wait_for(lambda: http.get(mesh.base_url.removesuffix("/v1") + "/health").status_code == 200)
             reply = http.post(
