@@ -20,6 +20,7 @@ import contextlib
 import logging
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -137,6 +138,16 @@ def _mesh_error(err: grpc.aio.AioRpcError) -> MeshError:
     return Unavailable(f"the {ENGINE} worker failed ({code.name}); retry shortly")
 
 
+def _worker_finish(reason: str, generated: int, max_tokens: int) -> str:
+    """Why the worker ended a request, as Sluice reports it. A request the worker aborted on its
+    own (not this side's cancel, which never reads on) is a failure, never a short answer."""
+    if reason == "abort":
+        raise Unavailable(f"the {ENGINE} worker aborted the request; retry shortly")
+    if reason in ("stop", "length"):
+        return reason
+    return "length" if generated >= max_tokens else "stop"
+
+
 @dataclass(eq=False)
 class VllmGeneration:
     """A request to the worker, as its reader sees it (engine_api.Generation)."""
@@ -148,6 +159,9 @@ class VllmGeneration:
     admitted_at: float | None = None
     first_token_at: float | None = None
     finished_at: float | None = None
+    # The worker keys its requests by id, and a request's choices (n, several prompts) share the
+    # edge's request id: each generation gets its own, or the worker would merge or cut them.
+    worker_request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     _cancelled: bool = False
     _call: grpc.aio.UnaryStreamCall | None = None
 
@@ -164,7 +178,7 @@ class VllmGeneration:
         stub = self.engine.stub()
         call = stub.Generate(
             vllm_engine_pb2.GenerateRequest(
-                request_id=request.request_id,
+                request_id=self.worker_request_id,
                 tokenized=vllm_engine_pb2.TokenizedInput(input_ids=request.prompt_ids),
                 sampling_params=request_params(request),
                 stream=True,
@@ -185,7 +199,7 @@ class VllmGeneration:
                     done = reply.complete
                     counts = (done.prompt_tokens, done.completion_tokens, done.cached_tokens)
                     if finish is None:  # the worker ended it (EOS or max_tokens) before this side saw why
-                        finish = "length" if generated >= request.max_tokens else "stop"
+                        finish = _worker_finish(done.finish_reason, generated, request.max_tokens)
                         yield Step([], "", finish, counts[0], generated, (), (), counts[2])
                     return
                 chunk = reply.chunk
@@ -209,7 +223,7 @@ class VllmGeneration:
             self.finished_at = self.finished_at or time.monotonic()
             if not completed:  # cancelled, stopped by a stop string, or failed: the worker lets it go
                 call.cancel()
-                await self.engine.abort(request.request_id)
+                await self.engine.abort(self.worker_request_id)
 
     def _step(
         self,

@@ -16,8 +16,9 @@ ASK = dict(model=MODEL, messages=MESSAGES, max_tokens=12, temperature=1.0, extra
 
 
 @pytest.fixture(scope="module")
-def client(mesh: Mesh) -> openai.OpenAI:
-    return openai.OpenAI(base_url=mesh.base_url, api_key="unused", max_retries=0, timeout=120)
+def client(served: Mesh) -> openai.OpenAI:
+    """With each engine: a vLLM worker gets each choice as a request of its own, seeded alike."""
+    return openai.OpenAI(base_url=served.base_url, api_key="unused", max_retries=0, timeout=120)
 
 
 def test_each_choice_is_the_lone_request_with_its_seed(client: openai.OpenAI) -> None:

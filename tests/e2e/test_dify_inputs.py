@@ -1,6 +1,7 @@
 """What Dify and other OpenAI clients send, on the real mesh: the thinking switch in all three of
 Dify's forms reaching a Qwen3-style chat template, template variables checked and part of the
-cache key, and the legacy completions' token-id prompts, several prompts and echo."""
+cache key, and the legacy completions' token-id prompts, several prompts and echo (with each
+engine)."""
 
 from __future__ import annotations
 
@@ -135,36 +136,36 @@ def _complete(mesh: Mesh, **body: object) -> dict:
     return reply.json()
 
 
-def test_a_prompt_of_token_ids_is_that_prompt(mesh: Mesh, tokenizer) -> None:
+def test_a_prompt_of_token_ids_is_that_prompt(served: Mesh, tokenizer) -> None:
     ids = tokenizer("The river reached the gate")["input_ids"]
-    as_ids = _complete(mesh, prompt=ids, temperature=0)
-    as_text = _complete(mesh, prompt="The river reached the gate", temperature=0)
+    as_ids = _complete(served, prompt=ids, temperature=0)
+    as_text = _complete(served, prompt="The river reached the gate", temperature=0)
     assert as_ids["usage"]["prompt_tokens"] == len(ids) == as_text["usage"]["prompt_tokens"]
     assert as_ids["choices"][0]["text"] == as_text["choices"][0]["text"]
-    outside = httpx.post(f"{mesh.base_url}/completions", json={"model": MODEL, "prompt": [0, 10**6]}, timeout=60)
+    outside = httpx.post(f"{served.base_url}/completions", json={"model": MODEL, "prompt": [0, 10**6]}, timeout=60)
     assert outside.status_code == 400 and outside.json()["error"]["param"] == "prompt"
 
 
-def test_several_prompts_give_n_choices_each_numbered_as_openai_does(mesh: Mesh, tokenizer) -> None:
+def test_several_prompts_give_n_choices_each_numbered_as_openai_does(served: Mesh, tokenizer) -> None:
     prompts = ["Hi", "The river reached the gate and"]
-    reply = _complete(mesh, prompt=prompts, n=2, temperature=0, seed=7)
+    reply = _complete(served, prompt=prompts, n=2, temperature=0, seed=7)
     choices = reply["choices"]
     assert [c["index"] for c in choices] == [0, 1, 2, 3]
-    one = [_complete(mesh, prompt=p, temperature=0)["choices"][0]["text"] for p in prompts]
+    one = [_complete(served, prompt=p, temperature=0)["choices"][0]["text"] for p in prompts]
     assert [choices[0]["text"], choices[2]["text"]] == one  # choice p*n + i is prompt p's i-th
     prompt_tokens = sum(len(tokenizer(p)["input_ids"]) for p in prompts)
     assert reply["usage"]["prompt_tokens"] == prompt_tokens  # each prompt counted once
     assert reply["usage"]["completion_tokens"] == sum(3 for _ in choices)
     token_lists = [tokenizer(p)["input_ids"] for p in prompts]
-    assert [c["text"] for c in _complete(mesh, prompt=token_lists, temperature=0)["choices"]] == one
+    assert [c["text"] for c in _complete(served, prompt=token_lists, temperature=0)["choices"]] == one
 
 
-def test_echo_returns_the_prompt_first_with_its_logprobs(mesh: Mesh, tokenizer) -> None:
+def test_echo_returns_the_prompt_first_with_its_logprobs(served: Mesh, tokenizer) -> None:
     prompt = "The river reached the gate"
-    plain = _complete(mesh, prompt=prompt, temperature=0)["choices"][0]["text"]
-    echoed = _complete(mesh, prompt=prompt, temperature=0, echo=True)["choices"][0]
+    plain = _complete(served, prompt=prompt, temperature=0)["choices"][0]["text"]
+    echoed = _complete(served, prompt=prompt, temperature=0, echo=True)["choices"][0]
     assert echoed["text"] == prompt + plain
-    scored = _complete(mesh, prompt=prompt, temperature=0, echo=True, logprobs=1)["choices"][0]
+    scored = _complete(served, prompt=prompt, temperature=0, echo=True, logprobs=1)["choices"][0]
     ids = tokenizer(prompt)["input_ids"]
     logprobs = scored["logprobs"]
     assert len(logprobs["tokens"]) == len(ids) + 3
@@ -174,8 +175,8 @@ def test_echo_returns_the_prompt_first_with_its_logprobs(mesh: Mesh, tokenizer) 
     assert logprobs["text_offset"][len(ids)] == len(prompt)
 
 
-def test_echo_streams_the_prompt_in_the_first_chunk(mesh: Mesh) -> None:
-    client = openai.OpenAI(base_url=mesh.base_url, api_key="unused", max_retries=0)
+def test_echo_streams_the_prompt_in_the_first_chunk(served: Mesh) -> None:
+    client = openai.OpenAI(base_url=served.base_url, api_key="unused", max_retries=0)
     prompt = "The river reached the gate"
     chunks = list(
         client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, echo=True, stream=True)

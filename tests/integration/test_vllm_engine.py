@@ -34,6 +34,7 @@ class ScriptedWorker(vllm_engine_pb2_grpc.VllmEngineServicer):
         self.requests: list[vllm_engine_pb2.GenerateRequest] = []
         self.aborted: list[str] = []
         self.fail_with: grpc.StatusCode | None = None
+        self.finish: str | None = None  # the complete message's reason; by default as vLLM's would be
         self.release = threading.Event()  # each chunk after the first waits for it, when not set
         self.release.set()
 
@@ -56,8 +57,9 @@ class ScriptedWorker(vllm_engine_pb2_grpc.VllmEngineServicer):
                 top.values.extend([-0.5, -0.25, -3.0])
             yield vllm_engine_pb2.GenerateResponse(chunk=chunk)
         prompt = len(request.tokenized.input_ids)
+        finish = self.finish or ("length" if wanted == request.sampling_params.max_tokens else "stop")
         done = vllm_engine_pb2.GenerateComplete(
-            finish_reason="length", prompt_tokens=prompt, completion_tokens=wanted, cached_tokens=3
+            finish_reason=finish, prompt_tokens=prompt, completion_tokens=wanted, cached_tokens=3
         )
         yield vllm_engine_pb2.GenerateResponse(complete=done)
 
@@ -165,7 +167,7 @@ def test_a_stop_string_ends_the_stream_here_and_aborts_it_in_the_worker(worker) 
     steps = _run(engine, GenerationRequest("b", [1], 64, GREEDY, stop=("world",)))
     assert "".join(step.text for step in steps) == "hello "
     assert steps[-1].finish_reason == "stop"
-    assert scripted.aborted == ["b"]
+    assert scripted.aborted == [sent.request_id for sent in scripted.requests]
 
 
 def test_a_cancelled_generation_is_aborted_in_the_worker(worker) -> None:
@@ -183,7 +185,31 @@ def test_a_cancelled_generation_is_aborted_in_the_worker(worker) -> None:
     seen = asyncio.run(cancel_after_first())
     scripted.release.set()
     assert len(seen) == 1 and seen[0].finish_reason is None
-    assert scripted.aborted == ["c"]
+    assert scripted.aborted == [sent.request_id for sent in scripted.requests]
+
+
+def test_choices_of_one_request_are_separate_requests_in_the_worker(worker) -> None:
+    """n choices share the edge's request id; the worker keys requests by id, so each needs its own."""
+    scripted, engine = worker
+
+    async def steps_of(choice) -> list[Step]:
+        return [step async for step in choice.steps()]
+
+    async def two_choices() -> list[list[Step]]:
+        choices = [engine.submit(GenerationRequest("e", [1], 3, GREEDY)) for _ in range(2)]
+        return await asyncio.gather(*map(steps_of, choices))
+
+    first, second = asyncio.run(two_choices())
+    assert [t for s in first for t in s.token_ids] == [t for s in second for t in s.token_ids] == scripted.tokens[:3]
+    ids = [sent.request_id for sent in scripted.requests]
+    assert len(ids) == 2 and len(set(ids)) == 2
+
+
+def test_a_request_the_worker_aborts_on_its_own_fails_rather_than_ending_short(worker) -> None:
+    scripted, engine = worker
+    scripted.finish = "abort"
+    with pytest.raises(Unavailable, match="aborted"):
+        _run(engine, GenerationRequest("f", [1], 64, GREEDY))
 
 
 def test_a_failed_worker_makes_the_instance_unavailable(worker) -> None:
