@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -87,7 +88,9 @@ class Mesh:
         self.stop()
 
     def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM the supervisor; kill its whole process group if it does not exit in time."""
+        """SIGTERM the supervisor; kill its whole process group if it does not exit in time.
+        Every process the mesh started must be gone with it: what is left (an orphan) is killed
+        and fails the test."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -95,7 +98,30 @@ class Mesh:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+        # `sluice up` leads a session of its own (start_new_session): its children and theirs share it.
+        session = self.process.pid
+        if not wait_for(lambda: not session_members(session), timeout=10):
+            left = session_members(session)
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            raise AssertionError(f"the mesh left processes running after it stopped: {left}")
         return self.process.returncode
+
+
+def session_members(session: int) -> dict[int, str]:
+    """Live processes (not zombies) of a session, pid to command name."""
+    members = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # gone meanwhile
+        name, fields = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+        # After the name: state, ppid, pgrp, session.
+        if fields[0] != "Z" and int(fields[3]) == session:
+            members[int(stat.parent.name)] = name
+    return members
 
 
 def start_mesh(

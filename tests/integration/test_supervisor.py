@@ -1,5 +1,6 @@
 """The supervisor behind `sluice up`, on real child processes: a killed child comes back on the
-ports it had, a crash loop ends with the reason, a stop never restarts anything."""
+ports it had, a crash loop ends with the reason, a stop never restarts anything, and what a
+child started itself goes with it."""
 
 from __future__ import annotations
 
@@ -33,6 +34,11 @@ info = {"service": "toy", "address": f"127.0.0.1:{port}", "metrics": "127.0.0.1:
 with open(ready + ".tmp", "w") as f:
     json.dump(info, f)
 os.replace(ready + ".tmp", ready)
+if "GRANDCHILD" in os.environ:  # a process of its own, as a vLLM worker starts its engine core
+    import subprocess
+    grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    with open(os.environ["GRANDCHILD"], "w") as f:
+        f.write(str(grandchild.pid))
 if "EXIT_AFTER" in os.environ:
     time.sleep(0.05)
     sys.exit(int(os.environ["EXIT_AFTER"]))
@@ -108,3 +114,34 @@ def test_stopping_restarts_nothing(supervisor: Supervisor) -> None:
     assert not supervisor.supervise()
     assert all(child.state is State.STOPPED and child.process.poll() is not None for child in children)
     assert [child.process.pid for child in children] == pids
+
+
+def _alive(pid: int) -> bool:
+    """The process runs (a zombie, killed and waiting for its reaper, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _grandchild(supervisor: Supervisor, tmp_path: Path) -> tuple[object, int]:
+    pid_file = tmp_path / "grandchild.pid"
+    child = supervisor.start(_spec("parent", GRANDCHILD=str(pid_file)))
+    supervisor.wait_ready(child, 30)
+    assert wait_for(lambda: pid_file.exists() and pid_file.read_text(), timeout=10)
+    pid = int(pid_file.read_text())
+    assert _alive(pid)
+    return child, pid
+
+
+def test_what_a_killed_child_started_dies_with_it(supervisor: Supervisor, tmp_path: Path) -> None:
+    child, grandchild = _grandchild(supervisor, tmp_path)
+    os.kill(child.process.pid, signal.SIGKILL)  # its own children would be orphans
+    assert wait_for(lambda: supervisor.supervise() or child.state is State.RESTARTING, timeout=10)
+    assert wait_for(lambda: not _alive(grandchild), timeout=10)
+
+
+def test_what_a_child_started_stops_with_the_mesh(supervisor: Supervisor, tmp_path: Path) -> None:
+    _, grandchild = _grandchild(supervisor, tmp_path)
+    supervisor.stop_all(5)
+    assert wait_for(lambda: not _alive(grandchild), timeout=10)

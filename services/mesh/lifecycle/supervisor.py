@@ -6,12 +6,16 @@ with each recent restart (0.5 s, 1 s, 2 s, … up to 30 s). One that would need 
 says why, and its caller stops the mesh. A Sluice service comes back on the ports it first
 bound (`ChildSpec.pinned_env`), so the addresses its callers and discovery hold stay valid.
 
-Children get PR_SET_PDEATHSIG on Linux, so even a supervisor killed with SIGKILL leaves
-no orphan servers behind.
+Each child leads a process group of its own, and the group goes with it: a child's own
+children (a vLLM worker's engine-core and worker processes) are signalled with it when the
+mesh stops and killed when it exits, so no orphan holds memory, a GPU or a port after it.
+Children get PR_SET_PDEATHSIG on Linux, so even a supervisor killed with SIGKILL leaves no
+orphan servers behind (the children's own children then depend on their parent's handling).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import enum
 import logging
@@ -42,6 +46,13 @@ CHILD_UP = Gauge("sluice_supervisor_child_up", "1 while a child of `sluice up` r
 def _die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _signal_group(child: Child, signum: signal.Signals) -> None:
+    """Signal the child's process group (its pid: each child leads one); a group already gone
+    is fine."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(child.process.pid, signum)
 
 
 class ChildFailed(RuntimeError):
@@ -168,6 +179,7 @@ class Supervisor:
             stdout=child.log_handle,
             stderr=subprocess.STDOUT if child.log_handle else None,
             preexec_fn=_die_with_parent,
+            process_group=0,
         )
         child.state, child.started_at, child.starting_since = State.STARTING, time.time(), self._clock()
 
@@ -216,6 +228,7 @@ class Supervisor:
 
     def _exited(self, child: Child, now: float) -> None:
         CHILD_UP.labels(child.name).set(0)
+        _signal_group(child, signal.SIGKILL)  # what it left running would outlive it
         if child.log_handle:
             child.log_handle.close()
         how = describe_exit(child.process.returncode)
@@ -256,7 +269,7 @@ class Supervisor:
             child.state = State.STOPPED  # exits from here on are expected: nothing restarts
         for child in reversed(self.children):
             if child.process.poll() is None:
-                child.process.send_signal(signal.SIGTERM)
+                _signal_group(child, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
         for child in reversed(self.children):
             try:
@@ -265,5 +278,6 @@ class Supervisor:
                 log.warning("%s did not stop within %.0fs; killing it", child.name, grace_s)
                 child.process.kill()
                 child.process.wait()
+            _signal_group(child, signal.SIGKILL)  # whatever of its group did not go with it
             if child.log_handle:
                 child.log_handle.close()
