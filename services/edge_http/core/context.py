@@ -16,7 +16,11 @@ class RequestRecord:
 
     request_id: str
     key_name: str = ""  # the caller's API key, once authenticated
+    subject: str = ""  # who the caller is: the key's name, or a token's `sub`
+    role: str = ""  # the role whose permissions and limits the caller has, if any
+    credential_id: str = ""  # which credential: the key's id, or the token's `jti`
     model: str = ""  # a model known to exist (never raw client input): a metrics label
+    model_version: str = ""  # the version of the model that served it
     tokens: int | None = None  # prompt + completion tokens charged, once settled
 
 
